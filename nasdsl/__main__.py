@@ -1,0 +1,5 @@
+import sys
+
+from nasdsl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""`nasdsl` command line. Each command imports its pipeline stage lazily, so `check` never loads torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nasdsl.errors import NasdslError
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    """`--set k=v` pairs -> {k: v}; the value is parsed later, as a .space expression."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise NasdslError(f"expected name=value, got {pair!r}", file="--set")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_check(args) -> int:
+    from nasdsl.language.compiler import compile_file
+
+    failed = 0
+    for path in args.files:
+        try:
+            compile_file(path, parse_sets(args.set))
+            if not args.quiet:
+                print(f"{path}: ok")
+        except NasdslError as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def cmd_show(args) -> int:
+    from nasdsl.graph.accounting import summary
+    from nasdsl.language.compiler import compile_file
+
+    info = summary(compile_file(args.file, parse_sets(args.set)))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    rows = [("layer", "blocks", "in", "out", "gates", "params", "FLOPs")]
+    for layer in info["layers"]:
+        ops = layer["ops"]
+        blocks = ops[0] if len(ops) == 1 else f"{len(ops)}x: " + " | ".join(ops)
+        if layer["residual"]:
+            blocks += " (+residual)"
+        rows.append((layer["name"], blocks, "x".join(map(str, layer["in_shape"])),
+                     "x".join(map(str, layer["out_shape"])), str(layer["gates"] or "-"),
+                     human(layer["params"]), human(layer["flops"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    widths[1] = min(widths[1], 60)
+    for r in rows:
+        cells = [c if len(c) <= widths[i] else c[: widths[i] - 3] + "..." for i, c in enumerate(r)]
+        print("  ".join(c.ljust(widths[i]) if i < 4 else c.rjust(widths[i]) for i, c in enumerate(cells)))
+    print(f"\n{info['name']}: {info['params']:,} params, {info['flops']:,} FLOPs (MACs), "
+          f"{info['gates']:,} gated channels in {info['gate_groups']} groups, "
+          f"search space 10^{info['log10_space_size']:.1f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nasdsl", description="Supernet architecture search with a search-space language.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("check", help="validate .space files (exit 0 if all are valid, 2 otherwise)")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter")
+    c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("show", help="per-layer table and totals of a .space file")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a parameter")
+    s.add_argument("--json", action="store_true", help="print one JSON object (name, params, flops, gates, "
+                                                       "log10_space_size, layers)")
+    s.set_defaults(func=cmd_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NasdslError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Parameters, FLOPs and search-space size, counted on the graph.
+
+FLOPs are multiply-accumulates of conv and linear layers (the paper's convention, and thop's);
+parameters count every trainable weight (conv, BN affine, linear), not BN running statistics and
+not the architecture gates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nasdsl.graph.ir import Block, Layer, Network, Op
+from nasdsl.graph.ops import OPS
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int = 0
+    flops: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.params + other.params, self.flops + other.flops)
+
+
+def op_cost(op: Op) -> Cost:
+    kind = OPS[op.kind]
+    return Cost(kind.params(op.attrs, op.in_shape, op.out_shape), kind.macs(op.attrs, op.in_shape, op.out_shape))
+
+
+def block_cost(block: Block) -> Cost:
+    return sum((op_cost(op) for op in block.ops), Cost())
+
+
+def layer_cost(layer: Layer) -> Cost:
+    return sum((op_cost(op) for op in layer.all_ops()), Cost())
+
+
+def network_cost(net: Network) -> Cost:
+    return sum((layer_cost(layer) for layer in net.layers), Cost())
+
+
+def log10_space_size(gated_channels: int) -> float:
+    """log10 of 2^(gated channels): every gated channel is on or off."""
+    return gated_channels * math.log10(2)
+
+
+def summary(net: Network) -> dict:
+    """The `nasdsl show --json` contract: scripts rely on these keys."""
+    gates = sum(g.channels for g in net.gates())
+    total = network_cost(net)
+    layers = []
+    for layer in net.layers:
+        cost = layer_cost(layer)
+        layers.append({
+            "name": layer.name,
+            "blocks": len(layer.blocks),
+            "ops": [b.label for b in layer.blocks],
+            "in_shape": layer.in_shape.to_list(),
+            "out_shape": layer.out_shape.to_list(),
+            "out_channels": layer.width,
+            "residual": layer.shortcut is not None,
+            "gates": sum(op.in_shape.channels for op in layer.all_ops() if op.is_gate),
+            "flops": cost.flops,
+            "params": cost.params,
+        })
+    return {
+        "name": net.name,
+        "input": net.input_shape.to_list(),
+        "num_classes": net.num_classes,
+        "params": total.params,
+        "flops": total.flops,
+        "gates": gates,
+        "gate_groups": len(net.gates()),
+        "log10_space_size": log10_space_size(gates),
+        "parameters": {k: v for k, v in net.params.items()},
+        "layers": layers,
+    }

@@ -1,0 +1,206 @@
+"""The ops a .space file can call: their signatures, and how composites lower to primitive ops.
+
+Each builtin lowers to `Parts`: the ops of the block's main path, an optional internal shortcut and
+ops after the add. Gates are inserted here, where the paper places them: after each BN, before the
+activation; on MBConv's mid and output channels; never on shortcuts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from nasdsl.graph.ir import Op, Shape, Shortcut
+from nasdsl.graph.ops import ACTIVATIONS, infer
+
+
+class Symbol(str):
+    """A bare word used as a value (`act=relu6`, `gate=off`)."""
+
+
+BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    type: str                 # channels | kernel | stride | int0 | float | prob | bool | enum
+    default: Any = None       # None: derived from other arguments (or required, see `required`)
+    required: bool = False
+    choices: tuple[str, ...] = ()
+
+
+@dataclass
+class Parts:
+    ops: list[Op] = field(default_factory=list)
+    shortcut: Shortcut | None = None
+    post: list[Op] = field(default_factory=list)
+
+
+class Lowering:
+    """Appends ops to a block under construction, tracking the running shape and gate names."""
+
+    def __init__(self, block_name: str, shape: Shape, gate: bool):
+        self.block_name = block_name
+        self.shape = shape
+        self.gate = gate
+        self.gate_names: list[str] = []
+
+    def op(self, kind: str, **attrs) -> Op:
+        out = infer(kind, attrs, self.shape)
+        op = Op(kind, attrs, self.shape, out)
+        self.shape = out
+        return op
+
+    def bn(self, ops: list, eps: float, momentum: float = 0.1, gate: str | None = None) -> None:
+        ops.append(self.op("bn", eps=eps, momentum=momentum))
+        if gate and self.gate:
+            name, i = gate, 2
+            while name in self.gate_names:  # a chain with several BNs: bn, bn2, bn3...
+                name, i = f"{gate}{i}", i + 1
+            self.gate_names.append(name)
+            ops.append(self.op("gate", key=f"{self.block_name}.{name}"))
+
+    def conv(self, out: int, k: int = 1, stride: int = 1, groups: int = 1, padding: int | None = None,
+             bias: bool = False) -> Op:
+        return self.op("conv", out=out, k=k, stride=stride, groups=groups,
+                       padding=k // 2 if padding is None else padding, bias=bias)
+
+
+# ---- composite blocks ------------------------------------------------------------------------
+def _mbconv(lo: Lowering, a: dict) -> Parts:
+    cin = lo.shape.channels
+    mid = a["mid"] if a["mid"] is not None else max(1, round(cin * a["e"]))
+    ops: list[Op] = []
+    if mid != cin or a["e"] != 1:
+        ops.append(lo.conv(mid))
+        lo.bn(ops, a["eps"])
+        ops.append(lo.op("act", fn=a["act"]))
+    ops.append(lo.conv(mid, a["k"], a["stride"], groups=mid))
+    lo.bn(ops, a["eps"], gate="mid")
+    ops.append(lo.op("act", fn=a["act"]))
+    ops.append(lo.conv(a["out"]))
+    lo.bn(ops, a["eps"], gate="out")
+    return Parts(ops)
+
+
+def _shortcut(lo: Lowering, kind: str, shape_in: Shape, out: int, stride: int, eps: float) -> Shortcut | None:
+    """The ResNet shortcut: identity, option A (subsample + zero-padded channels) or 1x1 projection."""
+    if kind == "auto":
+        kind = "identity" if stride == 1 and shape_in.channels == out else "proj"
+    saved = lo.shape
+    lo.shape = shape_in
+    try:
+        if kind == "identity":
+            if stride != 1 or shape_in.channels != out:
+                raise ValueError(f"an identity shortcut needs stride 1 and equal channels, got stride "
+                                 f"{stride} and {shape_in.channels} -> {out}: use shortcut=pad or proj")
+            return Shortcut()
+        if kind == "pad":
+            if out < shape_in.channels:
+                raise ValueError(f"shortcut=pad cannot shrink {shape_in.channels} channels to {out}")
+            ops = (lo.op("subsample", stride=stride),) if stride > 1 else ()
+            front = (out - shape_in.channels) // 2
+            index = tuple(range(front, front + shape_in.channels))
+            return Shortcut(ops, None if index == tuple(range(out)) else index)
+        ops = [lo.conv(out, 1, stride)]
+        lo.bn(ops, eps)
+        return Shortcut(tuple(ops))
+    finally:
+        lo.shape = saved
+
+
+def _basic(lo: Lowering, a: dict) -> Parts:
+    shape_in = lo.shape
+    mid = a["mid"] if a["mid"] is not None else a["out"]
+    ops: list[Op] = [lo.conv(mid, 3, a["stride"])]
+    lo.bn(ops, a["eps"], gate="bn1")
+    ops.append(lo.op("act", fn=a["act"]))
+    ops.append(lo.conv(a["out"], 3))
+    lo.bn(ops, a["eps"], gate="bn2")
+    sc = _shortcut(lo, a["shortcut"], shape_in, a["out"], a["stride"], a["eps"])
+    return Parts(ops, sc, [lo.op("act", fn=a["act"])])
+
+
+def _bottleneck(lo: Lowering, a: dict) -> Parts:
+    shape_in = lo.shape
+    mid = a["mid"] if a["mid"] is not None else max(1, a["out"] // 4)
+    ops: list[Op] = [lo.conv(mid, 1)]
+    lo.bn(ops, a["eps"], gate="bn1")
+    ops.append(lo.op("act", fn=a["act"]))
+    ops.append(lo.conv(mid, 3, a["stride"]))
+    lo.bn(ops, a["eps"], gate="bn2")
+    ops.append(lo.op("act", fn=a["act"]))
+    ops.append(lo.conv(a["out"], 1))
+    lo.bn(ops, a["eps"], gate="bn3")
+    sc = _shortcut(lo, a["shortcut"], shape_in, a["out"], a["stride"], a["eps"])
+    return Parts(ops, sc, [lo.op("act", fn=a["act"])])
+
+
+# ---- primitive ops ---------------------------------------------------------------------------
+def _conv(lo, a):
+    return Parts([lo.conv(a["out"], a["k"], a["stride"], a["groups"], a["padding"], a["bias"])])
+
+
+def _dwconv(lo, a):
+    c = lo.shape.channels
+    return Parts([lo.conv(c, a["k"], a["stride"], c, a["padding"], a["bias"])])
+
+
+def _bn(lo, a):
+    ops: list[Op] = []
+    lo.bn(ops, a["eps"], a["momentum"], gate="bn" if a["gate"] else None)
+    return Parts(ops)
+
+
+def _pool(kind):
+    def lower(lo, a):
+        stride = a["stride"] if a["stride"] is not None else a["k"]
+        return Parts([lo.op(kind, k=a["k"], stride=stride, padding=a["padding"])])
+    return lower
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    args: tuple[Arg, ...]
+    lower: Callable[[Lowering, dict], Parts]
+    composite: bool = False
+    doc: str = ""
+
+    @property
+    def has_stride(self) -> bool:
+        return any(a.name == "stride" for a in self.args)
+
+
+_ACT = Arg("act", "enum", "relu", choices=ACTIVATIONS)
+_EPS = Arg("eps", "float", 1e-5)
+_GATE = Arg("gate", "bool", True)
+_SHORTCUT = Arg("shortcut", "enum", "auto", choices=("auto", "identity", "pad", "proj"))
+
+BUILTINS: dict[str, Builtin] = {b.name: b for b in (
+    Builtin("conv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("stride", "stride", 1),
+                     Arg("groups", "stride", 1), Arg("padding", "int0"), Arg("bias", "bool", False)), _conv,
+            doc="convolution; padding defaults to k // 2"),
+    Builtin("dwconv", (Arg("k", "kernel", 3), Arg("stride", "stride", 1), Arg("padding", "int0"),
+                       Arg("bias", "bool", False)), _dwconv, doc="depthwise convolution"),
+    Builtin("bn", (_EPS, Arg("momentum", "float", 0.1), _GATE), _bn,
+            doc="batch norm (1d or 2d from the input); gated by default"),
+    *(Builtin(fn, (), lambda lo, a, fn=fn: Parts([lo.op("act", fn=fn)]), doc="activation") for fn in ACTIVATIONS),
+    Builtin("maxpool", (Arg("k", "kernel", 2), Arg("stride", "stride"), Arg("padding", "int0", 0)), _pool("maxpool")),
+    Builtin("avgpool", (Arg("k", "kernel", 2), Arg("stride", "stride"), Arg("padding", "int0", 0)), _pool("avgpool")),
+    Builtin("gap", (), lambda lo, a: Parts([lo.op("gap")]), doc="global average pooling to a flat vector"),
+    Builtin("flatten", (), lambda lo, a: Parts([lo.op("flatten")])),
+    Builtin("linear", (Arg("out", "channels", required=True), Arg("bias", "bool", True)),
+            lambda lo, a: Parts([lo.op("linear", out=a["out"], bias=a["bias"])])),
+    Builtin("dropout", (Arg("p", "prob", 0.5),), lambda lo, a: Parts([lo.op("dropout", p=a["p"])])),
+    Builtin("mbconv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("e", "float", 6),
+                       Arg("stride", "stride", 1), Arg("act", "enum", "relu6", choices=ACTIVATIONS),
+                       Arg("mid", "channels"), _EPS, _GATE), _mbconv, composite=True,
+            doc="inverted residual: 1x1 expand, kxk depthwise, 1x1 project; residual when stride 1 and in == out"),
+    Builtin("basic", (Arg("out", "channels", required=True), Arg("stride", "stride", 1), _SHORTCUT, _ACT,
+                      Arg("mid", "channels"), _EPS, _GATE), _basic, composite=True,
+            doc="ResNet basic block; shortcut=pad is CIFAR option A, proj the 1x1 projection"),
+    Builtin("bottleneck", (Arg("out", "channels", required=True), Arg("stride", "stride", 1),
+                           Arg("mid", "channels"), _SHORTCUT, _ACT, _EPS, _GATE), _bottleneck, composite=True,
+            doc="ResNet bottleneck (1x1, 3x3, 1x1); mid defaults to out / 4"),
+)}

@@ -1,0 +1,514 @@
+"""AST -> graph IR: evaluates parameters, expands defs, stages and comprehensions, lowers every
+call to primitive ops with shape inference, and validates the result. Errors carry file:line:col."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nasdsl.errors import NasdslError, did_you_mean
+from nasdsl.graph.ir import Block, Layer, Network, Shape, Shortcut
+from nasdsl.graph.ops import ShapeError
+from nasdsl.language import ast
+from nasdsl.language.builtins import BOOL_WORDS, BUILTINS, Arg, Lowering, Parts, Symbol
+from nasdsl.language.parser import parse
+
+HEADER_FIELDS = {"input": 3, "resolution": 224, "classes": 1000}
+MAX_DEF_DEPTH = 32
+
+
+def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
+    """Round channels to a multiple of `divisor`, never more than 10% down (the MobileNet rule)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < round_limit * v else new_v
+
+
+FUNCTIONS = {
+    "make_divisible": make_divisible,
+    "round": round, "int": int, "float": float, "min": min, "max": max,
+    "floor": math.floor, "ceil": math.ceil, "range": lambda *a: tuple(range(*a)),
+}
+
+
+def compile_file(path: str | Path, overrides: dict[str, str] | None = None) -> Network:
+    path = Path(path)
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        raise NasdslError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise NasdslError("not a text file", file=str(path)) from None
+    return compile_source(source, str(path), overrides)
+
+
+def compile_source(source: str, file: str = "<string>", overrides: dict[str, str] | None = None) -> Network:
+    return Compiler(parse(source, file), overrides or {}).run()
+
+
+@dataclass
+class _Scope:
+    values: dict
+    parent: "_Scope | None" = None
+
+    def lookup(self, name):
+        scope = self
+        while scope is not None:
+            if name in scope.values:
+                return scope.values[name]
+            scope = scope.parent
+        raise KeyError(name)
+
+    def names(self):
+        scope, out = self, set()
+        while scope is not None:
+            out |= set(scope.values)
+            scope = scope.parent
+        return out
+
+    def child(self, values: dict) -> "_Scope":
+        return _Scope(values, self)
+
+
+@dataclass
+class _Context:
+    """Where a call is being lowered: the layer's gating switch and a pending stage stride."""
+    gate: bool = True
+    stride: int | None = None
+    depth: int = 0
+    seen_defs: tuple = field(default_factory=tuple)
+
+
+class Compiler:
+    def __init__(self, program: ast.Program, overrides: dict[str, str]):
+        self.program = program
+        self.overrides = dict(overrides)
+        self.defs: dict[str, ast.Define] = {}
+        self.layers: list[Layer] = []
+        self.layer_names: set[str] = set()
+        self.shape: Shape | None = None
+
+    # ---- errors ------------------------------------------------------------------------------
+    def error(self, message: str, pos: ast.Pos | None) -> NasdslError:
+        return NasdslError(message, file=self.program.file, line=pos.line if pos else None,
+                           column=pos.column if pos else None, source=self.program.source)
+
+    # ---- driver ------------------------------------------------------------------------------
+    def run(self) -> Network:
+        header = self.program.header
+        scope = _Scope(dict(FUNCTIONS))
+        params: dict = {}
+        overridable: set[str] = set()
+        header_values = dict(HEADER_FIELDS)
+        for arg in header.args:
+            if arg.name is None:
+                raise self.error("header arguments are named: input=, resolution=, classes=", arg.pos)
+            if arg.name not in HEADER_FIELDS:
+                raise self.error(f"unknown header argument '{arg.name}'{did_you_mean(arg.name, HEADER_FIELDS)}"
+                                 f" (expected input, resolution, classes)", arg.pos)
+            header_values[arg.name] = self.positive_int(self.eval(arg.value, scope), arg.name, arg.value)
+        for name, value in header_values.items():
+            params[name] = self.apply_override(name, value)
+            overridable.add(name)
+        scope.values.update(params)
+
+        for stmt in self.program.statements:
+            if isinstance(stmt, ast.Param):
+                if stmt.name in scope.values and stmt.name not in FUNCTIONS:
+                    raise self.error(f"'{stmt.name}' is already defined", stmt.pos)
+                if stmt.params is not None:
+                    scope.values[stmt.name] = _UserFunction(stmt, self, scope)
+                    continue
+                value = self.eval(stmt.value, scope)
+                if stmt.overridable:
+                    value = self.apply_override(stmt.name, value)
+                    overridable.add(stmt.name)
+                scope.values[stmt.name] = params[stmt.name] = value
+            elif isinstance(stmt, ast.Define):
+                if stmt.name in BUILTINS or stmt.name in self.defs:
+                    raise self.error(f"'{stmt.name}' is already defined", stmt.pos)
+                self.defs[stmt.name] = stmt
+
+        for name in self.overrides:
+            known = overridable | {n for n in params}
+            if name in params and name not in overridable:
+                raise NasdslError(f"'{name}' is a `let`, computed from other parameters; it cannot be set",
+                                  file="--set")
+            raise NasdslError(f"unknown parameter '{name}' in {self.program.file}{did_you_mean(name, known)}",
+                              file="--set")
+
+        self.shape = Shape(params["input"], (params["resolution"], params["resolution"]))
+        input_shape = self.shape
+        for stmt in self.program.statements:
+            if isinstance(stmt, ast.Layer):
+                self.layer(stmt, scope, self.auto_name(stmt.name, f"layer{len(self.layers)}"), None)
+            elif isinstance(stmt, ast.Stage):
+                self.stage(stmt, scope)
+        if not self.layers:
+            raise self.error("the space has no layers", header.pos)
+        out = self.layers[-1].out_shape
+        if not out.is_flat or out.channels != params["classes"]:
+            last = [s for s in self.program.statements if isinstance(s, (ast.Layer, ast.Stage))][-1]
+            raise self.error(f"the network must end with {params['classes']} class scores (classes="
+                             f"{params['classes']}), but it ends with a {out} tensor", last.pos)
+        return Network(header.name, input_shape, params["classes"], tuple(self.layers), params,
+                       source=self.program.file)
+
+    def apply_override(self, name: str, default):
+        if name not in self.overrides:
+            return default
+        text = self.overrides.pop(name)
+        try:
+            expr = parse(f"space s(input={text})", f"--set {name}").header.args[0].value
+            value = self.eval(expr, _Scope(dict(FUNCTIONS)))
+        except NasdslError:
+            raise NasdslError(f"{name}={text}: not a valid value", file="--set") from None
+        if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            raise NasdslError(f"{name}={text}: expected a number", file="--set")
+        if name in HEADER_FIELDS:
+            if not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) or value < 1:
+                raise NasdslError(f"{name}={text}: expected a positive integer", file="--set")
+            value = int(value)
+        return value
+
+    def auto_name(self, name: str | None, fallback: str) -> str:
+        return name if name is not None else fallback
+
+    # ---- expressions -------------------------------------------------------------------------
+    def eval(self, expr: ast.Expr, scope: _Scope):
+        if isinstance(expr, ast.Number):
+            return expr.value
+        if isinstance(expr, ast.Name):
+            try:
+                value = scope.lookup(expr.id)
+            except KeyError:
+                return Symbol(expr.id)
+            if callable(value):
+                raise self.error(f"'{expr.id}' is a function; call it as {expr.id}(...)", expr.pos)
+            return value
+        if isinstance(expr, ast.Tuple):
+            return tuple(self.eval(e, scope) for e in expr.items)
+        if isinstance(expr, ast.Neg):
+            return -self.number(self.eval(expr.operand, scope), expr.operand, scope)
+        if isinstance(expr, ast.BinOp):
+            left = self.number(self.eval(expr.left, scope), expr.left, scope)
+            right = self.number(self.eval(expr.right, scope), expr.right, scope)
+            try:
+                return _BINOPS[expr.op](left, right)
+            except ZeroDivisionError:
+                raise self.error("division by zero", expr.pos) from None
+            except OverflowError:
+                raise self.error("number too large", expr.pos) from None
+        if isinstance(expr, ast.FunCall):
+            try:
+                func = scope.lookup(expr.func)
+            except KeyError:
+                func = None
+            if not callable(func):
+                known = {n for n in scope.names() if callable(scope.lookup(n))}
+                raise self.error(f"unknown function '{expr.func}'{did_you_mean(expr.func, known)}", expr.pos)
+            args = [self.eval(a.value, scope) for a in expr.args if a.name is None]
+            kwargs = {a.name: self.eval(a.value, scope) for a in expr.args if a.name is not None}
+            for a, v in zip([a for a in expr.args if a.name is None], args):
+                if not isinstance(v, (int, float, tuple)):
+                    self.number(v, a.value, scope)
+            if isinstance(func, _UserFunction):
+                return func.call(args, kwargs, expr)
+            try:
+                return func(*args, **kwargs)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise self.error(f"{expr.func}(): {exc}", expr.pos) from None
+        raise self.error("invalid expression", getattr(expr, "pos", None))  # pragma: no cover
+
+    def number(self, value, expr, scope):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, Symbol):
+                raise self.error(f"undefined parameter '{value}'{did_you_mean(value, self.visible(scope))}",
+                                 expr.pos)
+            raise self.error(f"expected a number, got {_show(value)}", expr.pos)
+        return value
+
+    def visible(self, scope: _Scope):
+        return {n for n in scope.names() if n not in FUNCTIONS}
+
+    def positive_int(self, value, what: str, expr) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, Symbol):
+                raise self.error(f"undefined parameter '{value}'", expr.pos)
+            raise self.error(f"{what} must be an integer, got {_show(value)}", expr.pos)
+        if value < 1:
+            raise self.error(f"{what} must be at least 1, got {value}", expr.pos)
+        return value
+
+    # ---- arguments ---------------------------------------------------------------------------
+    def bind(self, name: str, sig: tuple[Arg, ...], args: tuple[ast.Argument, ...], scope: _Scope,
+             pos: ast.Pos) -> dict:
+        """Match call arguments to a signature, check their types, fill in defaults."""
+        bound: dict = {}
+        where: dict = {}
+        positional = [a for a in args if a.name is None]
+        if any(a.name is None for a in args[len(positional):]):
+            first = next(a for a in args[len(positional):] if a.name is None)
+            raise self.error("positional argument after a keyword argument", first.pos)
+        if len(positional) > len(sig):
+            raise self.error(f"{name} takes at most {len(sig)} positional argument"
+                             f"{'s' if len(sig) != 1 else ''}, got {len(positional)}", positional[len(sig)].pos)
+        for spec, a in zip(sig, positional):
+            bound[spec.name], where[spec.name] = a.value, a
+        names = {s.name for s in sig}
+        for a in args[len(positional):]:
+            if a.name not in names:
+                raise self.error(f"unknown argument '{a.name}' for {name}{did_you_mean(a.name, names)}", a.pos)
+            if a.name in bound:
+                raise self.error(f"argument '{a.name}' given twice", a.pos)
+            bound[a.name], where[a.name] = a.value, a
+        out = {}
+        for spec in sig:
+            if spec.name not in bound:
+                if spec.required:
+                    raise self.error(f"{name} needs argument '{spec.name}'", pos)
+                out[spec.name] = spec.default
+                continue
+            expr = bound[spec.name]
+            out[spec.name] = self.check_type(name, spec, self.eval(expr, scope), expr, scope)
+        return out
+
+    def check_type(self, op: str, spec: Arg, value, expr, scope):
+        what = f"{op}: {spec.name}"
+        if spec.type == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, Symbol) and value.lower() in BOOL_WORDS:
+                return BOOL_WORDS[value.lower()]
+            raise self.error(f"{what} expects on or off, got {_show(value)}", expr.pos)
+        if spec.type == "enum":
+            if isinstance(value, Symbol) and value in spec.choices:
+                return str(value)
+            hint = did_you_mean(str(value), spec.choices) if isinstance(value, str) else ""
+            raise self.error(f"{what} expects one of {', '.join(spec.choices)}, got {_show(value)}{hint}", expr.pos)
+        if isinstance(value, Symbol):
+            raise self.error(f"undefined parameter '{value}'{did_you_mean(value, self.visible(scope))}", expr.pos)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"{what} expects a number, got {_show(value)}", expr.pos)
+        if spec.type in ("float", "prob"):
+            if spec.type == "prob" and not 0 <= value < 1:
+                raise self.error(f"{what} must be in [0, 1), got {value}", expr.pos)
+            if spec.type == "float" and value <= 0:
+                raise self.error(f"{what} must be positive, got {value}", expr.pos)
+            return float(value)
+        if isinstance(value, float):
+            if not value.is_integer():
+                hint = "; round it with make_divisible(x, 8) or int(x)" if spec.type == "channels" else ""
+                raise self.error(f"{what} must be an integer, got {value:g}{hint}", expr.pos)
+            value = int(value)
+        minimum = 0 if spec.type == "int0" else 1
+        if value < minimum:
+            noun = "channels" if spec.type == "channels" else spec.name
+            raise self.error(f"{what}: {noun} must be at least {minimum}, got {value}", expr.pos)
+        return value
+
+    # ---- layers ------------------------------------------------------------------------------
+    LAYER_OPTIONS = (Arg("gate", "bool", True), Arg("residual", "enum", "auto", choices=("auto", "on", "off")))
+    STAGE_OPTIONS = (Arg("repeat", "stride", 1), Arg("stride", "stride", 1))
+
+    def stage(self, stmt: ast.Stage, scope: _Scope) -> None:
+        opts = self.bind(f"stage {stmt.name}", self.STAGE_OPTIONS, stmt.options, scope, stmt.pos)
+        multi = len(stmt.layers) > 1
+        for rep in range(opts["repeat"]):
+            for i, layer in enumerate(stmt.layers):
+                suffix = "." + (layer.name or str(i)) if multi or layer.name else ""
+                stride = opts["stride"] if rep == 0 and i == 0 and opts["stride"] != 1 else None
+                self.layer(layer, scope, f"{stmt.name}.{rep}{suffix}", stride)
+
+    def layer(self, stmt: ast.Layer, scope: _Scope, name: str, stride: int | None) -> None:
+        if name in self.layer_names:
+            raise self.error(f"layer '{name}' is already defined", stmt.pos)
+        self.layer_names.add(name)
+        opts = self.bind(f"layer {name}", self.LAYER_OPTIONS, stmt.options, scope, stmt.pos)
+        ctx = _Context(gate=opts["gate"], stride=stride)
+        chains = self.expand(stmt.body, scope, ctx)
+        in_shape = self.shape
+        built = []
+        for i, (chain, chain_scope, pos) in enumerate(chains):
+            block_name = name if len(chains) == 1 else f"{name}.b{i}"
+            built.append((self.block(block_name, chain, chain_scope, ctx, in_shape, pos), pos))
+        (first, parts0), _ = built[0]
+        for ((b, parts), pos) in built[1:]:
+            if b.out_shape != first.out_shape:
+                raise self.error(f"parallel blocks are summed, so their outputs must match: "
+                                 f"{first.label} gives {first.out_shape}, {b.label} gives {b.out_shape}", pos)
+            if (parts.shortcut, [o.attrs for o in parts.post]) != (parts0.shortcut, [o.attrs for o in parts0.post]):
+                raise self.error(f"parallel blocks share the layer's shortcut and post-activation, so "
+                                 f"{first.label} and {b.label} must agree on them", pos)
+        blocks = [b for (b, _), _ in built]
+        out_shape = first.out_shape
+        shortcut, post = parts0.shortcut, tuple(parts0.post)
+        all_mbconv = all(b.kind == "mbconv" for b in blocks)
+        if shortcut is None and (opts["residual"] == "on" or
+                                 (opts["residual"] == "auto" and all_mbconv and in_shape == out_shape)):
+            if in_shape != out_shape:
+                raise self.error(f"residual add of unequal shapes: the layer's input is {in_shape}, "
+                                 f"its output {out_shape}", stmt.pos)
+            shortcut = Shortcut()
+        elif opts["residual"] == "off":
+            shortcut = None
+        self.layers.append(Layer(name, tuple(blocks), in_shape, out_shape, shortcut, post))
+        self.shape = out_shape
+
+    def expand(self, body: ast.Blocks, scope: _Scope, ctx: _Context) -> list:
+        """Flatten alternatives, comprehensions and defs into (calls, scope, pos) chains of builtins."""
+        out = []
+        for alt in body.alternatives:
+            for bound in self.comprehend(alt.comprehensions, scope):
+                out.extend(self.expand_chain(alt.chain, bound, ctx, alt.pos))
+        if not out:
+            raise self.error("this layer has no blocks (an empty `for` range?)", body.pos)
+        return out
+
+    def comprehend(self, comps, scope):
+        if not comps:
+            yield scope
+            return
+        head, rest = comps[0], comps[1:]
+        values = self.eval(head.iterable, scope)
+        if not isinstance(values, tuple):
+            raise self.error(f"`for {head.var} in` needs a list like [3, 5, 7] or range(n), "
+                             f"got {_show(values)}", head.iterable.pos)
+        for v in values:
+            yield from self.comprehend(rest, scope.child({head.var: v}))
+
+    def expand_chain(self, chain, scope, ctx, pos) -> list:
+        """A chain may call defs; a def that yields one chain is inlined, several only stand alone."""
+        results = [([], None)]  # list of (calls with their scopes, first pos)
+        for call in chain:
+            if call.name in self.defs:
+                d = self.defs[call.name]
+                if ctx.depth >= MAX_DEF_DEPTH:
+                    raise self.error(f"defs nested too deeply (is '{call.name}' recursive?)", call.pos)
+                values = self.bind_def(d, call, scope)
+                sub = self.expand(d.body, values, _Context(ctx.gate, ctx.stride, ctx.depth + 1))
+                if len(sub) > 1 and len(chain) > 1:
+                    raise self.error(f"'{call.name}' has {len(sub)} parallel blocks, so it cannot be "
+                                     f"chained with other ops; put it in a layer of its own", call.pos)
+                if len(chain) == 1:
+                    return sub
+                results = [(calls + subcalls, p or sp) for calls, p in results for subcalls, _, sp in sub]
+            elif call.name in BUILTINS:
+                results = [(calls + [(call, scope)], p or call.pos) for calls, p in results]
+            else:
+                known = set(BUILTINS) | set(self.defs)
+                raise self.error(f"unknown op '{call.name}'{did_you_mean(call.name, known)}", call.pos)
+        return [(calls, None, p or pos) for calls, p in results]
+
+    def bind_def(self, d: ast.Define, call: ast.Call, scope: _Scope) -> _Scope:
+        values = {}
+        positional = [a for a in call.args if a.name is None]
+        if len(positional) > len(d.params):
+            raise self.error(f"{d.name} takes {len(d.params)} argument{'s' if len(d.params) != 1 else ''}, "
+                             f"got {len(positional)}", call.pos)
+        for pname, a in zip(d.params, positional):
+            values[pname] = self.eval(a.value, scope)
+        for a in call.args[len(positional):]:
+            if a.name is None:
+                raise self.error("positional argument after a keyword argument", a.pos)
+            if a.name not in d.params:
+                raise self.error(f"unknown argument '{a.name}' for {d.name}{did_you_mean(a.name, d.params)}", a.pos)
+            values[a.name] = self.eval(a.value, scope)
+        missing = [p for p in d.params if p not in values]
+        if missing:
+            raise self.error(f"{d.name} needs argument '{missing[0]}'", call.pos)
+        # defs see the file's parameters and their own arguments, not the caller's loop variables
+        root = scope
+        while root.parent is not None:
+            root = root.parent
+        return root.child(values)
+
+    def block(self, name: str, chain, _scope, ctx: _Context, in_shape: Shape, pos) -> Block:
+        lo = Lowering(name, in_shape, ctx.gate)
+        ops, shortcut, post = [], None, []
+        composite = None
+        pending_stride = ctx.stride
+        labels = []
+        args_out = {}
+        for call, scope in chain:
+            builtin = BUILTINS[call.name]
+            if composite is not None or (builtin.composite and len(chain) > 1):
+                raise self.error(f"{(composite or builtin).name} is a whole block and cannot be chained "
+                                 f"with other ops; put it in a layer of its own", call.pos)
+            a = self.bind(call.name, builtin.args, call.args, scope, call.pos)
+            if pending_stride is not None and builtin.has_stride:
+                a["stride"], pending_stride = pending_stride, None
+            lo.gate = ctx.gate and a.get("gate", True)
+            try:
+                parts = builtin.lower(lo, a)
+            except (ShapeError, ValueError) as exc:
+                raise self.error(str(exc), call.pos) from None
+            ops.extend(parts.ops)
+            shortcut, post = parts.shortcut, parts.post
+            if builtin.composite:
+                composite = builtin
+            labels.append(_label(call.name, a, builtin))
+            args_out = a
+        out_shape = ops[-1].out_shape
+        kind = composite.name if composite else ("chain" if len(chain) > 1 else chain[0][0].name)
+        block = Block(name, kind, " > ".join(labels), tuple(ops), in_shape, out_shape,
+                      args=args_out if composite else {})
+        return block, Parts(shortcut=shortcut, post=post)
+
+
+class _UserFunction:
+    """`let f(x) = expr`: evaluated in the file's scope plus its arguments."""
+
+    def __init__(self, stmt: ast.Param, compiler: "Compiler", scope: _Scope):
+        self.stmt, self.compiler, self.scope = stmt, compiler, scope
+        self.depth = 0
+
+    def __call__(self, *a, **k):  # marks it callable for lookups
+        raise TypeError
+
+    def call(self, args: list, kwargs: dict, expr: ast.FunCall):
+        names = self.stmt.params
+        if len(args) > len(names) or set(kwargs) - set(names):
+            raise self.compiler.error(f"{self.stmt.name}() takes arguments ({', '.join(names)})", expr.pos)
+        values = dict(zip(names, args), **kwargs)
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise self.compiler.error(f"{self.stmt.name}() needs argument '{missing[0]}'", expr.pos)
+        if self.depth >= MAX_DEF_DEPTH:
+            raise self.compiler.error(f"'{self.stmt.name}' calls itself too deeply", expr.pos)
+        self.depth += 1
+        try:
+            return self.compiler.eval(self.stmt.value, self.scope.child(values))
+        finally:
+            self.depth -= 1
+
+
+_BINOPS = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
+    "//": lambda a, b: a // b, "%": lambda a, b: a % b, "**": lambda a, b: a ** b,
+}
+
+
+def _show(value) -> str:
+    if isinstance(value, Symbol):
+        return f"'{value}'"
+    if isinstance(value, tuple):
+        return "a list"
+    return repr(value)
+
+
+def _label(name: str, a: dict, builtin) -> str:
+    """A compact description: `mbconv k5 e3`, `conv 64 k3 s2`."""
+    short = {"out": "", "k": "k", "e": "e", "stride": "s", "groups": "g", "p": "p"}
+    bits = [name]
+    for spec in builtin.args:
+        v = a.get(spec.name)
+        if spec.name in short and v is not None and (v != spec.default or spec.name in ("k", "e", "out")):
+            if spec.name == "stride" and v == 1:
+                continue
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            bits.append(f"{short[spec.name]}{v}")
+    return " ".join(bits)

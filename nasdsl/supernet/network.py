@@ -1,0 +1,220 @@
+"""The torch network that a graph config (`Network.to_config()`) describes.
+
+This file imports only torch and timm: `nasdsl export` copies it verbatim into a standalone
+model module, so a searched network runs without nasdsl. The supernet reuses it with gates
+(`gate_factory`); the plain network and every derived network use it as it is.
+
+Follows timm's model API: num_classes, num_features, forward_features (the unpooled map),
+forward_head(x, pre_logits), get_classifier, reset_classifier. Scripts with TorchScript and
+traces with torch.fx: every branch below depends on attributes fixed at construction.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GlobalAvgPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class Subsample(nn.Module):
+    """Option-A shortcut's spatial part: keep every stride-th pixel."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::self.stride, ::self.stride]
+
+
+def _act(fn: str) -> nn.Module:
+    return {"relu": lambda: nn.ReLU(inplace=True), "relu6": lambda: nn.ReLU6(inplace=True),
+            "hswish": lambda: nn.Hardswish(inplace=True), "identity": nn.Identity}[fn]()
+
+
+def build_op(cfg: dict, gate_factory: Optional[Callable] = None) -> nn.Module:
+    kind = cfg["kind"]
+    if kind == "conv":
+        return nn.Conv2d(cfg["in"], cfg["out"], cfg["k"], cfg["stride"], cfg["padding"],
+                         groups=cfg["groups"], bias=cfg["bias"])
+    if kind == "bn":
+        bn = nn.BatchNorm1d if cfg["flat"] else nn.BatchNorm2d
+        return bn(cfg["in"], eps=cfg["eps"], momentum=cfg["momentum"])
+    if kind == "act":
+        return _act(cfg["fn"])
+    if kind == "gate":
+        return gate_factory(cfg["in"], cfg["key"]) if gate_factory else nn.Identity()
+    if kind == "linear":
+        return nn.Linear(cfg["in"], cfg["out"], bias=cfg["bias"])
+    if kind == "maxpool":
+        return nn.MaxPool2d(cfg["k"], cfg["stride"], cfg["padding"])
+    if kind == "avgpool":
+        return nn.AvgPool2d(cfg["k"], cfg["stride"], cfg["padding"])
+    if kind == "gap":
+        return GlobalAvgPool()
+    if kind == "flatten":
+        return nn.Flatten(1)
+    if kind == "dropout":
+        return nn.Dropout(cfg["p"])
+    if kind == "subsample":
+        return Subsample(cfg["stride"])
+    raise ValueError(f"unknown op kind {kind!r}")
+
+
+def _index(index: Optional[List[int]]) -> torch.Tensor:
+    return torch.tensor(index if index is not None else [], dtype=torch.long)
+
+
+def _add_at(base: torch.Tensor, y: torch.Tensor, index: torch.Tensor, has_index: bool) -> torch.Tensor:
+    """base + y, where y's channels land on `index` of base's when the widths differ."""
+    if has_index:
+        return base.index_add(1, index, y)
+    return base + y
+
+
+def _zeros(like: torch.Tensor, width: int, spatial: bool) -> torch.Tensor:
+    if spatial:
+        return like.new_zeros(like.size(0), width, like.size(2), like.size(3))
+    return like.new_zeros(like.size(0), width)
+
+
+class Shortcut(nn.Module):
+    """The residual path's ops (none: identity); the layer places its output."""
+
+    def __init__(self, cfg: dict, gate_factory=None):
+        super().__init__()
+        self.ops = nn.Sequential(*[build_op(o, gate_factory) for o in cfg["ops"]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops(x)
+
+
+class Block(nn.Module):
+    """A chain of ops; `index` places its output channels in the layer's output."""
+
+    def __init__(self, cfg: dict, gate_factory=None):
+        super().__init__()
+        self.ops = nn.Sequential(*[build_op(o, gate_factory) for o in cfg["ops"]])
+        self.has_index = cfg["index"] is not None
+        self.register_buffer("index", _index(cfg["index"]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops(x)
+
+
+class Layer(nn.Module):
+    """post(sum of parallel blocks, each placed by index, + the shortcut placed by index)."""
+
+    def __init__(self, cfg: dict, spatial: bool, gate_factory=None):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(b, gate_factory) for b in cfg["blocks"]])
+        self.width = cfg["width"]
+        self.spatial = spatial
+        self.has_shortcut = cfg["shortcut"] is not None
+        self.shortcut = Shortcut(cfg["shortcut"], gate_factory) if self.has_shortcut else nn.Identity()
+        self.sc_has_index = self.has_shortcut and cfg["shortcut"]["index"] is not None
+        self.register_buffer("sc_index", _index(cfg["shortcut"]["index"] if self.sc_has_index else None),
+                             persistent=False)
+        self.post = nn.Sequential(*[build_op(o, gate_factory) for o in cfg["post"]])
+        self.simple = len(self.blocks) == 1 and not self.has_shortcut and not cfg["blocks"][0]["index"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.simple:
+            for block in self.blocks:
+                x = block(x)
+            return self.post(x)
+        out: Optional[torch.Tensor] = None
+        for block in self.blocks:
+            y = block(x)
+            if out is None:
+                out = _add_at(_zeros(y, self.width, self.spatial), y, block.index, True) if block.has_index else y
+            else:
+                out = _add_at(out, y, block.index, block.has_index)
+        assert out is not None
+        if self.has_shortcut:
+            out = _add_at(out, self.shortcut(x), self.sc_index, self.sc_has_index)
+        return self.post(out)
+
+
+class NasNet(nn.Module):
+    """A network from a nasdsl graph config, with timm's model API.
+
+    The last layer must be a single chain ending in the classifier (a linear op); its other ops
+    (pooling, flatten, dropout) form `head`, and everything before it is `layers`.
+    """
+
+    def __init__(self, config: dict, num_classes: Optional[int] = None, in_chans: Optional[int] = None,
+                 gate_factory: Optional[Callable] = None, **kwargs):
+        super().__init__()
+        if in_chans is not None and in_chans != config["input"][0]:
+            raise ValueError(f"this network takes {config['input'][0]} input channels, not {in_chans}")
+        self.config = config
+        *body, last = config["layers"]
+        spatial = [True] + [not flat for flat in config["flat_output"][:-1]]
+        self.layers = nn.ModuleList([Layer(layer, sp, gate_factory) for layer, sp in zip(body, spatial)])
+        block = last["blocks"][0]
+        if (len(last["blocks"]) != 1 or last["shortcut"] or last["post"] or block["index"]
+                or block["ops"][-1]["kind"] != "linear"):
+            raise ValueError("the last layer must be a single chain of ops ending in a linear classifier")
+        self.head = nn.Sequential(*[build_op(o, gate_factory) for o in block["ops"][:-1]])
+        self.classifier: nn.Module = build_op(block["ops"][-1])
+        self.feature_layers = _feature_layer_count(config)
+        self.num_classes = config["num_classes"]
+        self.num_features = block["ops"][-1]["in"]
+        self.pretrained_cfg: dict = {}
+        self.default_cfg = self.pretrained_cfg
+        self._init_weights()
+        if num_classes is not None and num_classes != self.num_classes:
+            self.reset_classifier(num_classes)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i < self.feature_layers:
+                x = layer(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i >= self.feature_layers:
+                x = layer(x)
+        x = self.head(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _feature_layer_count(config: dict) -> int:
+    """Layers up to the last one that still outputs a feature map; the rest is the head."""
+    count = 0
+    for i, flat in enumerate(config["flat_output"][:-1]):
+        if not flat:
+            count = i + 1
+    return count
