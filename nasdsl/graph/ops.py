@@ -89,6 +89,13 @@ def _same(a: dict, s: Shape) -> Shape:
     return s
 
 
+def _select_infer(a: dict, s: Shape) -> Shape:
+    index = a["index"]
+    if not index or len(set(index)) != len(index) or min(index) < 0 or max(index) >= s.channels:
+        raise ShapeError(f"select needs distinct channel indices in [0, {s.channels}), got {list(index)}")
+    return Shape(len(index), s.size)
+
+
 OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("conv", _conv_infer, _conv_params, _conv_macs, channelwise=False),
     OpKind("bn", _same, lambda a, i, o: 2 * i.channels),
@@ -100,6 +107,9 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("gap", _gap_infer),
     OpKind("subsample", _subsample_infer),
     OpKind("flatten", _flatten_infer, channelwise=False),
+    # keeps the listed input channels, in order (derivation emits it where a depthwise conv loses
+    # channels of a tensor that other consumers still need)
+    OpKind("select", _select_infer, channelwise=False),
     OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
            lambda a, i, o: o.channels * i.channels, channelwise=False),
 )}

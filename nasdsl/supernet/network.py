@@ -17,6 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class Select(nn.Module):
+    """Keeps the given input channels, in order."""
+
+    def __init__(self, index: List[int]):
+        super().__init__()
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index)
+
+
 class GlobalAvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean((2, 3))
@@ -64,6 +75,8 @@ def build_op(cfg: dict, gate_factory: Optional[Callable] = None) -> nn.Module:
         return nn.Dropout(cfg["p"])
     if kind == "subsample":
         return Subsample(cfg["stride"])
+    if kind == "select":
+        return Select(list(cfg["index"]))
     raise ValueError(f"unknown op kind {kind!r}")
 
 
