@@ -14,7 +14,6 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class Select(nn.Module):
@@ -199,6 +198,23 @@ class NasNet(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def op_modules(self) -> List[dict]:
+        """Per layer, the (state-dict name, module) of every op, in the config's order."""
+        out = []
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            out.append({
+                "blocks": [[(f"layers.{i}.blocks.{j}.ops.{k}", m) for k, m in enumerate(b.ops)]
+                           for j, b in enumerate(layer.blocks)],
+                "shortcut": [(f"layers.{i}.shortcut.ops.{k}", m) for k, m in enumerate(layer.shortcut.ops)]
+                if layer.has_shortcut else [],
+                "post": [(f"layers.{i}.post.{k}", m) for k, m in enumerate(layer.post)],
+            })
+        out.append({"blocks": [[(f"head.{k}", m) for k, m in enumerate(self.head)] + [("classifier", self.classifier)]],
+                    "shortcut": [], "post": []})
+        assert len(out) == n + 1
+        return out
 
     def get_classifier(self) -> nn.Module:
         return self.classifier

@@ -1,0 +1,256 @@
+"""Binary gates -> a physically slim network that computes what the hard-masked supernet does.
+
+Two passes over the graph:
+1. `repair_masks`: a block whose path is cut (an inner gate group all off) can only output BN
+   offsets, so the whole block is switched off; a layer without a residual that would lose every
+   channel keeps its strongest one (highest s) and the run is told so. The result, the
+   *effective* masks, is what the searched network is; loading them into the supernet gives
+   exactly the slim network's function.
+2. `derive`: per layer, forward liveness (which channels can be non-zero) meets backward need
+   (which channels a later op reads); every op keeps live-and-needed channels. Blocks of one
+   layer that keep different channels are summed into the union by index, a residual layer
+   whose blocks all vanish becomes its shortcut alone (identity: depth is learned).
+Weights are sliced op by op (`slim_state_dict`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from nasdsl.graph.ir import Block, Layer, Network, Op, Shape, Shortcut
+from nasdsl.graph.ops import is_depthwise
+
+Channels = tuple[int, ...]
+
+
+@dataclass
+class OpPlan:
+    """Where a slim op's weights come from: the source op's position and the kept channels."""
+    source: tuple            # (layer index, "block", block index, op index) | (layer, "shortcut", k) | (layer, "post", k)
+    out_index: Channels      # kept output channels, in the source op's numbering
+    in_index: Channels       # kept input channels (for dense conv and linear)
+
+
+@dataclass
+class Derivation:
+    network: Network                       # the slim graph (no gates)
+    plans: list[list[dict]]                # per slim layer: {"blocks": [[OpPlan|None]], "shortcut": [...], "post": [...]}
+    masks: dict[str, torch.Tensor]         # the effective binary masks
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- pass 1: effective masks -------------------------------------------------------------------
+def _block_path_alive(block: Block, masks: dict[str, torch.Tensor]) -> bool:
+    """False when some gate group inside the block is entirely off before the block's last gate."""
+    gates = [op for op in block.ops if op.is_gate]
+    return all(bool(masks[g.attrs["key"]].any()) for g in gates[:-1]) and \
+        (not gates or bool(masks[gates[-1].attrs["key"]].any()))
+
+
+def repair_masks(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None = None):
+    """Effective masks and notes (see the module docstring)."""
+    masks = {k: v.clone().bool() for k, v in masks.items()}
+    notes: list[str] = []
+    for layer in net.layers:
+        alive = []
+        for block in layer.blocks:
+            gates = [op.attrs["key"] for op in block.ops if op.is_gate]
+            if gates and not _block_path_alive(block, masks):
+                for key in gates:
+                    masks[key].zero_()
+            else:
+                alive.append(block)
+        if alive or layer.shortcut is not None:
+            continue
+        # Every block vanished and nothing else carries the signal: keep the strongest channel.
+        best = None
+        for block in layer.blocks:
+            gates = [op.attrs["key"] for op in block.ops if op.is_gate]
+            if not gates:
+                continue
+            s = strength[gates[-1]] if strength else torch.zeros(masks[gates[-1]].numel())
+            value, idx = s.max(0)
+            if best is None or value > best[0]:
+                best = (float(value), int(idx), block, gates)
+        if best is None:
+            continue
+        value, idx, block, gates = best
+        for key in gates[:-1]:  # reopen a path through the block: its strongest inner channel
+            if not masks[key].any():
+                s = strength[key] if strength else torch.zeros(masks[key].numel())
+                masks[key][int(s.argmax())] = True
+        masks[gates[-1]][idx] = True
+        notes.append(f"layer {layer.name}: every channel was pruned, but the network cannot lose this layer; "
+                     f"kept its strongest channel ({block.name}, channel {idx}, s={value:.4g})")
+    return masks, notes
+
+
+# ---- pass 2: the slim graph --------------------------------------------------------------------
+def _live_after(op: Op, live: set[int], masks) -> set[int]:
+    if op.is_gate:
+        keep = masks[op.attrs["key"]]
+        return {c for c in live if keep[c]}
+    if op.kind in ("conv", "linear"):
+        if is_depthwise(op):
+            return set(live)
+        return set(range(op.out_shape.channels)) if live else set()
+    if op.kind == "flatten":
+        hw = op.in_shape.height * op.in_shape.width
+        return {c * hw + i for c in live for i in range(hw)}
+    if op.kind == "select":
+        return {j for j, c in enumerate(op.attrs["index"]) if c in live}
+    return set(live)  # channelwise
+
+
+def _need_before(op: Op, need: set[int], live_in: set[int]) -> set[int]:
+    if op.kind in ("conv", "linear") and not is_depthwise(op):
+        return set(live_in) if need else set()
+    if op.kind == "flatten":
+        hw = op.in_shape.height * op.in_shape.width
+        return {c // hw for c in need}
+    if op.kind == "select":
+        return {op.attrs["index"][j] for j in need}
+    return set(need)
+
+
+def _slim_chain(ops: tuple[Op, ...], live_in: set[int], masks, need_out: set[int] | None = None):
+    """Kept channel sets at every boundary of a chain: (sets[0..n]) with sets[0] at its input."""
+    lives = [set(live_in)]
+    for op in ops:
+        lives.append(_live_after(op, lives[-1], masks))
+    need = set(lives[-1]) if need_out is None else need_out & lives[-1]
+    keeps = [None] * (len(ops) + 1)
+    keeps[-1] = need
+    for k in range(len(ops) - 1, -1, -1):
+        need = _need_before(ops[k], need, lives[k]) & lives[k]
+        keeps[k] = need
+    return [tuple(sorted(s)) for s in keeps]
+
+
+def _shape(op_shape: Shape, channels: int) -> Shape:
+    return Shape(channels, op_shape.size)
+
+
+def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
+    """Slim ops (gates dropped) and their weight plans for a chain with kept sets `keeps`."""
+    out_ops, plans = [], []
+    if keeps[0] != input_layout:  # the chain reads a subset of its input tensor
+        pos = {c: i for i, c in enumerate(input_layout)}
+        index = tuple(pos[c] for c in keeps[0])
+        shape_in = _shape(ops[0].in_shape, len(input_layout))
+        out_ops.append(Op("select", {"index": index}, shape_in, _shape(ops[0].in_shape, len(index))))
+        plans.append(None)
+    for k, op in enumerate(ops):
+        if op.is_gate:
+            continue
+        cin, cout = keeps[k], keeps[k + 1]
+        attrs = dict(op.attrs)
+        if op.kind in ("conv", "linear"):
+            attrs["out"] = len(cout)
+        if op.kind == "conv" and is_depthwise(op):
+            attrs["groups"] = len(cout)
+        elif op.kind == "conv" and op.attrs["groups"] != 1:
+            raise ValueError(f"cannot slim a grouped conv (groups={op.attrs['groups']}) whose channels changed")
+        if op.kind == "select":
+            pos = {c: i for i, c in enumerate(cin)}
+            attrs["index"] = tuple(pos[op.attrs["index"][j]] for j in cout)
+        out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
+        plans.append(OpPlan((*source_prefix, k), cout, cin))
+    return out_ops, plans
+
+
+def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None = None) -> Derivation:
+    """The slim network for these binary gate masks (key -> bool tensor), and its weight plans."""
+    masks, notes = repair_masks(net, masks, strength)
+    layers, plans = [], []
+    layout: Channels = tuple(range(net.input_shape.channels))
+    for li, layer in enumerate(net.layers):
+        live_in = set(layout)
+        kept_blocks = []
+        for bi, block in enumerate(layer.blocks):
+            keeps = _slim_chain(block.ops, live_in, masks)
+            if not keeps[-1]:
+                continue  # the block vanished
+            kept_blocks.append((bi, block, keeps))
+        sc_keeps = None
+        union: set[int] = set()
+        for _, _, keeps in kept_blocks:
+            union |= set(keeps[-1])
+        if layer.shortcut is not None:
+            sc_keeps = _slim_chain(layer.shortcut.ops, live_in, masks) if layer.shortcut.ops else [tuple(sorted(live_in))]
+            sc_out = sc_keeps[-1]
+            sc_index = layer.shortcut.index
+            union |= {sc_index[c] for c in sc_out} if sc_index else set(sc_out)
+        if not union:
+            raise ValueError(f"layer {layer.name} lost every channel")
+        if layer.post and any(op.kind not in ("act", "dropout") for op in layer.post):
+            raise ValueError(f"layer {layer.name}: only activations and dropout can follow the sum")
+        out_layout = tuple(sorted(union))
+        pos = {c: i for i, c in enumerate(out_layout)}
+
+        def place(channels) -> tuple[int, ...] | None:
+            index = tuple(pos[c] for c in channels)
+            return None if index == tuple(range(len(out_layout))) else index
+
+        blocks, block_plans = [], []
+        for bi, block, keeps in kept_blocks:
+            ops, plan = _slim_ops(block.ops, keeps, layout, (li, "block", bi))
+            blocks.append(Block(block.name, block.kind, block.label, tuple(ops), _shape(block.in_shape, len(layout)),
+                                _shape(block.out_shape, len(keeps[-1])), place(keeps[-1]), args=block.args))
+            block_plans.append(plan)
+        shortcut, sc_plan = None, []
+        if layer.shortcut is not None:
+            sc_ops, sc_plan = (_slim_ops(layer.shortcut.ops, sc_keeps, layout, (li, "shortcut"))
+                               if layer.shortcut.ops else ([], []))
+            channels = [layer.shortcut.index[c] for c in sc_keeps[-1]] if layer.shortcut.index else sc_keeps[-1]
+            shortcut = Shortcut(tuple(sc_ops), place(channels))
+        width = len(out_layout)
+        post = tuple(Op(op.kind, op.attrs, _shape(op.in_shape, width), _shape(op.out_shape, width)) for op in layer.post)
+        post_plan = [OpPlan((li, "post", k), out_layout, out_layout) for k in range(len(post))]
+        layers.append(Layer(layer.name, tuple(blocks), _shape(layer.in_shape, len(layout)),
+                            _shape(layer.out_shape, width), shortcut, post))
+        plans.append({"blocks": block_plans, "shortcut": sc_plan, "post": post_plan})
+        layout = out_layout
+    slim = replace(net, layers=tuple(layers))
+    return Derivation(slim, plans, masks, notes)
+
+
+# ---- weights -----------------------------------------------------------------------------------
+def _slice(module_state: dict[str, torch.Tensor], plan: OpPlan, kind: str, depthwise: bool) -> dict:
+    out_idx = torch.tensor(plan.out_index, dtype=torch.long)
+    in_idx = torch.tensor(plan.in_index, dtype=torch.long)
+    result = {}
+    for name, t in module_state.items():
+        if name == "num_batches_tracked" or t.dim() == 0:
+            result[name] = t.clone()
+        elif name == "weight" and kind in ("conv", "linear") and not depthwise:
+            result[name] = t.index_select(0, out_idx).index_select(1, in_idx).clone()
+        else:  # bias, depthwise weight, BN vectors: one entry per output channel
+            result[name] = t.index_select(0, out_idx).clone()
+    return result
+
+
+def slim_state_dict(derivation: Derivation, supernet, slim_model) -> dict[str, torch.Tensor]:
+    """Slices the supernet's weights into a state dict for `slim_model` (both NasNet)."""
+    src_ops = supernet.op_modules()
+    dst_ops = slim_model.op_modules()
+    state = {}
+    for li, (plan, dst) in enumerate(zip(derivation.plans, dst_ops)):
+        pairs = []
+        for bplan, dmods in zip(plan["blocks"], dst["blocks"]):
+            pairs += list(zip(bplan, dmods))
+        pairs += list(zip(plan["shortcut"], dst["shortcut"])) + list(zip(plan["post"], dst["post"]))
+        for op_plan, (dname, dmod) in pairs:
+            if op_plan is None:
+                continue
+            layer_i, where, *rest = op_plan.source
+            src = src_ops[layer_i]
+            sname, smod = (src["blocks"][rest[0]][rest[1]] if where == "block" else src[where][rest[0]])
+            if not list(smod.state_dict()):
+                continue
+            depthwise = isinstance(smod, torch.nn.Conv2d) and smod.groups > 1
+            kind = "conv" if isinstance(smod, torch.nn.Conv2d) else "linear" if isinstance(smod, torch.nn.Linear) else "other"
+            for k, v in _slice(smod.state_dict(), op_plan, kind, depthwise).items():
+                state[f"{dname}.{k}"] = v
+    return state

@@ -1,0 +1,112 @@
+"""Graph IR -> gated supernet: every gate op of the graph becomes an SSGate."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from nasdsl.graph.ir import Block, Layer, Network, Op
+from nasdsl.supernet.gates import MODES, GateState, SSGate, fuse_gates_into_bn
+from nasdsl.supernet.network import NasNet
+
+PLACEMENTS = ("after_bn", "before_bn", "after_act")
+
+
+def place_gates(net: Network, placement: str) -> Network:
+    """Move every gate one op earlier (before its BN) or later (after its activation).
+
+    The paper's ablation (section VI) compares Conv-SS-BN-ReLU, Conv-BN-SS-ReLU (the default) and
+    Conv-BN-ReLU-SS. Gates are channelwise, so shapes are unchanged.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"gate placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == "after_bn":
+        return net
+
+    def move(ops: tuple[Op, ...]) -> tuple[Op, ...]:
+        ops = list(ops)
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            if op.is_gate:
+                j = i - 1 if placement == "before_bn" else i + 1
+                neighbour = "bn" if placement == "before_bn" else "act"
+                if 0 <= j < len(ops) and ops[j].kind == neighbour:
+                    a, b = sorted((i, j))
+                    ops[a], ops[b] = replace(ops[b], in_shape=ops[a].in_shape, out_shape=ops[a].in_shape), \
+                        replace(ops[a], in_shape=ops[a].in_shape, out_shape=ops[a].in_shape)
+                    i += 1
+            i += 1
+        return tuple(ops)
+
+    layers = tuple(replace(layer, blocks=tuple(replace(b, ops=move(b.ops)) for b in layer.blocks))
+                   for layer in net.layers)
+    return replace(net, layers=layers)
+
+
+class GateSet:
+    """The supernet's gates in graph order, with the shared mode and delta."""
+
+    def __init__(self, model: nn.Module, state: GateState):
+        self.state = state
+        self.gates: list[SSGate] = [m for m in model.modules() if isinstance(m, SSGate)]
+        self.by_key = {g.key: g for g in self.gates}
+
+    def __len__(self) -> int:
+        return len(self.gates)
+
+    @property
+    def channels(self) -> int:
+        return sum(g.s.numel() for g in self.gates)
+
+    def parameters(self):
+        return [g.s for g in self.gates]
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"gate mode must be one of {MODES}")
+        self.state.mode = mode
+
+    def set_delta(self, delta: float) -> None:
+        self.state.delta = float(delta)
+
+    def reset(self, value: float = 0.0) -> None:
+        with torch.no_grad():
+            for g in self.gates:
+                g.s.fill_(value)
+
+    def flat_s(self) -> torch.Tensor:
+        return torch.cat([g.s.reshape(-1) for g in self.gates]) if self.gates else torch.zeros(0)
+
+    def penalty(self, form: str = "scaled") -> torch.Tensor:
+        """The paper's Eq. 4 term sum(sigmoid(delta * s)); `unscaled` is the release's sum(sigmoid(s))."""
+        s = self.flat_s()
+        scale = self.state.delta if form == "scaled" else 1.0
+        return torch.sigmoid(scale * s).sum()
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {g.key: g.s.detach().clone() for g in self.gates}
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """Binary masks: the channels a hard gate lets through (s > 0)."""
+        return {g.key: (g.s.detach() > 0) for g in self.gates}
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, s in values.items():
+                self.by_key[key].s.copy_(s)
+
+
+def build_supernet(net: Network, placement: str = "after_bn") -> NasNet:
+    """A NasNet with SS gates where the graph has gate ops; `model.gate_set` controls them."""
+    state = GateState()
+    model = NasNet(place_gates(net, placement).to_config(), gate_factory=lambda c, key: SSGate(c, key, state))
+    if placement == "after_bn":
+        fuse_gates_into_bn(model)
+    model.gate_set = GateSet(model, state)
+    return model
+
+
+def is_gate_param(name: str) -> bool:
+    return name.endswith(".s") or name == "s"
