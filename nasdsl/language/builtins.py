@@ -53,7 +53,11 @@ class Lowering:
 
     def bn(self, ops: list, eps: float, momentum: float = 0.1, gate: str | None = None) -> None:
         ops.append(self.op("bn", eps=eps, momentum=momentum))
-        if gate and self.gate:
+        if gate:
+            self.add_gate(ops, gate)
+
+    def add_gate(self, ops: list, gate: str) -> None:
+        if self.gate:
             name, i = gate, 2
             while name in self.gate_names:  # a chain with several BNs: bn, bn2, bn3...
                 name, i = f"{gate}{i}", i + 1
@@ -152,6 +156,12 @@ def _bn(lo, a):
     return Parts(ops)
 
 
+def _gate(lo, a):
+    ops: list[Op] = []
+    lo.add_gate(ops, "gate")
+    return Parts(ops)
+
+
 def _pool(kind):
     def lower(lo, a):
         stride = a["stride"] if a["stride"] is not None else a["k"]
@@ -186,6 +196,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("bn", (_EPS, Arg("momentum", "float", 0.1), _GATE), _bn,
             doc="batch norm (1d or 2d from the input); gated by default"),
     *(Builtin(fn, (), lambda lo, a, fn=fn: Parts([lo.op("act", fn=fn)]), doc="activation") for fn in ACTIVATIONS),
+    Builtin("gate", (), _gate, doc="a gate on every channel, for networks without BN (put it where the BN "
+                                   "would be: after the conv, before the activation); `[gate=off]` removes it"),
     Builtin("maxpool", (Arg("k", "kernel", 2), Arg("stride", "stride"), Arg("padding", "int0", 0)), _pool("maxpool")),
     Builtin("avgpool", (Arg("k", "kernel", 2), Arg("stride", "stride"), Arg("padding", "int0", 0)), _pool("avgpool")),
     Builtin("gap", (), lambda lo, a: Parts([lo.op("gap")]), doc="global average pooling to a flat vector"),
