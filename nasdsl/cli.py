@@ -14,9 +14,23 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise NasdslError(f"expected name=value, got {pair!r}", file="--set")
+            raise NasdslError("expected NAME=VALUE, like --set width=0.5", file=f"--set {pair}")
         out[name.strip()] = value.strip()
     return out
+
+
+def _internal_error(where: str, exc: BaseException) -> str:
+    """A bug, not a user error: one line, still no traceback."""
+    return f"{where}: internal error, please report it: {type(exc).__name__}: {exc}"
+
+
+def _stdout_closed() -> int:
+    """`nasdsl show ... | head`: the reader went away; exit quietly, as the Python docs advise."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 def human(n: float) -> str:
@@ -29,15 +43,22 @@ def human(n: float) -> str:
 def cmd_check(args) -> int:
     from nasdsl.language.compiler import compile_file
 
+    sets = parse_sets(args.set)
     failed = 0
-    for path in args.files:
-        try:
-            compile_file(path, parse_sets(args.set))
-            if not args.quiet:
-                print(f"{path}: ok")
-        except NasdslError as exc:
-            print(exc, file=sys.stderr)
-            failed += 1
+    try:
+        for path in args.files:
+            try:
+                compile_file(path, sets)
+                if not args.quiet:
+                    print(f"{path}: ok")
+            except NasdslError as exc:
+                print(exc, file=sys.stderr)
+                failed += 1
+            except Exception as exc:  # noqa: BLE001 - a bug; still never a traceback
+                print(_internal_error(path, exc), file=sys.stderr)
+                failed += 1
+    except BrokenPipeError:
+        return _stdout_closed()
     return 2 if failed else 0
 
 
@@ -45,10 +66,24 @@ def cmd_show(args) -> int:
     from nasdsl.graph.accounting import summary
     from nasdsl.language.compiler import compile_file
 
-    info = summary(compile_file(args.file, parse_sets(args.set)))
-    if args.json:
+    sets = parse_sets(args.set)
+    try:
+        info = summary(compile_file(args.file, sets))
+    except NasdslError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug; still never a traceback
+        raise NasdslError(_internal_error(args.file, exc)) from None
+    try:
+        _print_show(info, args.json)
+    except BrokenPipeError:
+        return _stdout_closed()
+    return 0
+
+
+def _print_show(info: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(info))
-        return 0
+        return
     rows = [("layer", "blocks", "in", "out", "gates", "params", "FLOPs")]
     for layer in info["layers"]:
         ops = layer["ops"]
@@ -66,7 +101,6 @@ def cmd_show(args) -> int:
     print(f"\n{info['name']}: {info['params']:,} params, {info['flops']:,} FLOPs (MACs), "
           f"{info['gates']:,} gated channels in {info['gate_groups']} groups, "
           f"search space 10^{info['log10_space_size']:.1f}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

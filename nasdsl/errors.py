@@ -4,6 +4,9 @@ from __future__ import annotations
 from difflib import get_close_matches
 
 
+SNIPPET_WIDTH = 100  # characters of the offending line shown around the column
+
+
 class NasdslError(Exception):
     """A user-facing error. `where` is `FILE:LINE:COL`, `FILE` or a setting name."""
 
@@ -28,14 +31,24 @@ class NasdslError(Exception):
         return f"{head}\n{snippet}" if snippet else head
 
     def snippet(self) -> str:
-        """The offending line with a caret under the column, as compilers print it."""
+        """The offending line with a caret under the column, as compilers print it. Lines are split
+        at newlines only, as the parser counts them; a long line is cut to a window around the column."""
         if self.source is None or self.line is None:
             return ""
-        lines = self.source.splitlines()
+        lines = self.source.split("\n")
         if not 1 <= self.line <= len(lines):
             return ""
-        text = lines[self.line - 1].expandtabs(1)
-        caret = " " * (max(self.column or 1, 1) - 1) + "^"
+        text = "".join(ch if ch.isprintable() else " " for ch in lines[self.line - 1].rstrip("\r"))
+        column = max(self.column or 1, 1)
+        if len(text) > SNIPPET_WIDTH:
+            start = max(0, min(column - 1 - SNIPPET_WIDTH // 2, len(text) - SNIPPET_WIDTH))
+            end = start + SNIPPET_WIDTH
+            text = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+            column = column - start + (3 if start else 0)
+        text = text.rstrip()
+        if not text:
+            return ""
+        caret = " " * (column - 1) + "^"
         return f"    {text}\n    {caret}"
 
 

@@ -8,13 +8,18 @@ from pathlib import Path
 
 from nasdsl.errors import NasdslError, did_you_mean
 from nasdsl.graph.ir import Block, Layer, Network, Shape, Shortcut
-from nasdsl.graph.ops import ShapeError
+from nasdsl.graph.ops import ACTIVATIONS, ShapeError
 from nasdsl.language import ast
 from nasdsl.language.builtins import BOOL_WORDS, BUILTINS, Arg, Lowering, Parts, Symbol
-from nasdsl.language.parser import parse
+from nasdsl.language.parser import MAX_NUMBER, parse, parse_expr
 
 HEADER_FIELDS = {"input": 3, "resolution": 224, "classes": 1000}
-MAX_DEF_DEPTH = 32
+MAX_DEF_DEPTH = 32          # defs calling defs
+MAX_EVAL_DEPTH = 200        # nested expressions, counting the bodies of `let` functions they call
+MAX_FUNCTION_CALLS = 100_000  # calls of `let` functions in one compilation
+MAX_SIZE = 1_000_000        # channels, kernels, strides, padding, resolution, classes
+MAX_RANGE = 100_000         # values of one range()
+MAX_OPS = 20_000            # op calls after expanding defs, stages and `for`s, in one network
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
@@ -24,26 +29,50 @@ def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
     return new_v + divisor if new_v < round_limit * v else new_v
 
 
+def _range(*args):
+    r = range(*args)
+    try:
+        n = len(r)
+    except OverflowError:
+        n = MAX_RANGE + 1
+    if n > MAX_RANGE:
+        raise ValueError(f"too many values (the limit is {MAX_RANGE:,})")
+    return tuple(r)
+
+
+def _round(number, ndigits=None):
+    if ndigits is None:
+        return round(number)
+    if isinstance(ndigits, float) or abs(ndigits) > 30:
+        raise ValueError(f"ndigits must be an integer between -30 and 30, got {ndigits!r}")
+    return round(number, ndigits)
+
+
 FUNCTIONS = {
     "make_divisible": make_divisible,
-    "round": round, "int": int, "float": float, "min": min, "max": max,
-    "floor": math.floor, "ceil": math.ceil, "range": lambda *a: tuple(range(*a)),
+    "round": _round, "int": int, "float": float, "min": min, "max": max,
+    "floor": math.floor, "ceil": math.ceil, "range": _range,
 }
 
 
 def compile_file(path: str | Path, overrides: dict[str, str] | None = None) -> Network:
     path = Path(path)
     try:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise NasdslError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
     except UnicodeDecodeError:
-        raise NasdslError("not a text file", file=str(path)) from None
+        raise NasdslError("not a text file (it is not UTF-8)", file=str(path)) from None
+    if "\0" in source:
+        raise NasdslError("not a text file (it contains NUL bytes)", file=str(path))
     return compile_source(source, str(path), overrides)
 
 
 def compile_source(source: str, file: str = "<string>", overrides: dict[str, str] | None = None) -> Network:
-    return Compiler(parse(source, file), overrides or {}).run()
+    try:
+        return Compiler(parse(source, file), overrides or {}).run()
+    except RecursionError:  # the limits above should prevent it; never show a traceback
+        raise NasdslError("too deeply nested (recursive defs or functions?)", file=file) from None
 
 
 @dataclass
@@ -77,6 +106,7 @@ class _Context:
     stride: int | None = None
     depth: int = 0
     seen_defs: tuple = field(default_factory=tuple)
+    stage: str | None = None
 
 
 class Compiler:
@@ -87,6 +117,9 @@ class Compiler:
         self.layers: list[Layer] = []
         self.layer_names: set[str] = set()
         self.shape: Shape | None = None
+        self.eval_depth = 0         # nesting of eval(), bounded by MAX_EVAL_DEPTH
+        self.function_calls = 0     # `let` function calls, bounded by MAX_FUNCTION_CALLS
+        self.ops_expanded = 0       # op calls after expansion, bounded by MAX_OPS
 
     # ---- errors ------------------------------------------------------------------------------
     def error(self, message: str, pos: ast.Pos | None) -> NasdslError:
@@ -100,12 +133,16 @@ class Compiler:
         params: dict = {}
         overridable: set[str] = set()
         header_values = dict(HEADER_FIELDS)
+        given = set()
         for arg in header.args:
             if arg.name is None:
                 raise self.error("header arguments are named: input=, resolution=, classes=", arg.pos)
             if arg.name not in HEADER_FIELDS:
-                raise self.error(f"unknown header argument '{arg.name}'{did_you_mean(arg.name, HEADER_FIELDS)}"
-                                 f" (expected input, resolution, classes)", arg.pos)
+                hint = did_you_mean(arg.name, HEADER_FIELDS) or " (expected input, resolution or classes)"
+                raise self.error(f"unknown header argument '{arg.name}'{hint}", arg.pos)
+            if arg.name in given:
+                raise self.error(f"header argument '{arg.name}' given twice", arg.pos)
+            given.add(arg.name)
             header_values[arg.name] = self.positive_int(self.eval(arg.value, scope), arg.name, arg.value)
         for name, value in header_values.items():
             params[name] = self.apply_override(name, value)
@@ -115,8 +152,10 @@ class Compiler:
         for stmt in self.program.statements:
             if isinstance(stmt, ast.Param):
                 if stmt.name in scope.values and stmt.name not in FUNCTIONS:
-                    raise self.error(f"'{stmt.name}' is already defined", stmt.pos)
+                    what = "a header field" if stmt.name in HEADER_FIELDS else "already defined"
+                    raise self.error(f"'{stmt.name}' is {what}", stmt.pos)
                 if stmt.params is not None:
+                    self.check_formals(stmt.name, stmt.params, stmt.pos)
                     scope.values[stmt.name] = _UserFunction(stmt, self, scope)
                     continue
                 value = self.eval(stmt.value, scope)
@@ -125,17 +164,20 @@ class Compiler:
                     overridable.add(stmt.name)
                 scope.values[stmt.name] = params[stmt.name] = value
             elif isinstance(stmt, ast.Define):
-                if stmt.name in BUILTINS or stmt.name in self.defs:
+                if stmt.name in BUILTINS:
+                    raise self.error(f"'{stmt.name}' is a builtin op; give the def another name", stmt.pos)
+                if stmt.name in self.defs:
                     raise self.error(f"'{stmt.name}' is already defined", stmt.pos)
+                self.check_formals(stmt.name, stmt.params, stmt.pos)
                 self.defs[stmt.name] = stmt
 
-        for name in self.overrides:
-            known = overridable | {n for n in params}
+        for name, text in self.overrides.items():
+            setting = f"--set {name}={text}"
             if name in params and name not in overridable:
-                raise NasdslError(f"'{name}' is a `let`, computed from other parameters; it cannot be set",
-                                  file="--set")
-            raise NasdslError(f"unknown parameter '{name}' in {self.program.file}{did_you_mean(name, known)}",
-                              file="--set")
+                raise NasdslError(f"'{name}' is a `let`, computed in {self.program.file}; only a `param` or "
+                                  f"input, resolution, classes can be set", file=setting)
+            raise NasdslError(f"unknown parameter '{name}' in {self.program.file}"
+                              f"{did_you_mean(name, overridable)}", file=setting)
 
         self.shape = Shape(params["input"], (params["resolution"], params["resolution"]))
         input_shape = self.shape
@@ -149,8 +191,9 @@ class Compiler:
         out = self.layers[-1].out_shape
         if not out.is_flat or out.channels != params["classes"]:
             last = [s for s in self.program.statements if isinstance(s, (ast.Layer, ast.Stage))][-1]
+            hint = "" if out.is_flat else "; end it with gap > linear(classes)"
             raise self.error(f"the network must end with {params['classes']} class scores (classes="
-                             f"{params['classes']}), but it ends with a {out} tensor", last.pos)
+                             f"{params['classes']}), but its output is {_describe(out)}{hint}", last.pos)
         return Network(header.name, input_shape, params["classes"], tuple(self.layers), params,
                        source=self.program.file)
 
@@ -158,24 +201,42 @@ class Compiler:
         if name not in self.overrides:
             return default
         text = self.overrides.pop(name)
+        setting = f"--set {name}={text}"
         try:
-            expr = parse(f"space s(input={text})", f"--set {name}").header.args[0].value
-            value = self.eval(expr, _Scope(dict(FUNCTIONS)))
-        except NasdslError:
-            raise NasdslError(f"{name}={text}: not a valid value", file="--set") from None
-        if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-            raise NasdslError(f"{name}={text}: expected a number", file="--set")
+            value = self.eval(parse_expr(text, setting), _Scope(dict(FUNCTIONS)))
+        except NasdslError as exc:
+            raise NasdslError(f"not a valid value: {exc.message}", file=setting) from None
+        if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise NasdslError(f"expected a number like the default {default!r}, got {_show(value)}", file=setting)
         if name in HEADER_FIELDS:
-            if not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) or value < 1:
-                raise NasdslError(f"{name}={text}: expected a positive integer", file="--set")
+            if not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) \
+                    or not 1 <= value <= MAX_SIZE:
+                raise NasdslError(f"expected an integer from 1 to {MAX_SIZE:,}", file=setting)
             value = int(value)
         return value
+
+    def check_formals(self, name: str, formals: tuple[str, ...], pos: ast.Pos) -> None:
+        seen = set()
+        for f in formals:
+            if f in seen:
+                raise self.error(f"'{name}' names its argument '{f}' twice", pos)
+            seen.add(f)
 
     def auto_name(self, name: str | None, fallback: str) -> str:
         return name if name is not None else fallback
 
     # ---- expressions -------------------------------------------------------------------------
     def eval(self, expr: ast.Expr, scope: _Scope):
+        if self.eval_depth >= MAX_EVAL_DEPTH:
+            raise self.error(f"too deeply nested (more than {MAX_EVAL_DEPTH} levels, counting the functions "
+                             f"it calls; a recursive `let` function?)", getattr(expr, "pos", None))
+        self.eval_depth += 1
+        try:
+            return self._eval(expr, scope)
+        finally:
+            self.eval_depth -= 1
+
+    def _eval(self, expr: ast.Expr, scope: _Scope):
         if isinstance(expr, ast.Number):
             return expr.value
         if isinstance(expr, ast.Name):
@@ -193,20 +254,27 @@ class Compiler:
         if isinstance(expr, ast.BinOp):
             left = self.number(self.eval(expr.left, scope), expr.left, scope)
             right = self.number(self.eval(expr.right, scope), expr.right, scope)
+            if expr.op == "**" and abs(left) > 1 and right > 128:
+                raise self.error(_TOO_LARGE, expr.pos)
             try:
-                return _BINOPS[expr.op](left, right)
+                return self.checked(_BINOPS[expr.op](left, right), expr.pos)
             except ZeroDivisionError:
                 raise self.error("division by zero", expr.pos) from None
             except OverflowError:
-                raise self.error("number too large", expr.pos) from None
+                raise self.error(_TOO_LARGE, expr.pos) from None
         if isinstance(expr, ast.FunCall):
             try:
                 func = scope.lookup(expr.func)
             except KeyError:
                 func = None
+            if func is not None and not callable(func):
+                raise self.error(f"'{expr.func}' is {_show(func)}, not a function", expr.pos)
             if not callable(func):
                 known = {n for n in scope.names() if callable(scope.lookup(n))}
-                raise self.error(f"unknown function '{expr.func}'{did_you_mean(expr.func, known)}", expr.pos)
+                hint = did_you_mean(expr.func, known)
+                if not hint and expr.func in self.defs | BUILTINS:
+                    hint = f" ('{expr.func}' is an op; ops build layers, functions compute values)"
+                raise self.error(f"unknown function '{expr.func}'{hint}", expr.pos)
             args = [self.eval(a.value, scope) for a in expr.args if a.name is None]
             kwargs = {a.name: self.eval(a.value, scope) for a in expr.args if a.name is not None}
             for a, v in zip([a for a in expr.args if a.name is None], args):
@@ -215,18 +283,36 @@ class Compiler:
             if isinstance(func, _UserFunction):
                 return func.call(args, kwargs, expr)
             try:
-                return func(*args, **kwargs)
-            except (TypeError, ValueError, OverflowError) as exc:
+                return self.checked(func(*args, **kwargs), expr.pos)
+            except ZeroDivisionError:
+                raise self.error(f"{expr.func}(): division by zero", expr.pos) from None
+            except OverflowError:
+                raise self.error(f"{expr.func}(): {_TOO_LARGE}", expr.pos) from None
+            except (TypeError, ValueError, ArithmeticError) as exc:
                 raise self.error(f"{expr.func}(): {exc}", expr.pos) from None
         raise self.error("invalid expression", getattr(expr, "pos", None))  # pragma: no cover
 
-    def number(self, value, expr, scope):
+    def checked(self, value, pos):
+        """Arithmetic stays real and finite, below MAX_NUMBER: no inf, nan, complex or huge integers."""
+        if isinstance(value, complex):
+            raise self.error("not a real number (a fractional power of a negative number?)", pos)
+        if isinstance(value, (int, float)) and not abs(value) <= MAX_NUMBER:
+            raise self.error(_TOO_LARGE, pos)
+        return value
+
+    def number(self, value, expr, scope, what: str = ""):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, Symbol):
+            if isinstance(value, Symbol) and not self.is_word(value):
                 raise self.error(f"undefined parameter '{value}'{did_you_mean(value, self.visible(scope))}",
                                  expr.pos)
-            raise self.error(f"expected a number, got {_show(value)}", expr.pos)
+            raise self.error(f"{what + ' expects' if what else 'expected'} a number, got {_show(value)}",
+                             expr.pos)
         return value
+
+    def is_word(self, value: str) -> bool:
+        """A bare word the language knows (an op, on/off, an activation, a shortcut kind): not a typo."""
+        return (value in BUILTINS or value in self.defs or value.lower() in BOOL_WORDS or value in ACTIVATIONS
+                or value in ("auto", "identity", "pad", "proj"))
 
     def visible(self, scope: _Scope):
         return {n for n in scope.names() if n not in FUNCTIONS}
@@ -235,11 +321,11 @@ class Compiler:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, Symbol):
+            if isinstance(value, Symbol) and not self.is_word(value):
                 raise self.error(f"undefined parameter '{value}'", expr.pos)
             raise self.error(f"{what} must be an integer, got {_show(value)}", expr.pos)
-        if value < 1:
-            raise self.error(f"{what} must be at least 1, got {value}", expr.pos)
+        if not 1 <= value <= MAX_SIZE:
+            raise self.error(f"{what} must be from 1 to {MAX_SIZE:,}, got {value}", expr.pos)
         return value
 
     # ---- arguments ---------------------------------------------------------------------------
@@ -253,6 +339,8 @@ class Compiler:
             first = next(a for a in args[len(positional):] if a.name is None)
             raise self.error("positional argument after a keyword argument", first.pos)
         if len(positional) > len(sig):
+            if not sig:
+                raise self.error(f"{name} takes no arguments", positional[0].pos)
             raise self.error(f"{name} takes at most {len(sig)} positional argument"
                              f"{'s' if len(sig) != 1 else ''}, got {len(positional)}", positional[len(sig)].pos)
         for spec, a in zip(sig, positional):
@@ -260,7 +348,9 @@ class Compiler:
         names = {s.name for s in sig}
         for a in args[len(positional):]:
             if a.name not in names:
-                raise self.error(f"unknown argument '{a.name}' for {name}{did_you_mean(a.name, names)}", a.pos)
+                hint = did_you_mean(a.name, names) or (
+                    f" ({name} takes {', '.join(s.name for s in sig)})" if sig else f" ({name} takes no arguments)")
+                raise self.error(f"unknown argument '{a.name}' for {name}{hint}", a.pos)
             if a.name in bound:
                 raise self.error(f"argument '{a.name}' given twice", a.pos)
             bound[a.name], where[a.name] = a.value, a
@@ -288,10 +378,7 @@ class Compiler:
                 return str(value)
             hint = did_you_mean(str(value), spec.choices) if isinstance(value, str) else ""
             raise self.error(f"{what} expects one of {', '.join(spec.choices)}, got {_show(value)}{hint}", expr.pos)
-        if isinstance(value, Symbol):
-            raise self.error(f"undefined parameter '{value}'{did_you_mean(value, self.visible(scope))}", expr.pos)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(f"{what} expects a number, got {_show(value)}", expr.pos)
+        self.number(value, expr, scope, what)
         if spec.type in ("float", "prob"):
             if spec.type == "prob" and not 0 <= value < 1:
                 raise self.error(f"{what} must be in [0, 1), got {value}", expr.pos)
@@ -305,8 +392,10 @@ class Compiler:
             value = int(value)
         minimum = 0 if spec.type == "int0" else 1
         if value < minimum:
-            noun = "channels" if spec.type == "channels" else spec.name
-            raise self.error(f"{what}: {noun} must be at least {minimum}, got {value}", expr.pos)
+            unit = " channel" if spec.type == "channels" else ""
+            raise self.error(f"{what} must be at least {minimum}{unit}, got {value}", expr.pos)
+        if value > MAX_SIZE:
+            raise self.error(f"{what} must be at most {MAX_SIZE:,}, got {value}", expr.pos)
         return value
 
     # ---- layers ------------------------------------------------------------------------------
@@ -320,14 +409,15 @@ class Compiler:
             for i, layer in enumerate(stmt.layers):
                 suffix = "." + (layer.name or str(i)) if multi or layer.name else ""
                 stride = opts["stride"] if rep == 0 and i == 0 and opts["stride"] != 1 else None
-                self.layer(layer, scope, f"{stmt.name}.{rep}{suffix}", stride)
+                self.layer(layer, scope, f"{stmt.name}.{rep}{suffix}", stride, stmt.name)
 
-    def layer(self, stmt: ast.Layer, scope: _Scope, name: str, stride: int | None) -> None:
+    def layer(self, stmt: ast.Layer, scope: _Scope, name: str, stride: int | None,
+              stage: str | None = None) -> None:
         if name in self.layer_names:
             raise self.error(f"layer '{name}' is already defined", stmt.pos)
         self.layer_names.add(name)
         opts = self.bind(f"layer {name}", self.LAYER_OPTIONS, stmt.options, scope, stmt.pos)
-        ctx = _Context(gate=opts["gate"], stride=stride)
+        ctx = _Context(gate=opts["gate"], stride=stride, stage=stage)
         chains = self.expand(stmt.body, scope, ctx)
         in_shape = self.shape
         built = []
@@ -337,20 +427,22 @@ class Compiler:
         (first, parts0), _ = built[0]
         for ((b, parts), pos) in built[1:]:
             if b.out_shape != first.out_shape:
-                raise self.error(f"parallel blocks are summed, so their outputs must match: "
-                                 f"{first.label} gives {first.out_shape}, {b.label} gives {b.out_shape}", pos)
+                raise self.error(f"parallel blocks are summed, so their outputs must match: {first.label} "
+                                 f"gives {_describe(first.out_shape)}, {b.label} gives {_describe(b.out_shape)}",
+                                 pos)
             if (parts.shortcut, [o.attrs for o in parts.post]) != (parts0.shortcut, [o.attrs for o in parts0.post]):
                 raise self.error(f"parallel blocks share the layer's shortcut and post-activation, so "
                                  f"{first.label} and {b.label} must agree on them", pos)
         blocks = [b for (b, _), _ in built]
         out_shape = first.out_shape
         shortcut, post = parts0.shortcut, tuple(parts0.post)
-        all_mbconv = all(b.kind == "mbconv" for b in blocks)
+        all_mbconv = all(b.kind == "mbconv" and b.args.get("stride") == 1 for b in blocks)
         if shortcut is None and (opts["residual"] == "on" or
                                  (opts["residual"] == "auto" and all_mbconv and in_shape == out_shape)):
             if in_shape != out_shape:
-                raise self.error(f"residual add of unequal shapes: the layer's input is {in_shape}, "
-                                 f"its output {out_shape}", stmt.pos)
+                option = next((a for a in stmt.options if a.name == "residual"), None)
+                raise self.error(f"residual add of unequal shapes: the layer's input is {_describe(in_shape)}, "
+                                 f"its output {_describe(out_shape)}", option.pos if option else stmt.pos)
             shortcut = Shortcut()
         elif opts["residual"] == "off":
             shortcut = None
@@ -362,7 +454,12 @@ class Compiler:
         out = []
         for alt in body.alternatives:
             for bound in self.comprehend(alt.comprehensions, scope):
-                out.extend(self.expand_chain(alt.chain, bound, ctx, alt.pos))
+                chains = self.expand_chain(alt.chain, bound, ctx, alt.pos)
+                self.ops_expanded += sum(max(1, len(calls)) for calls, _, _ in chains)
+                if self.ops_expanded > MAX_OPS:
+                    raise self.error(f"the network is too large: more than {MAX_OPS:,} ops after expanding "
+                                     f"defs, stages and `for`s", alt.pos)
+                out.extend(chains)
         if not out:
             raise self.error("this layer has no blocks (an empty `for` range?)", body.pos)
         return out
@@ -388,7 +485,7 @@ class Compiler:
                 if ctx.depth >= MAX_DEF_DEPTH:
                     raise self.error(f"defs nested too deeply (is '{call.name}' recursive?)", call.pos)
                 values = self.bind_def(d, call, scope)
-                sub = self.expand(d.body, values, _Context(ctx.gate, ctx.stride, ctx.depth + 1))
+                sub = self.expand(d.body, values, _Context(ctx.gate, ctx.stride, ctx.depth + 1, stage=ctx.stage))
                 if len(sub) > 1 and len(chain) > 1:
                     raise self.error(f"'{call.name}' has {len(sub)} parallel blocks, so it cannot be "
                                      f"chained with other ops; put it in a layer of its own", call.pos)
@@ -399,7 +496,10 @@ class Compiler:
                 results = [(calls + [(call, scope)], p or call.pos) for calls, p in results]
             else:
                 known = set(BUILTINS) | set(self.defs)
-                raise self.error(f"unknown op '{call.name}'{did_you_mean(call.name, known)}", call.pos)
+                hint = did_you_mean(call.name, known)
+                if not hint and call.name in scope.names():
+                    hint = f" ('{call.name}' is a value, not an op)"
+                raise self.error(f"unknown op '{call.name}'{hint}", call.pos)
         return [(calls, None, p or pos) for calls, p in results]
 
     def bind_def(self, d: ast.Define, call: ast.Call, scope: _Scope) -> _Scope:
@@ -414,7 +514,9 @@ class Compiler:
             if a.name is None:
                 raise self.error("positional argument after a keyword argument", a.pos)
             if a.name not in d.params:
-                raise self.error(f"unknown argument '{a.name}' for {d.name}{did_you_mean(a.name, d.params)}", a.pos)
+                hint = did_you_mean(a.name, d.params) or (f" ({d.name} takes {', '.join(d.params)})" if d.params
+                                                          else f" ({d.name} takes no arguments)")
+                raise self.error(f"unknown argument '{a.name}' for {d.name}{hint}", a.pos)
             values[a.name] = self.eval(a.value, scope)
         missing = [p for p in d.params if p not in values]
         if missing:
@@ -438,19 +540,29 @@ class Compiler:
                 raise self.error(f"{(composite or builtin).name} is a whole block and cannot be chained "
                                  f"with other ops; put it in a layer of its own", call.pos)
             a = self.bind(call.name, builtin.args, call.args, scope, call.pos)
-            if pending_stride is not None and builtin.has_stride:
+            from_stage = pending_stride is not None and builtin.has_stride
+            if from_stage:
                 a["stride"], pending_stride = pending_stride, None
             lo.gate = ctx.gate and a.get("gate", True)
             try:
                 parts = builtin.lower(lo, a)
-            except (ShapeError, ValueError) as exc:
-                raise self.error(str(exc), call.pos) from None
+            except (ShapeError, ValueError, ArithmeticError) as exc:
+                note = f" (stride={a['stride']} comes from stage '{ctx.stage}')" if from_stage else ""
+                message = str(exc) if str(exc).startswith(call.name) else f"{call.name}: {exc}"
+                raise self.error(message + note, call.pos) from None
+            for op in (*parts.ops, *(parts.shortcut.ops if parts.shortcut else ()), *parts.post):
+                if op.out_shape.channels > MAX_SIZE:
+                    raise self.error(f"{call.name}: {op.out_shape.channels:,} channels is more than the limit "
+                                     f"of {MAX_SIZE:,}", call.pos)
             ops.extend(parts.ops)
             shortcut, post = parts.shortcut, parts.post
             if builtin.composite:
                 composite = builtin
             labels.append(_label(call.name, a, builtin))
             args_out = a
+        if pending_stride is not None:
+            raise self.error(f"stage '{ctx.stage}' has stride={pending_stride}, but this block has no op "
+                             f"that takes a stride (conv, dwconv, a pooling or a composite block)", pos)
         out_shape = ops[-1].out_shape
         kind = composite.name if composite else ("chain" if len(chain) > 1 else chain[0][0].name)
         block = Block(name, kind, " > ".join(labels), tuple(ops), in_shape, out_shape,
@@ -478,6 +590,10 @@ class _UserFunction:
             raise self.compiler.error(f"{self.stmt.name}() needs argument '{missing[0]}'", expr.pos)
         if self.depth >= MAX_DEF_DEPTH:
             raise self.compiler.error(f"'{self.stmt.name}' calls itself too deeply", expr.pos)
+        self.compiler.function_calls += 1
+        if self.compiler.function_calls > MAX_FUNCTION_CALLS:
+            raise self.compiler.error(f"too many function calls (more than {MAX_FUNCTION_CALLS:,}; "
+                                      f"exponential recursion?)", expr.pos)
         self.depth += 1
         try:
             return self.compiler.eval(self.stmt.value, self.scope.child(values))
@@ -489,6 +605,15 @@ _BINOPS = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
     "//": lambda a, b: a // b, "%": lambda a, b: a % b, "**": lambda a, b: a ** b,
 }
+
+
+_TOO_LARGE = f"number too large (the limit is 1e{len(str(MAX_NUMBER)) - 1})"
+
+
+def _describe(shape: Shape) -> str:
+    if shape.is_flat:
+        return f"a vector of {shape.channels}"
+    return f"{shape.channels} channels at {shape.height}x{shape.width}"
 
 
 def _show(value) -> str:

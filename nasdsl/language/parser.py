@@ -1,10 +1,11 @@
 """Text -> typed AST, through the Lark grammar in space.lark."""
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from nasdsl.errors import NasdslError
@@ -12,18 +13,28 @@ from nasdsl.language import ast
 
 GRAMMAR = Path(__file__).with_name("space.lark")
 
-# What the user typed, for "expected ..." messages, instead of Lark's terminal names.
-_TERMINAL_TEXT = {
-    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
-    "COMMA": "','", "EQUAL": "'='", "VBAR": "'|'", "MORETHAN": "'>'", "NAME": "a name",
-    "NUMBER": "a number", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'",
-    "__ANON_0": "'//'", "__ANON_1": "'**'", "PERCENT": "'%'", "$END": "end of file",
-}
+MAX_NESTING = 100          # levels of brackets, operators and unary signs in one statement
+MAX_NUMBER = 10 ** 18      # the largest magnitude a number may have, in the source or computed
+
+# Groups of terminals that "expected ..." messages name as one thing.
+_OPERATORS = {"+", "-", "*", "/", "//", "%", "**"}
+_STATEMENTS = {"PARAM", "LET", "DEF", "LAYER", "STAGE"}
 
 
 @lru_cache(maxsize=1)
 def _lark() -> Lark:
-    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                start=["start", "setting"])
+
+
+@lru_cache(maxsize=1)
+def _terminal_text() -> dict[str, str]:
+    """What the user typed for each terminal, for "expected ..." messages, instead of Lark's names."""
+    text = {"NAME": "a name", "NUMBER": "a number", "$END": "end of file"}
+    for t in _lark().terminals:
+        if t.name not in text and t.pattern.type == "str":
+            text[t.name] = repr(t.pattern.value)
+    return text
 
 
 def _pos(meta) -> ast.Pos:
@@ -38,21 +49,31 @@ def _tok_pos(tok: Token) -> ast.Pos:
 class _ToAst(Transformer):
     """Builds typed nodes bottom-up, as in Lark's calculator example."""
 
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
     def start(self, meta, children):
         return children[0], tuple(children[1:])
 
     def header(self, meta, c):
         return ast.Header(str(c[0]), tuple(c[1] or ()), _pos(meta))
 
+    def setting(self, meta, c):
+        return c[0]
+
     def param(self, meta, c):
-        return ast.Param(str(c[0]), c[1], True, _pos(meta))
+        return ast.Param(str(c[0]), c[1], True, _tok_pos(c[0]))
 
     def let(self, meta, c):
         name, params, value = c
-        return ast.Param(str(name), value, False, _pos(meta), tuple(params) if params is not None else None)
+        return ast.Param(str(name), value, False, _tok_pos(name), tuple(params) if params is not None else None)
+
+    def formals(self, meta, c):
+        return list(c[0] or ())
 
     def define(self, meta, c):
-        return ast.Define(str(c[0]), tuple(c[1] or ()), c[2], _pos(meta))
+        return ast.Define(str(c[0]), tuple(c[1] or ()), c[2], _tok_pos(c[0]))
 
     def names(self, meta, c):
         return [str(t) for t in c]
@@ -93,9 +114,17 @@ class _ToAst(Transformer):
 
     # expressions
     def number(self, meta, c):
-        text = str(c[0])
-        value = float(text) if any(ch in text for ch in ".eE") else int(text)
-        return ast.Number(value, _tok_pos(c[0]))
+        tok = c[0]
+        text = str(tok)
+        if any(ch in text for ch in ".eE"):
+            value = float(text)
+        else:
+            digits = text.lstrip("0") or "0"
+            value = int(digits) if len(digits) <= 19 else math.inf  # no 4300-digit ValueError
+        if not abs(value) <= MAX_NUMBER:
+            raise self.error(f"number too large: {text if len(text) <= 20 else text[:17] + '...'} "
+                             f"(the limit is 1e18)", tok.line, tok.column)
+        return ast.Number(value, _tok_pos(tok))
 
     def name(self, meta, c):
         return ast.Name(str(c[0]), _tok_pos(c[0]))
@@ -143,39 +172,98 @@ class _ToAst(Transformer):
         return ast.Neg(c[0], _pos(meta))
 
 
-def _expected(exc: UnexpectedInput) -> str:
-    names = sorted({_TERMINAL_TEXT.get(t, f"'{t.lower()}'" if t.isupper() and len(t) < 10 else t)
-                    for t in getattr(exc, "expected", ()) or ()})
-    if not names:
+def _expected(names) -> str:
+    """' (expected ')' or ',')' from the terminals the parser would accept, operators and statement
+    keywords named as groups; '' when there are too many to be useful."""
+    text = _terminal_text()
+    names = set(names)
+    items = []
+    if names & _STATEMENTS == _STATEMENTS:
+        names -= _STATEMENTS | {"$END"}
+        items.append("a new statement")
+    ops = {n for n in names if text.get(n, "").strip("'") in _OPERATORS}
+    if len(ops) > 2:
+        names -= ops
+        items.append("an operator")
+    items = sorted(text.get(n, n) for n in names) + items
+    if not items or len(items) > 6:
         return ""
-    if len(names) > 6:
-        return ""
-    return " (expected " + ", ".join(names) + ")"
+    return " (expected " + (", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else items[0]) + ")"
+
+
+def _accepts(exc: UnexpectedInput) -> set[str]:
+    parser = getattr(exc, "interactive_parser", None)
+    if parser is not None:
+        try:
+            return set(parser.accepts())
+        except Exception:  # noqa: BLE001 - fall back to Lark's coarser set
+            pass
+    return set(getattr(exc, "expected", ()) or ())
+
+
+def _end_of_input(source: str) -> tuple[int, int]:
+    """Line and column just after the last character that is not whitespace or a comment."""
+    lines = source.split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        text = lines[i].split("#", 1)[0].rstrip(" \t\r\f")
+        if text:
+            return i + 1, len(text) + 1
+    return 1, 1
+
+
+def _check_nesting(tree, error) -> None:
+    """Refuse trees deeper than MAX_NESTING before the recursive transform and evaluation see them."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        if depth > MAX_NESTING:
+            meta = node.meta
+            raise error(f"too deeply nested (more than {MAX_NESTING} levels)",
+                        getattr(meta, "line", None), getattr(meta, "column", None))
+        stack.extend((child, depth + 1) for child in node.children)
+
+
+def _parse(source: str, file: str, start: str):
+    def error(message, line, column):
+        return NasdslError(message, file=file, line=line, column=column, source=source)
+
+    try:
+        tree = _lark().parse(source, start=start)
+    except UnexpectedCharacters as exc:
+        char = source[exc.pos_in_stream] if exc.pos_in_stream < len(source) else "end of file"
+        raise error(f"unexpected character {char!r}", exc.line, exc.column) from None
+    except UnexpectedToken as exc:
+        tok = exc.token
+        if tok.type == "$END":
+            accepts = _accepts(exc)
+            if start == "start" and accepts == {"SPACE"}:  # nothing but whitespace and comments
+                raise error("empty file: a space starts with `space NAME(...)`", 1, 1) from None
+            line, column = _end_of_input(source)
+            raise error("unexpected end of file" + _expected(accepts), line, column) from None
+        text = str(tok) if len(str(tok)) <= 20 else str(tok)[:17] + "..."
+        raise error(f"unexpected {text!r}" + _expected(_accepts(exc)), tok.line, tok.column) from None
+    except UnexpectedEOF as exc:
+        line, column = _end_of_input(source)
+        raise error("unexpected end of file" + _expected(_accepts(exc)), line, column) from None
+    except UnexpectedInput as exc:  # any other Lark input error
+        raise error("syntax error", getattr(exc, "line", None), getattr(exc, "column", None)) from None
+    _check_nesting(tree, error)
+    try:
+        return _ToAst(error).transform(tree)
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, NasdslError):
+            raise exc.orig_exc from None
+        raise error(f"invalid syntax: {exc.orig_exc}", None, None) from None
 
 
 def parse(source: str, file: str = "<string>") -> ast.Program:
     """Parse .space text; syntax errors become NasdslError with file, line and column."""
-    try:
-        header, statements = _ToAst().transform(_lark().parse(source))
-    except UnexpectedCharacters as exc:
-        char = source[exc.pos_in_stream] if exc.pos_in_stream < len(source) else "end of file"
-        raise NasdslError(f"unexpected character {char!r}", file=file, line=exc.line,
-                          column=exc.column, source=source) from None
-    except UnexpectedEOF as exc:
-        lines = source.splitlines() or [""]
-        raise NasdslError("unexpected end of file" + _expected(exc), file=file, line=len(lines),
-                          column=len(lines[-1]) + 1, source=source) from None
-    except UnexpectedToken as exc:
-        tok = exc.token
-        if tok.type == "$END":
-            lines = source.splitlines() or [""]
-            raise NasdslError("unexpected end of file" + _expected(exc), file=file, line=len(lines),
-                              column=len(lines[-1]) + 1, source=source) from None
-        raise NasdslError(f"unexpected {str(tok)!r}" + _expected(exc), file=file, line=tok.line,
-                          column=tok.column, source=source) from None
-    except UnexpectedInput as exc:  # any other Lark input error
-        raise NasdslError("syntax error", file=file, line=getattr(exc, "line", None),
-                          column=getattr(exc, "column", None), source=source) from None
-    except VisitError as exc:  # a malformed literal the lexer let through
-        raise NasdslError(f"invalid syntax: {exc.orig_exc}", file=file, source=source) from None
+    header, statements = _parse(source, file, "start")
     return ast.Program(header, statements, file=file, source=source)
+
+
+def parse_expr(text: str, file: str = "<string>") -> ast.Expr:
+    """Parse one expression, the value of a `--set NAME=VALUE`."""
+    return _parse(text, file, "setting")
