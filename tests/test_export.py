@@ -1,0 +1,396 @@
+"""Export: the standalone timm module, local-dir config, safetensors, ONNX, nasdsl.load, atomic writes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import nasdsl
+from nasdsl.errors import NasdslError
+from nasdsl.export import exporter
+from nasdsl.export.exporter import export_model
+from nasdsl.graph.ir import Op, Shape, Shortcut
+from nasdsl.language.compiler import compile_source
+from nasdsl.supernet.network import NasNet
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+TINY = """
+space tiny(input=3, resolution=32, classes=10)
+layer stem = conv(8, k=3, stride=2) > bn > relu
+layer a = conv(8, k=3) > bn > relu
+layer m = mbconv(8, k=3, e=3) | mbconv(8, k=5, e=2)
+layer r = basic(16, stride=2, shortcut=pad)
+layer classifier = gap > dropout(0.1) > linear(classes)
+"""
+
+INDEXED = """
+space idx(input=3, resolution=16, classes=7)
+layer stem = conv(6, k=3) > bn > relu
+layer m = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=1.5)
+layer r = basic(12, stride=2, shortcut=pad)
+layer classifier = gap > linear(classes)
+"""
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights and BN statistics, so no op is an identity and every index matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def _narrow(block, out: int, index: tuple):
+    """The block with its last conv (and what follows it) cut to `out` channels, placed at `index`."""
+    ops = list(block.ops)
+    last = max(i for i, op in enumerate(ops) if op.kind == "conv")
+    for i in range(last, len(ops)):
+        op = ops[i]
+        in_shape = op.in_shape if i == last else Shape(out, op.in_shape.size)
+        ops[i] = replace(op, in_shape=in_shape, out_shape=Shape(out, op.out_shape.size))
+    return replace(block, ops=tuple(ops), out_shape=Shape(out, block.out_shape.size), index=index)
+
+
+def _indexed_network():
+    """A derived-looking network: blocks narrower than their layer, placed by index maps, and a
+    shortcut that gathers channels (select) and lands on an index."""
+    net = compile_source(INDEXED)
+    stem, m, r, head = net.layers
+    assert m.shortcut is None and m.width == 8
+    select = Op("select", {"index": (0, 2, 3, 5)}, m.in_shape, Shape(4, m.in_shape.size))
+    m = replace(m, blocks=(_narrow(m.blocks[0], 5, (0, 1, 2, 3, 4)), _narrow(m.blocks[1], 6, (2, 3, 4, 5, 6, 7))),
+                shortcut=Shortcut((select,), (1, 3, 5, 7)))
+    r = replace(r, blocks=(_narrow(r.blocks[0], 10, tuple(range(1, 11))),))
+    return net.replace(layers=(stem, m, r, head))
+
+
+def _export(tmp: Path, network, name: str, seed: int, **kw):
+    model = _randomize(NasNet(network.to_config()), seed)
+    out = export_model(network, model.state_dict(), tmp / name, name, mean=MEAN, std=STD, **kw)
+    return out, model
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    net = compile_source(TINY)
+    out, model = _export(tmp_path_factory.mktemp("exp"), net, "nasdsl_tiny_test", 0,
+                         space_text="space tiny_slim(input=3, resolution=32, classes=10)\n", onnx=HAS_ORT)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    return out, model, x, ref
+
+
+@pytest.fixture(scope="module")
+def registered(tiny):
+    out, model, x, ref = tiny
+    from nasdsl.export.timm import register
+    return register(out)
+
+
+def test_folder_layout(tiny):
+    out, model, _, _ = tiny
+    name = "nasdsl_tiny_test"
+    files = {p.name for p in out.iterdir()}
+    assert {f"{name}.py", "model.safetensors", "config.json", f"{name}.space"} <= files
+    assert (f"{name}.onnx" in files) == HAS_ORT
+    if HAS_ORT:
+        info = json.loads((out / "config.json").read_text())["nasdsl"]["onnx"]
+        assert info["file"] == f"{name}.onnx" and info["max_abs_diff"] <= 1e-4
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]   # no temp folders left
+    module = (out / f"{name}.py").read_text()
+    source = Path(sys.modules[NasNet.__module__].__file__).read_text()
+    assert module.startswith(source.rstrip("\n"))                               # network.py verbatim
+    assert "import nasdsl" not in module and "from nasdsl" not in module
+    assert "@register_model\ndef nasdsl_tiny_test(pretrained=False, **kwargs):" in module
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == name and cfg["num_classes"] == 10 and cfg["num_features"] == 16
+    assert cfg["model_args"]["config"] == json.loads(json.dumps(compile_source(TINY).to_config()))
+    pc = cfg["pretrained_cfg"]
+    assert pc["input_size"] == [3, 32, 32] and pc["mean"] == list(MEAN) and pc["std"] == list(STD)
+    assert pc["first_conv"] == "layers.0.blocks.0.ops.0" and pc["classifier"] == "classifier"
+    assert pc["pool_size"] == [8, 8] and pc["num_classes"] == 10
+    state = model.state_dict()
+    assert state[pc["first_conv"] + ".weight"].shape[1] == 3
+    assert "classifier.weight" in state
+    assert (out / f"{name}.space").read_text().startswith("space tiny_slim")
+
+
+def test_local_dir_without_nasdsl(tiny, tmp_path):
+    """A fresh interpreter with only torch and timm: local-dir and the registered name both load the weights."""
+    out, model, x, ref = tiny
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(out)!r})
+        import torch, timm
+        import nasdsl_tiny_test
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        a = timm.create_model("local-dir:{out}", pretrained=True).eval()
+        b = timm.create_model("nasdsl_tiny_test", pretrained=True).eval()
+        with torch.no_grad():
+            torch.save((a(x), b(x), a.pretrained_cfg), {str(tmp_path / 'y.pt')!r})
+        assert "nasdsl" not in sys.modules, [m for m in sys.modules if m.startswith("nasdsl")]
+        assert not any(m.startswith("nasdsl.") for m in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b, cfg = torch.load(tmp_path / "y.pt", weights_only=False)
+    assert _close(a, ref) and _close(b, ref)
+    assert cfg["source"] == "local-dir" and tuple(cfg["mean"]) == MEAN
+
+
+def test_register_then_create_pretrained(tiny, registered):
+    import timm
+
+    out, model, x, ref = tiny
+    assert registered == "nasdsl_tiny_test"
+    m = timm.create_model(registered, pretrained=True).eval()
+    with torch.no_grad():
+        assert _close(m(x), ref)
+    assert Path(m.pretrained_cfg["file"]) == (out / "model.safetensors").resolve()
+    assert tuple(m.pretrained_cfg["mean"]) == MEAN and tuple(m.pretrained_cfg["std"]) == STD
+    data = timm.data.resolve_data_config({}, model=m)
+    assert data["input_size"] == (3, 32, 32) and data["mean"] == MEAN
+    # a new head: the body loads, the classifier is fresh (timm drops it when num_classes differs)
+    m5 = timm.create_model(registered, pretrained=True, num_classes=5).eval()
+    with torch.no_grad():
+        assert m5(x).shape == (4, 5)
+        assert _close(m5.forward_head(m5.forward_features(x), pre_logits=True),
+                      model.forward_head(model.forward_features(x), pre_logits=True))
+    # registering again (same process) replaces the entry quietly
+    from nasdsl.export.timm import register
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert register(out) == registered
+
+
+def test_nasdsl_load(tiny, tmp_path):
+    out, model, x, ref = tiny
+    loaded = nasdsl.load(out)
+    assert not loaded.training
+    with torch.no_grad():
+        assert _close(loaded(x), ref)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text("a run folder\n")
+    shutil.copytree(out, run / "model")
+    with torch.no_grad():
+        assert _close(nasdsl.load(run)(x), ref)
+        assert _close(nasdsl.load(str(run))(x), ref)
+
+
+def test_timm_model_api(tiny, registered):
+    import timm
+
+    out, model, x, ref = tiny
+    m = timm.create_model(registered, pretrained=True).eval()
+    assert m.num_classes == 10 and m.num_features == 16
+    assert m.get_classifier() is m.classifier
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        assert feats.shape == (4, 16, 8, 8)
+        assert m.forward_head(feats, pre_logits=True).shape == (4, m.num_features)
+        m.reset_classifier(5)
+        assert m.num_classes == 5 and m(x).shape == (4, 5)
+        m.reset_classifier(0)
+        assert m(x).shape == (4, 16)
+
+
+def test_torchscript_and_fx(tiny, registered):
+    import timm
+
+    out, model, x, ref = tiny
+    m = timm.create_model(registered, pretrained=True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch.jit.script is deprecated, still supported
+        scripted = torch.jit.script(m)
+    traced = torch.fx.symbolic_trace(m)
+    with torch.no_grad():
+        assert _close(scripted(x), ref)
+        assert _close(traced(x), ref)
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed")
+def test_onnx_matches(tiny):
+    import onnxruntime as ort
+
+    out, model, x, ref = tiny
+    session = ort.InferenceSession(str(out / "nasdsl_tiny_test.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "input"
+    for batch in (4, 1):
+        (y,) = session.run(["logits"], {"input": x[:batch].numpy()})
+        assert abs(torch.from_numpy(y) - ref[:batch]).max() <= 1e-4
+
+
+def test_index_maps(tmp_path):
+    """Blocks narrower than their layer and a selecting shortcut survive timm, TorchScript, fx and ONNX."""
+    import timm
+    from nasdsl.export.timm import register
+
+    net = _indexed_network()
+    out, model = _export(tmp_path, net, "nasdsl_indexed_test", 2, onnx=HAS_ORT)
+    arch = json.loads((out / "config.json").read_text())["model_args"]["config"]
+    assert arch["layers"][1]["blocks"][1]["index"] == [2, 3, 4, 5, 6, 7]
+    assert arch["layers"][1]["shortcut"]["index"] == [1, 3, 5, 7]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+        name = register(out)
+        m = timm.create_model(name, pretrained=True).eval()
+        assert _close(m(x), ref)
+        assert _close(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x), ref)
+        assert _close(nasdsl.load(out)(x), ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            assert _close(torch.jit.script(m)(x), ref)
+        assert _close(torch.fx.symbolic_trace(m)(x), ref)
+    if HAS_ORT:
+        import onnxruntime as ort
+        session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        (y,) = session.run(["logits"], {"input": x.numpy()})
+        assert abs(torch.from_numpy(y) - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["1net", "my-net", "net.v2", "", "class", "json", "torch", "NasNet", "default_cfgs",
+                                  "resnet18", "ñet"])
+def test_bad_name(tmp_path, name):
+    net = compile_source(TINY)
+    state = NasNet(net.to_config()).state_dict()
+    with pytest.raises(NasdslError) as err:
+        export_model(net, state, tmp_path / "out", name, mean=MEAN, std=STD)
+    assert "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_inputs(tmp_path):
+    net = compile_source(TINY)
+    state = NasNet(net.to_config()).state_dict()
+    with pytest.raises(NasdslError, match="mean"):
+        export_model(net, state, tmp_path / "out", "ok_name", mean=(0.5, 0.5), std=STD)
+    with pytest.raises(NasdslError, match="state dict does not fit"):
+        export_model(net, {k: v for k, v in list(state.items())[1:]}, tmp_path / "out", "ok_name", mean=MEAN, std=STD)
+    assert not any(tmp_path.iterdir())
+
+
+def test_corrupt_files(tiny, tmp_path):
+    from nasdsl.export.timm import register
+
+    out = tiny[0]
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    for fn in (register, nasdsl.load):
+        with pytest.raises(NasdslError, match="corrupt weights") as err:
+            fn(bad)
+        assert "model.safetensors" in str(err.value) and "\n" not in str(err.value)
+    weights.unlink()
+    with pytest.raises(NasdslError, match="missing weights") as err:
+        nasdsl.load(bad)
+    assert "model.safetensors" in str(err.value)
+    (bad / "config.json").write_text("{not json")
+    for fn in (register, nasdsl.load):
+        with pytest.raises(NasdslError, match="corrupt config") as err:
+            fn(bad)
+        assert "config.json" in str(err.value)
+    with pytest.raises(NasdslError, match="no such"):
+        nasdsl.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NasdslError, match="not a nasdsl export"):
+        nasdsl.load(tmp_path / "empty")
+
+
+def test_overwrite_and_atomicity(tmp_path, monkeypatch):
+    net = compile_source(TINY)
+    model = _randomize(NasNet(net.to_config()), 5)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(NasdslError, match="refusing to overwrite") as err:
+        export_model(net, model.state_dict(), target, "tiny_a", mean=MEAN, std=STD)
+    assert "\n" not in str(err.value)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+    (target / "notes.txt").unlink()          # an empty folder is fine
+    export_model(net, model.state_dict(), target, "tiny_a", mean=MEAN, std=STD, space_text="space a()")
+    model_b = _randomize(NasNet(net.to_config()), 6)
+    export_model(net, model_b.state_dict(), target, "tiny_b", mean=MEAN, std=STD)   # replaces an export
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tiny_b.py"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _close(nasdsl.load(target)(x), model_b(x))
+
+    # a failing export leaves the previous one as it was and no temp folder behind
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    monkeypatch.setattr(exporter, "_save_weights", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        export_model(net, model.state_dict(), target, "tiny_c", mean=MEAN, std=STD)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed")
+def test_onnx_dynamo_fallback_and_mismatch(tmp_path, monkeypatch):
+    """The dynamo exporter takes over when the TorchScript one fails; a mismatch of both is an error."""
+    net = compile_source(TINY)
+    model = _randomize(NasNet(net.to_config()), 7)
+    real = exporter._run_onnx_export
+
+    def no_torchscript(model, file, input_size, kind):
+        if kind == "torchscript":
+            raise RuntimeError("pretend the TorchScript exporter is gone")
+        return real(model, file, input_size, kind)
+
+    monkeypatch.setattr(exporter, "_run_onnx_export", no_torchscript)
+    out = export_model(net, model.state_dict(), tmp_path / "dyn", "tiny_dyn", mean=MEAN, std=STD, onnx=True)
+    info = json.loads((out / "config.json").read_text())["nasdsl"]["onnx"]
+    assert info["exporter"] == "dynamo" and info["file"] == "tiny_dyn.onnx" and info["max_abs_diff"] <= 1e-4
+    assert (out / "tiny_dyn.onnx").is_file()
+
+    monkeypatch.setattr(exporter, "_run_onnx_export", real)
+    monkeypatch.setattr(exporter, "ONNX_TOLERANCE", -1.0)
+    with pytest.raises(NasdslError, match="ONNX export failed: torchscript exporter: max .* dynamo exporter: max"):
+        export_model(net, model.state_dict(), tmp_path / "bad", "tiny_onnx", mean=MEAN, std=STD, onnx=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn"]
+
+
+def test_import_nasdsl_is_light():
+    script = textwrap.dedent("""
+        import sys, nasdsl
+        assert "torch" not in sys.modules, "import nasdsl imported torch"
+        assert callable(nasdsl.load) and nasdsl.load.__module__ == "nasdsl.export.load"
+        try:
+            nasdsl.nothing
+        except AttributeError:
+            pass
+        else:
+            raise SystemExit("nasdsl.nothing exists")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
