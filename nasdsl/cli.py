@@ -14,7 +14,8 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise NasdslError("expected NAME=VALUE, like --set width=0.5", file=f"--set {pair}")
+            raise NasdslError("expected NAME=VALUE, like --set width=0.5",
+                              file=f"--set {pair if pair.isprintable() else repr(pair)}")
         out[name.strip()] = value.strip()
     return out
 

@@ -41,10 +41,10 @@ GOLDEN = [
      """t.space:2:11: unexpected '}' (expected 'layer')
     stage s { }
               ^"""),
-    ("syntax: missing '>'", H + "layer a = conv(8) bn\n" + T,
-     """t.space:2:19: unexpected 'bn' (expected '>', 'for', '|' or a new statement)
-    layer a = conv(8) bn
-                      ^"""),
+    ("syntax: missing operator", H + "param x = 1 y\n" + T,
+     """t.space:2:13: unexpected 'y' (expected a new statement or an operator)
+    param x = 1 y
+                ^"""),
     ('syntax: two numbers', H + "layer a = conv(8, k=3 5)\n" + T,
      """t.space:2:23: unexpected '5' (expected ')', ',' or an operator)
     layer a = conv(8, k=3 5)
@@ -181,6 +181,22 @@ GOLDEN = [
      """t.space:1:29: resolution must be an integer, got 7.5
     space t(input=3, resolution=7.5)
                                 ^"""),
+    ('type: arguments to a function that takes none', H + "let f() = 1\nparam x = f(2)\n" + T,
+     """t.space:3:11: f() takes no arguments
+    param x = f(2)
+              ^"""),
+    ('type: missing argument of a builtin function', H + "param x = make_divisible()\n" + T,
+     """t.space:2:11: make_divisible() missing 1 required positional argument: 'v'
+    param x = make_divisible()
+              ^"""),
+    ('type: bad argument of a builtin function', H + "param x = round(2.5, 0.5)\n" + T,
+     """t.space:2:11: round(): ndigits must be an integer between -30 and 30, got 0.5
+    param x = round(2.5, 0.5)
+              ^"""),
+    ('shape: one channel', H + "layer a = conv(1)\n",
+     """t.space:2:1: the network must end with 10 class scores (classes=10), but its output is 1 channel at 8x8; end it with gap > linear(classes)
+    layer a = conv(1)
+    ^"""),
     ('undefined parameter', H + "param width = 1\nlayer a = conv(8 * widht)\n" + T,
      """t.space:3:20: undefined parameter 'widht' (did you mean 'width'?)
     layer a = conv(8 * widht)
@@ -317,6 +333,18 @@ GOLDEN = [
      """t.space:3:1: layer 'a' is already defined
     layer a = relu
     ^"""),
+    ('duplicate block name', H + "layer a = conv(8) > bn | conv(8) > bn\nlayer a.b0 = conv(8) > bn\n" + T,
+     """t.space:3:1: layer name 'a.b0' is taken by a block of layer 'a'
+    layer a.b0 = conv(8) > bn
+    ^"""),
+    ('duplicate block name, the other way', H + "layer a.b1 = relu\nlayer a = relu | relu\n" + T,
+     """t.space:3:1: layer 'a' names a block 'a.b1', but that name is taken by layer 'a.b1'
+    layer a = relu | relu
+    ^"""),
+    ('layer named input', H + "layer input = relu\n" + T,
+     """t.space:2:1: 'input' names the network's input; give the layer another name
+    layer input = relu
+    ^"""),
     ('duplicate def', H + "def f(c) = conv(c)\ndef f(c) = conv(c)\n" + T,
      """t.space:3:5: 'f' is already defined
     def f(c) = conv(c)
@@ -382,6 +410,15 @@ def test_every_located_error_has_its_caret_under_the_column():
             src_line = source.split("\n")[line - 1].rstrip("\r")
             assert caret.index("^") == column - 1
             assert src_line[column - 1:].replace("\t", " ").replace("\f", " ").startswith(text[column - 1:].rstrip())
+
+
+def test_missing_chain_operator():
+    with pytest.raises(NasdslError) as exc:
+        compile_source(H + "layer a = conv(8) bn\n" + T, "t.space")
+    head, line, caret = str(exc.value).split("\n")
+    assert head.startswith("t.space:2:19: unexpected 'bn' (expected '>', ") and "'|'" in head
+    assert head.endswith(" or a new statement)")
+    assert (line, caret) == ("    layer a = conv(8) bn", "                      ^")
 
 
 def test_error_attributes():

@@ -116,6 +116,7 @@ class Compiler:
         self.defs: dict[str, ast.Define] = {}
         self.layers: list[Layer] = []
         self.layer_names: set[str] = set()
+        self.block_names: dict[str, str] = {}   # block name -> its layer: names are gate keys and graph nodes
         self.shape: Shape | None = None
         self.eval_depth = 0         # nesting of eval(), bounded by MAX_EVAL_DEPTH
         self.function_calls = 0     # `let` function calls, bounded by MAX_FUNCTION_CALLS
@@ -172,8 +173,8 @@ class Compiler:
                 self.defs[stmt.name] = stmt
 
         for name, text in self.overrides.items():
-            setting = f"--set {name}={text}"
-            if name in params and name not in overridable:
+            setting = _setting(name, text)
+            if (name in params and name not in overridable) or isinstance(scope.values.get(name), _UserFunction):
                 raise NasdslError(f"'{name}' is a `let`, computed in {self.program.file}; only a `param` or "
                                   f"input, resolution, classes can be set", file=setting)
             raise NasdslError(f"unknown parameter '{name}' in {self.program.file}"
@@ -201,7 +202,7 @@ class Compiler:
         if name not in self.overrides:
             return default
         text = self.overrides.pop(name)
-        setting = f"--set {name}={text}"
+        setting = _setting(name, text)
         try:
             value = self.eval(parse_expr(text, setting), _Scope(dict(FUNCTIONS)))
         except NasdslError as exc:
@@ -289,7 +290,9 @@ class Compiler:
             except OverflowError:
                 raise self.error(f"{expr.func}(): {_TOO_LARGE}", expr.pos) from None
             except (TypeError, ValueError, ArithmeticError) as exc:
-                raise self.error(f"{expr.func}(): {exc}", expr.pos) from None
+                message = str(exc).replace(f"{getattr(func, '__name__', '')}()", f"{expr.func}()")
+                message = message if message.startswith(f"{expr.func}()") else f"{expr.func}(): {message}"
+                raise self.error(message, expr.pos) from None
         raise self.error("invalid expression", getattr(expr, "pos", None))  # pragma: no cover
 
     def checked(self, value, pos):
@@ -415,6 +418,10 @@ class Compiler:
               stage: str | None = None) -> None:
         if name in self.layer_names:
             raise self.error(f"layer '{name}' is already defined", stmt.pos)
+        if name == "input":
+            raise self.error("'input' names the network's input; give the layer another name", stmt.pos)
+        if name in self.block_names:
+            raise self.error(f"layer name '{name}' is taken by a block of layer '{self.block_names[name]}'", stmt.pos)
         self.layer_names.add(name)
         opts = self.bind(f"layer {name}", self.LAYER_OPTIONS, stmt.options, scope, stmt.pos)
         ctx = _Context(gate=opts["gate"], stride=stride, stage=stage)
@@ -434,6 +441,11 @@ class Compiler:
                 raise self.error(f"parallel blocks share the layer's shortcut and post-activation, so "
                                  f"{first.label} and {b.label} must agree on them", pos)
         blocks = [b for (b, _), _ in built]
+        for b in blocks:
+            if b.name != name and (b.name in self.layer_names or b.name in self.block_names):
+                raise self.error(f"layer '{name}' names a block '{b.name}', but that name is taken by layer "
+                                 f"'{self.block_names.get(b.name, b.name)}'", stmt.pos)
+        self.block_names.update((b.name, name) for b in blocks)
         out_shape = first.out_shape
         shortcut, post = parts0.shortcut, tuple(parts0.post)
         all_mbconv = all(b.kind == "mbconv" and b.args.get("stride") == 1 for b in blocks)
@@ -583,7 +595,8 @@ class _UserFunction:
     def call(self, args: list, kwargs: dict, expr: ast.FunCall):
         names = self.stmt.params
         if len(args) > len(names) or set(kwargs) - set(names):
-            raise self.compiler.error(f"{self.stmt.name}() takes arguments ({', '.join(names)})", expr.pos)
+            takes = f"arguments ({', '.join(names)})" if names else "no arguments"
+            raise self.compiler.error(f"{self.stmt.name}() takes {takes}", expr.pos)
         values = dict(zip(names, args), **kwargs)
         missing = [n for n in names if n not in values]
         if missing:
@@ -610,10 +623,16 @@ _BINOPS = {
 _TOO_LARGE = f"number too large (the limit is 1e{len(str(MAX_NUMBER)) - 1})"
 
 
+def _setting(name: str, text: str) -> str:
+    """`--set NAME=VALUE` as the user typed it, escaped if it holds a newline or another control character."""
+    pair = f"{name}={text}"
+    return f"--set {pair if pair.isprintable() else repr(pair)}"
+
+
 def _describe(shape: Shape) -> str:
     if shape.is_flat:
         return f"a vector of {shape.channels}"
-    return f"{shape.channels} channels at {shape.height}x{shape.width}"
+    return f"{shape.channels} channel{'s' if shape.channels != 1 else ''} at {shape.height}x{shape.width}"
 
 
 def _show(value) -> str:

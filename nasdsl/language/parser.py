@@ -186,7 +186,7 @@ def _expected(names) -> str:
         names -= ops
         items.append("an operator")
     items = sorted(text.get(n, n) for n in names) + items
-    if not items or len(items) > 6:
+    if not items or len(items) > 8:
         return ""
     return " (expected " + (", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else items[0]) + ")"
 
