@@ -50,12 +50,12 @@ def check(source: str, overrides: dict | None = None):
 
 
 # ---- random text -----------------------------------------------------------------------------------
-LANGUAGE_CHARS = "abcdefgklmnoprstuvxy_0123456789 \n\t()[]{}=,|>+-*/%#.eE"
+LANGUAGE_CHARS = "abcdefgklmnoprstuvxy_0123456789 \n\t()[]{}=,|>+-*/%#.eE@"
 TOKENS = ["space", "param", "let", "def", "layer", "stage", "for", "in", "(", ")", "[", "]", "{", "}", "=", ",",
           "|", ">", "+", "-", "*", "/", "//", "%", "**", "#", "\n", " ", "0", "1", "3", "8", "2.5", "1e9",
           "99999999999999999999", "x", "classes", "width", *BUILTINS, *FUNCTIONS, "on", "off", "relu6",
           "gate", "residual", "repeat", "stride", "k", "e", "out", "mid", "shortcut", "pad", "\r", "\f", "\x00",
-          "é", "\u2028", "\x85"]
+          "é", "\u2028", "\x85", "residual", "then", "@", "@ [0, 1]", "select([0])", "subsample"]
 
 
 @fuzz(150)
