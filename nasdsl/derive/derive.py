@@ -208,8 +208,16 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         width = len(out_layout)
         post = tuple(Op(op.kind, op.attrs, _shape(op.in_shape, width), _shape(op.out_shape, width)) for op in layer.post)
         post_plan = [OpPlan((li, "post", k), out_layout, out_layout) for k in range(len(post))]
-        layers.append(Layer(layer.name, tuple(blocks), _shape(layer.in_shape, len(layout)),
-                            _shape(layer.out_shape, width), shortcut, post))
+        in_shape, out_shape = _shape(layer.in_shape, len(layout)), _shape(layer.out_shape, width)
+        if not blocks:  # every block vanished: what is left is the shortcut (and the ops after it)
+            if not shortcut.ops and not post:
+                notes.append(f"layer {layer.name}: every block was pruned; the layer is an identity and was removed")
+                layout = out_layout
+                continue
+            notes.append(f"layer {layer.name}: every block was pruned; only its shortcut remains")
+            blocks = [Block(layer.name, "shortcut", "shortcut", (*shortcut.ops, *post), in_shape, out_shape)]
+            block_plans, shortcut, post, sc_plan, post_plan = [sc_plan + post_plan], None, (), [], []
+        layers.append(Layer(layer.name, tuple(blocks), in_shape, out_shape, shortcut, post))
         plans.append({"blocks": block_plans, "shortcut": sc_plan, "post": post_plan})
         layout = out_layout
     slim = replace(net, layers=tuple(layers))

@@ -83,6 +83,7 @@ class Alternative:
     chain: tuple[Call, ...]
     comprehensions: tuple[Comprehension, ...]
     pos: Pos
+    placement: "Expr | None" = None   # `@ [...]`: the layer channels this block writes
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,21 @@ class Define:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """`residual [chain] [@ index]`: an explicit shortcut; no chain means identity."""
+    chain: tuple[Call, ...]
+    placement: "Expr | None"
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Layer:
     name: str | None
     options: tuple[Argument, ...]
     body: Blocks
     pos: Pos
+    residual: Residual | None = None
+    then: tuple[Call, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ call to primitive ops with shape inference, and validates the result. Errors car
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nasdsl.errors import NasdslError, did_you_mean
@@ -370,6 +370,12 @@ class Compiler:
 
     def check_type(self, op: str, spec: Arg, value, expr, scope):
         what = f"{op}: {spec.name}"
+        if spec.type == "index":
+            if not isinstance(value, tuple) or not value or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                raise self.error(f"{what} expects a list of channel indices like [0, 2, 5], got {_show(value)}",
+                                 expr.pos)
+            return value
         if spec.type == "bool":
             if isinstance(value, bool):
                 return value
@@ -428,12 +434,15 @@ class Compiler:
         chains = self.expand(stmt.body, scope, ctx)
         in_shape = self.shape
         built = []
-        for i, (chain, chain_scope, pos) in enumerate(chains):
+        for i, (chain, placement, pos) in enumerate(chains):
             block_name = name if len(chains) == 1 else f"{name}.b{i}"
-            built.append((self.block(block_name, chain, chain_scope, ctx, in_shape, pos), pos))
+            block, parts = self.block(block_name, chain, None, ctx, in_shape, pos)
+            if placement is not None:
+                block = replace(block, index=self.index(placement, block.out_shape.channels))
+            built.append(((block, parts), pos))
         (first, parts0), _ = built[0]
         for ((b, parts), pos) in built[1:]:
-            if b.out_shape != first.out_shape:
+            if b.out_shape != first.out_shape and b.index is None and first.index is None:
                 raise self.error(f"parallel blocks are summed, so their outputs must match: {first.label} "
                                  f"gives {_describe(first.out_shape)}, {b.label} gives {_describe(b.out_shape)}",
                                  pos)
@@ -458,8 +467,74 @@ class Compiler:
             shortcut = Shortcut()
         elif opts["residual"] == "off":
             shortcut = None
+        if stmt.residual is not None or stmt.then or any(b.index is not None for b in blocks):
+            shortcut, post, out_shape = self.explicit_parts(stmt, blocks, in_shape, shortcut, post, scope)
         self.layers.append(Layer(name, tuple(blocks), in_shape, out_shape, shortcut, post))
         self.shape = out_shape
+
+    def index(self, placement, channels: int) -> tuple[int, ...]:
+        """`@ [...]`: distinct non-negative channel positions, one per channel placed."""
+        expr, scope = placement
+        value = self.eval(expr, scope)
+        if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self.error(f"`@` takes a list of channel positions, got {_show(value)}", expr.pos)
+        if len(value) != channels:
+            raise self.error(f"`@` places {channels} channels, but lists {len(value)} positions", expr.pos)
+        if len(set(value)) != len(value) or min(value, default=0) < 0:
+            raise self.error("`@` positions must be distinct and non-negative", expr.pos)
+        if max(value, default=0) >= MAX_SIZE:
+            raise self.error(f"`@` position {max(value):,} is beyond the limit of {MAX_SIZE:,} channels", expr.pos)
+        return value
+
+    def explicit_parts(self, stmt: ast.Layer, blocks, in_shape: Shape, shortcut, post, scope):
+        """A layer written out in full (as derived networks are): placed blocks, `residual`, `then`."""
+        placed = [b.index for b in blocks if b.index is not None]
+        sc_ops, sc_index = (), None
+        if stmt.residual is not None:
+            if shortcut is not None and shortcut.ops:
+                raise self.error("this layer's blocks already bring a shortcut; drop `residual`", stmt.residual.pos)
+            lo = Lowering(f"{stmt.name}.shortcut", in_shape, False)
+            sc_ops = tuple(self.lower_chain(lo, stmt.residual.chain, scope))
+            sc_shape = sc_ops[-1].out_shape if sc_ops else in_shape
+            if stmt.residual.placement is not None:
+                sc_index = self.index((stmt.residual.placement, scope), sc_shape.channels)
+                placed.append(sc_index)
+        sc_shape = (sc_ops[-1].out_shape if sc_ops else in_shape) if stmt.residual is not None else None
+        unplaced = [b.out_shape.channels for b in blocks if b.index is None]
+        if sc_shape is not None and sc_index is None:
+            unplaced.append(sc_shape.channels)
+        width = max([max(ix) + 1 for ix in placed if ix] + unplaced)
+        size = blocks[0].out_shape.size if blocks else in_shape.size
+        out_shape = Shape(width, size)
+        for b in blocks:
+            if b.out_shape.size != size or (b.index is None and b.out_shape.channels != width):
+                raise self.error(f"block {b.label} gives {_describe(b.out_shape)}, but the layer is "
+                                 f"{_describe(out_shape)}: place its channels with `@ [...]`", stmt.pos)
+        if stmt.residual is not None:
+            if sc_shape.size != size or (sc_index is None and sc_shape.channels != width):
+                raise self.error(f"residual add of unequal shapes: the shortcut gives {_describe(sc_shape)}, "
+                                 f"the layer {_describe(out_shape)}", stmt.residual.pos)
+            shortcut = Shortcut(sc_ops, sc_index)
+        if stmt.then:
+            lo = Lowering(f"{stmt.name}.then", out_shape, False)
+            post = tuple(self.lower_chain(lo, stmt.then, scope))
+            if post[-1].out_shape != out_shape:
+                raise self.error("`then` ops must keep the layer's shape (activations, dropout)", stmt.then[0].pos)
+        return shortcut, post, out_shape
+
+    def lower_chain(self, lo: Lowering, calls, scope) -> list:
+        ops = []
+        for call in calls:
+            builtin = BUILTINS.get(call.name)
+            if builtin is None or builtin.composite:
+                raise self.error(f"only primitive ops can form a shortcut or follow `then`, not '{call.name}'",
+                                 call.pos)
+            a = self.bind(call.name, builtin.args, call.args, scope, call.pos)
+            try:
+                ops.extend(builtin.lower(lo, a).ops)
+            except (ShapeError, ValueError, ArithmeticError) as exc:
+                raise self.error(f"{call.name}: {exc}", call.pos) from None
+        return ops
 
     def expand(self, body: ast.Blocks, scope: _Scope, ctx: _Context) -> list:
         """Flatten alternatives, comprehensions and defs into (calls, scope, pos) chains of builtins."""
@@ -467,6 +542,8 @@ class Compiler:
         for alt in body.alternatives:
             for bound in self.comprehend(alt.comprehensions, scope):
                 chains = self.expand_chain(alt.chain, bound, ctx, alt.pos)
+                if alt.placement is not None:
+                    chains = [(calls, (alt.placement, bound), p) for calls, _, p in chains]
                 self.ops_expanded += sum(max(1, len(calls)) for calls, _, _ in chains)
                 if self.ops_expanded > MAX_OPS:
                     raise self.error(f"the network is too large: more than {MAX_OPS:,} ops after expanding "

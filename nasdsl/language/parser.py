@@ -79,8 +79,19 @@ class _ToAst(Transformer):
         return [str(t) for t in c]
 
     def layer(self, meta, c):
-        name, options, body = c
-        return ast.Layer(str(name) if name is not None else None, tuple(options or ()), body, _pos(meta))
+        name, options, body, residual, then = c
+        return ast.Layer(str(name) if name is not None else None, tuple(options or ()), body, _pos(meta),
+                         residual, tuple(then or ()))
+
+    def residual(self, meta, c):
+        chain, placement = c
+        return ast.Residual(tuple(chain or ()), placement, _pos(meta))
+
+    def then(self, meta, c):
+        return c[0]
+
+    def placement(self, meta, c):
+        return c[0]
 
     def stage(self, meta, c):
         return ast.Stage(str(c[0]), tuple(c[1] or ()), tuple(c[2:]), _pos(meta))
@@ -92,7 +103,8 @@ class _ToAst(Transformer):
         return ast.Blocks(tuple(c), _pos(meta))
 
     def alternative(self, meta, c):
-        return ast.Alternative(tuple(c[0]), tuple(c[1:]), _pos(meta))
+        *comprehensions, placement = c[1:]
+        return ast.Alternative(tuple(c[0]), tuple(comprehensions), _pos(meta), placement)
 
     def comprehension(self, meta, c):
         return ast.Comprehension(str(c[0]), c[1], _pos(meta))

@@ -143,15 +143,17 @@ class Layer(nn.Module):
             return self.post(x)
         out: Optional[torch.Tensor] = None
         for block in self.blocks:
-            y = block(x)
-            if out is None:
-                out = _add_at(_zeros(y, self.width, self.spatial), y, block.index, True) if block.has_index else y
-            else:
-                out = _add_at(out, y, block.index, block.has_index)
+            out = self._accumulate(out, block(x), block.index, block.has_index)
+        if self.has_shortcut:  # a derived layer may keep its shortcut alone: depth was learned
+            out = self._accumulate(out, self.shortcut(x), self.sc_index, self.sc_has_index)
         assert out is not None
-        if self.has_shortcut:
-            out = _add_at(out, self.shortcut(x), self.sc_index, self.sc_has_index)
         return self.post(out)
+
+    def _accumulate(self, out: Optional[torch.Tensor], y: torch.Tensor, index: torch.Tensor,
+                    has_index: bool) -> torch.Tensor:
+        if out is None:
+            return _add_at(_zeros(y, self.width, self.spatial), y, index, True) if has_index else y
+        return _add_at(out, y, index, has_index)
 
 
 class NasNet(nn.Module):
