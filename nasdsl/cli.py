@@ -104,6 +104,61 @@ def _print_show(info: dict, as_json: bool) -> None:
           f"search space 10^{info['log10_space_size']:.1f}")
 
 
+RECIPE_KEYS = ("name", "data", "resolution", "batch_size", "workers", "seed", "gate_placement", "strategy")
+
+
+def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`--set` in `search` reaches both files: dotted keys and recipe fields go to the recipe,
+    every other name is a parameter of the .space file."""
+    recipe, space = {}, {}
+    for k, v in pairs.items():
+        (recipe if "." in k or k in RECIPE_KEYS else space)[k] = v
+    return recipe, space
+
+
+def cmd_search(args) -> int:
+    from pathlib import Path
+
+    from nasdsl.search.dnal import SearchJob, search
+    from nasdsl.search.recipe import load_recipe
+
+    recipe_sets, space_sets = split_sets(parse_sets(args.set))
+    if args.seed is not None:
+        recipe_sets["seed"] = str(args.seed)
+    recipe = load_recipe(args.recipe, recipe_sets)
+    space = Path(args.space)
+    if not space.is_file():
+        raise NasdslError("no such space file", file=args.space)
+    out = Path(args.out) if args.out else Path("runs") / space.stem
+    job = SearchJob(space=space, recipe=recipe, data=args.data or recipe.data, out=out, space_overrides=space_sets,
+                    device=args.device, resume=args.resume, download=args.download, progress=not args.quiet)
+    summary = search(job)
+    if summary is not None and not args.quiet and _is_main_process():
+        _print_summary(summary, out)
+    return 0
+
+
+def _is_main_process() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_summary(summary: dict, out) -> None:
+    def line(label, r):
+        if r:
+            print(f"  {label:<9} top-1 {100 * r['top1']:6.2f}%   {human(r['flops']):>8} FLOPs   {human(r['params']):>8} params")
+    print(f"\nsearch finished: {out}")
+    line("supernet", summary.get("baseline"))
+    line("searched", summary.get("searched"))
+    line("derived", summary.get("derived"))
+    g = summary["gates"]
+    print(f"  gates     {g['kept']:,} of {g['total']:,} kept, {100 * g['binarized_fraction']:.2f}% binary")
+    if "reduction" in summary:
+        print(f"  reduction {summary['reduction']['flops']:.2f}x FLOPs, {summary['reduction']['params']:.2f}x params")
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nasdsl", description="Supernet architecture search with a search-space language.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object (name, params, flops, gates, "
                                                        "log10_space_size, layers)")
     s.set_defaults(func=cmd_show)
+
+    r = sub.add_parser("search", help="run DNAL on a .space file: weights -> architecture -> derive -> finetune")
+    r.add_argument("space", metavar="SPACE")
+    r.add_argument("--recipe", help="recipe name in recipes/ or a YAML path (default: cpu)")
+    r.add_argument("--data", help="digits | fake | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the recipe's)")
+    r.add_argument("--out", help="run folder (default: runs/<space name>)")
+    r.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="override a space parameter (width=0.5) or a recipe key (architecture.lambda_a=1e-4)")
+    r.add_argument("--seed", type=int, help="random seed (default: the recipe's)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")
+    r.set_defaults(func=cmd_search)
     return p
 
 

@@ -1,0 +1,131 @@
+"""The run folder: manifest, metrics, TensorBoard, atomic checkpoints, summary and plots.
+
+Only rank 0 writes. Every file that a script may read is replaced atomically (write to a
+temporary file, fsync, rename), so a killed run never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nasdsl.errors import NasdslError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def space_hash(text: str, overrides: dict) -> str:
+    h = hashlib.sha256(text.encode())
+    h.update(json.dumps(sorted(overrides.items())).encode())
+    return h.hexdigest()
+
+
+class Run:
+    def __init__(self, folder: Path, is_main: bool):
+        self.folder = Path(folder)
+        self.is_main = is_main
+        self._tb = None
+
+    # ---- manifest and metrics ------------------------------------------------------------------
+    def write_manifest(self, **info) -> None:
+        if not self.is_main:
+            return
+        import lark
+        import timm
+
+        import nasdsl
+
+        manifest = {
+            "command": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"nasdsl": nasdsl.__version__, "python": platform.python_version(),
+                         "torch": torch.__version__, "timm": timm.__version__, "lark": lark.__version__},
+            "host": platform.node(),
+            **info,
+        }
+        write_json(self.folder / "manifest.json", manifest)
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads((self.folder / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise NasdslError(f"cannot read the run's manifest.json: {exc}", file=str(self.folder)) from None
+
+    def log(self, record: dict) -> None:
+        """One line of metrics.jsonl and the same scalars in TensorBoard."""
+        if not self.is_main:
+            return
+        with open(self.folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tb = self.tensorboard()
+        if tb is not None:
+            step = record.get("global_epoch", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "global_epoch"):
+                    tb.add_scalar(f"{record.get('stage', 'run')}/{k}", v, step)
+            tb.flush()
+
+    def tensorboard(self):
+        if self._tb is None and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+        return self._tb or None
+
+    def truncate_metrics(self, keep) -> None:
+        """On resume, drop metric lines of epochs that the checkpoint did not keep."""
+        path = self.folder / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if keep(json.loads(line))]
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict) -> None:
+        if self.is_main:
+            atomic_write(self.folder / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self) -> dict | None:
+        path = self.folder / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+            raise NasdslError(f"corrupt checkpoint ({type(exc).__name__}); delete it to start over",
+                              file=str(path)) from None
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
