@@ -159,6 +159,52 @@ def _print_summary(summary: dict, out) -> None:
         print(f"  note: {note}")
 
 
+def cmd_eval(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    import torch
+
+    from nasdsl.export.load import load
+    from nasdsl.search.data import build_data
+    from nasdsl.search.dnal import resolve_device
+    from nasdsl.search.evaluate import accuracy
+
+    model = load(args.path)
+    spec = args.data
+    manifest = Path(args.path) / "manifest.json"
+    if spec is None and manifest.is_file():
+        spec = _json.loads(manifest.read_text()).get("data")
+    if spec is None:
+        raise NasdslError("which data? pass --data (e.g. digits, cifar10:DIR)", file=str(args.path))
+    channels, resolution = model.config["input"][0], model.config["input"][1]
+    data = build_data(spec, resolution)
+    if data.in_channels != channels or data.num_classes != model.num_classes:
+        raise NasdslError(f"the model takes {channels}-channel images and predicts {model.num_classes} classes, "
+                          f"but {data.name} has {data.in_channels} channels and {data.num_classes} classes",
+                          file="--data")
+    device = resolve_device(args.device)
+    model = model.to(device, memory_format=torch.channels_last)
+    result = accuracy(model, data.val, device, args.batch_size)
+    params = sum(p.numel() for p in model.parameters())
+    report = {"path": str(args.path), "data": spec, **result, "params": params}
+    if args.json:
+        print(_json.dumps(report))
+    else:
+        print(f"{args.path}: top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
+              f"on {result['samples']} {data.name} validation images ({params:,} params)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nasdsl.export.exporter import export_run
+
+    folder = export_run(args.run, args.out, args.name, onnx=args.onnx)
+    print(f"exported {args.name} to {folder}: import {folder}/{args.name}.py, then "
+          f"timm.create_model('{args.name}', pretrained=True)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nasdsl", description="Supernet architecture search with a search-space language.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -189,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")
     r.set_defaults(func=cmd_search)
+
+    e = sub.add_parser("eval", help="accuracy of a derived model (a run or an export folder)")
+    e.add_argument("path", metavar="PATH")
+    e.add_argument("--data", help="data spec (default: the run's)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, samples, params)")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a run's derived model as a standalone timm module + weights")
+    x.add_argument("run", metavar="RUN")
+    x.add_argument("--name", required=True, help="the timm model name (a Python identifier)")
+    x.add_argument("--out", required=True, help="the export folder")
+    x.add_argument("--onnx", action="store_true", help="also write a verified ONNX file")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -413,3 +413,24 @@ def _swap(tmp: Path, out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
             return
     os.replace(tmp, out_dir)
+
+
+def export_run(path: str | Path, out_dir: str | Path, name: str, *, onnx: bool = False) -> Path:
+    """Re-export the derived model of a run (or of another export) under a new name.
+
+    The architecture comes back from the folder's .space file (the printer's round trip), the
+    weights from its model.safetensors, the preprocessing from its pretrained_cfg.
+    """
+    from nasdsl.export.load import WEIGHTS, export_folder, read_config, read_weights
+    from nasdsl.language.compiler import compile_file
+
+    folder = export_folder(path)
+    cfg = read_config(folder)
+    space = folder / str(cfg[MARKER].get("space") or "")
+    if not space.is_file():
+        raise NasdslError("the export has no .space file to rebuild its architecture from", file=str(folder))
+    network = compile_file(space)
+    pc = cfg["pretrained_cfg"]
+    return export_model(network, read_weights(folder / WEIGHTS), out_dir, name, mean=tuple(pc["mean"]),
+                        std=tuple(pc["std"]), space_text=space.read_text(), onnx=onnx,
+                        interpolation=pc.get("interpolation", "bilinear"), crop_pct=pc.get("crop_pct", 0.875))

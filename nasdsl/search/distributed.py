@@ -53,6 +53,17 @@ def broadcast_(world: World, tensors) -> None:
             dist.broadcast(t.data, 0)
 
 
+def max_divergence(world: World, tensor: torch.Tensor) -> float:
+    """The largest difference between any rank's `tensor` and rank 0's (0.0 in one process)."""
+    if not world.distributed:
+        return 0.0
+    reference = tensor.detach().clone()
+    dist.broadcast(reference, 0)
+    gap = (tensor.detach() - reference).abs().max() if tensor.numel() else torch.zeros((), device=tensor.device)
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return float(gap)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -23,6 +23,7 @@ from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.ir import Network
 from nasdsl.search import distributed as dist_utils
+from nasdsl.search.evaluate import accuracy
 from nasdsl.search.run import Run, space_hash, write_json
 from nasdsl.search.schedule import delta as delta_at
 from nasdsl.search.schedule import learning_rate
@@ -125,45 +126,48 @@ class Search:
                                 device=str(self.device), world_size=self.world.size)
 
     # ---- data ------------------------------------------------------------------------------
-    def loader(self, train: bool, stage_index: int, epoch: int) -> DataLoader:
-        dataset = self.data.train if train else self.data.val
-        if self.world.distributed and train:
+    def loader(self, stage_index: int, epoch: int) -> DataLoader:
+        """The training loader of one epoch: its order depends on (seed, stage, epoch) alone."""
+        dataset = self.data.train
+        if self.world.distributed:
             sampler = DistributedSampler(dataset, self.world.size, self.world.rank, shuffle=True,
                                          seed=self.recipe.seed + 7919 * stage_index, drop_last=True)
             sampler.set_epoch(epoch)
-        elif train:
+        else:
             g = torch.Generator().manual_seed(_epoch_seed(self.recipe.seed, stage_index, epoch, 0))
             sampler = RandomSampler(dataset, generator=g)
-        else:  # each rank evaluates its own exact shard; counts are summed
-            sampler = list(range(self.world.rank, len(dataset), self.world.size))
         batch = self.recipe.batch_size
         return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=self.recipe.workers,
-                          drop_last=train and len(dataset) // self.world.size >= batch,
+                          drop_last=len(dataset) // self.world.size >= batch,
                           pin_memory=self.device.type == "cuda")
 
-    @torch.no_grad()
+    def place(self, model: nn.Module) -> nn.Module:
+        """On the device, channels-last: 2-3x faster convolutions on CPU (oneDNN) and on GPU."""
+        return model.to(self.device, memory_format=torch.channels_last)
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor):
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
     def evaluate(self, model: nn.Module) -> float:
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        for x, y in self.loader(False, 0, 0):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += y.numel()
-        correct, total = dist_utils.all_sum(self.world, correct, total, device=self.device)
-        model.train(was_training)
-        return correct / max(total, 1)
+        return accuracy(model, self.data.val, self.device, self.recipe.batch_size, self.recipe.workers,
+                        self.world)["top1"]
 
     # ---- the run ---------------------------------------------------------------------------
-    def execute(self) -> dict:
+    def setup(self) -> None:
+        """Prepare the run folder and the supernet, restoring the last checkpoint on --resume."""
         self.prepare_folder()
         checkpoint = self.run.load_checkpoint() if self.job.resume else None
         _seed_all(self.recipe.seed)
-        supernet = build_supernet(self.network, self.recipe.gate_placement).to(self.device)
-        self.model = supernet
+        self.model = self.place(build_supernet(self.network, self.recipe.gate_placement))
         if checkpoint is not None:
             self.restore(checkpoint)
             self.run.truncate_metrics(self.kept_metric)
+
+    def execute(self) -> dict:
+        self.setup()
         try:
             for stage in self.stages[self.stages.index(self.state["stage"]):]:
                 self.state["stage"] = stage
@@ -189,7 +193,7 @@ class Search:
         if self.state["stage"] == "finetune":
             gates = self.state["gates"]
             self.derivation = derive(self.network, {k: v > 0 for k, v in gates.items()}, gates)
-            self.model = NasNet(self.derivation.network.to_config()).to(self.device)
+            self.model = self.place(NasNet(self.derivation.network.to_config()))
         self.model.load_state_dict(checkpoint["model"])
         gate_set = getattr(self.model, "gate_set", None)
         if gate_set is not None and checkpoint.get("gate_state"):
@@ -223,7 +227,7 @@ class Search:
         started = time.time() - self.state["stage_seconds"].get(stage, 0.0)
         for epoch in range(self.state["epoch"], epochs):
             torch.manual_seed(_epoch_seed(self.recipe.seed, stage_index, epoch, self.world.rank))
-            loader = self.loader(True, stage_index, epoch)
+            loader = self.loader(stage_index, epoch)
             steps = len(loader)
             if steps == 0:
                 raise NasdslError(f"the training set has fewer samples than one batch ({self.recipe.batch_size})",
@@ -241,7 +245,7 @@ class Search:
                     group["lr"] = learning_rate(lr_cfg, step, steps) * group.get("lr_scale", 1.0)
                 if delta_cfg is not None:
                     gate_set.set_delta(delta_at(delta_cfg, step, steps, epochs))
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, y = self.batch(x, y)
                 logits = wrapped(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
                 total = loss + penalty() if penalty is not None else loss
@@ -270,7 +274,7 @@ class Search:
             if delta_cfg is not None:
                 kept = sum(int((g.s > 0).sum()) for g in gate_set.gates)
                 record.update(delta=gate_set.state.delta, kept_channels=kept,
-                              penalty=float(gate_set.penalty(delta_cfg.penalty)))
+                              penalty=float(gate_set.penalty(delta_cfg.penalty).detach()))
             self.run.log(record)
             self.state["epoch"] = epoch + 1
             self.state["stage_seconds"][stage] = time.time() - started
@@ -365,6 +369,8 @@ class Search:
                 cost = network_cost(self.network)
                 results["baseline"] = {"flops": cost.flops, "params": cost.params, "top1": self.evaluate(self.model)}
         else:
+            # DDP keeps the gates equal; measure it before making rank 0's copy everyone's
+            self.state["gate_divergence"] = dist_utils.max_divergence(self.world, gate_set.flat_s())
             dist_utils.broadcast_(self.world, gate_set.parameters())
             if stage == "joint" and "baseline" not in results:
                 gate_set.set_mode("disabled")
@@ -409,7 +415,7 @@ class Search:
             if self.derivation is None:  # resumed right after the architecture stage
                 self.derive_and_evaluate()
             supernet = self.model
-            slim = NasNet(self.derivation.network.to_config()).to(self.device)
+            slim = self.place(NasNet(self.derivation.network.to_config()))
             slim.load_state_dict(slim_state_dict(self.derivation, supernet, slim))
             self.model = slim
         for p in self.model.parameters():
@@ -457,6 +463,8 @@ class Search:
             "stages": {s: {"epochs": self.stage_epochs(s), "seconds": round(self.state["stage_seconds"].get(s, 0.0), 2)}
                        for s in self.stages},
             "notes": self.state.get("notes", []),
+            "distributed": {"world_size": self.world.size,
+                            "gate_divergence_before_sync": self.state.get("gate_divergence", 0.0)},
         }
         base, derived = results.get("baseline"), results.get("derived") or results.get("searched")
         if base and derived:

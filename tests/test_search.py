@@ -1,0 +1,198 @@
+"""The DNAL search end to end on a tiny space and synthetic data: contract, stages, resume, DDP, errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nasdsl.search.dnal import Search, SearchJob
+from nasdsl.search.recipe import load_recipe
+
+TINY = """
+space tiny(input=3, resolution=8, classes=10)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer choice = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer down = conv(16, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+# small and fast: 256 synthetic images, 8 steps an epoch
+SETTINGS = ["resolution=8", "batch_size=32", "weights.epochs=2", "architecture.epochs=3", "finetune.epochs=1",
+            "architecture.lambda_a=2e-3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "tiny.space"
+    path.write_text(TINY)
+    return path
+
+
+def nasdsl(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "nasdsl", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600, **kwargs)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def search_args(space, out, *extra):
+    sets = [x for s in SETTINGS for x in ("--set", s)]
+    return ["search", space, "--data", "fake", "--out", out, "-q", *sets, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(space, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    nasdsl(*search_args(space, out))
+    return out
+
+
+def test_summary_contract(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    for key in ("space", "recipe", "baseline", "searched", "derived", "gates", "stages", "reduction"):
+        assert key in summary
+    for key in ("baseline", "searched", "derived"):
+        assert set(summary[key]) >= {"flops", "params", "top1"}
+        assert 0.0 <= summary[key]["top1"] <= 1.0
+        assert isinstance(summary[key]["flops"], int) and summary[key]["flops"] > 0
+    # the hard-masked network and the slim one have the same architecture
+    assert summary["searched"]["flops"] == summary["derived"]["flops"]
+    assert summary["searched"]["flops"] <= summary["baseline"]["flops"]
+    gates = summary["gates"]
+    assert gates["total"] == 2 * (16 + 8) + 16  # two mbconvs (mid 16, out 8) + the strided conv
+    assert 0 <= gates["kept"] <= gates["total"]
+    assert gates["binarized_fraction"] == 1.0
+    assert {s: v["epochs"] for s, v in summary["stages"].items()} == {"weights": 2, "architecture": 3, "finetune": 1}
+    assert all(v["seconds"] > 0 for v in summary["stages"].values())
+
+
+def test_run_folder(finished_run):
+    for name in ("manifest.json", "metrics.jsonl", "gates.safetensors", "checkpoint.pt",
+                 "gate_distribution.png", "kept_channels.png", "model/config.json", "model/model.safetensors",
+                 "model/tiny.space", "model/tiny.py"):
+        assert (finished_run / name).is_file(), name
+    assert any((finished_run / "tensorboard").iterdir())
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    assert {"versions", "seed", "space_hash", "recipe", "command"} <= set(manifest)
+    records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [
+        ("weights", 0), ("weights", 1), ("architecture", 0), ("architecture", 1), ("architecture", 2), ("finetune", 0)]
+    arch = [r for r in records if r["stage"] == "architecture"]
+    assert arch[-1]["delta"] == pytest.approx(1e4)
+    gates = load_file(str(finished_run / "gates.safetensors"))
+    assert set(gates) == {"choice.b0.mid", "choice.b0.out", "choice.b1.mid", "choice.b1.out", "down.bn"}
+
+
+def test_eval_and_export(finished_run, tmp_path):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    report = json.loads(nasdsl("eval", finished_run, "--json").stdout)
+    assert report["top1"] == pytest.approx(summary["derived"]["top1"])
+    out = tmp_path / "export"
+    nasdsl("export", finished_run, "--name", "tiny_searched", "--out", out)
+    assert (out / "tiny_searched.py").is_file() and (out / "model.safetensors").is_file()
+
+
+def job(space, out, **recipe_sets) -> SearchJob:
+    sets = dict(s.split("=") for s in SETTINGS)
+    sets.update({k: str(v) for k, v in recipe_sets.items()})
+    return SearchJob(space=space, recipe=load_recipe(None, sets), data="fake", out=out, progress=False)
+
+
+def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path):
+    search = Search(job(space, tmp_path / "run"))
+    search.setup()
+    search.stage_weights()
+    gate_keys = {k for k in search.model.state_dict() if k.endswith(".s")}
+    before = {k: v.clone() for k, v in search.model.state_dict().items() if k not in gate_keys}
+    search.stage_architecture()
+    after = search.model.state_dict()
+    for k, v in before.items():  # conv, BN (affine and running statistics) and the classifier
+        assert torch.equal(v, after[k]), k
+    s = search.model.gate_set.flat_s().detach().double()
+    g = torch.sigmoid(1e4 * s)
+    assert bool(((g < 1e-6) | (g > 1 - 1e-6)).all())
+    assert search.model.gate_set.state.mode == "hard"
+
+
+def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nasdsl", *map(str, search_args(space, out))], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it in the middle of the architecture stage
+        if metrics.exists() and '"architecture", "epoch": 0' in metrics.read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    nasdsl(*search_args(space, out, "--resume"))
+    a = load_file(str(out / "gates.safetensors"))
+    b = load_file(str(finished_run / "gates.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    stages = [json.loads(line)["stage"] for line in metrics.read_text().splitlines()]
+    assert stages == ["weights"] * 2 + ["architecture"] * 3 + ["finetune"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree(space, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun comes with torch"
+    out = tmp_path / "ddp"
+    sets = [x for s in SETTINGS for x in ("--set", s)]
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29611", "-m", "nasdsl", "search",
+                           str(space), "--data", "fake", "--out", str(out), "-q", *sets],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 2
+    assert summary["distributed"]["gate_divergence_before_sync"] == 0.0
+    assert summary["gates"]["binarized_fraction"] == 1.0
+
+
+def test_missing_dataset_is_one_line_and_writes_nothing(space, tmp_path):
+    out = tmp_path / "run"
+    proc = nasdsl("search", space, "--data", f"cifar10:{tmp_path / 'nowhere'}", "--out", out, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "cifar10" in proc.stderr
+    assert not out.exists()
+
+
+def test_bad_recipe_setting_is_one_line(space, tmp_path):
+    proc = nasdsl("search", space, "--data", "fake", "--out", tmp_path / "run",
+                  "--set", "architecture.lamda_a=1e-4", check=False)
+    assert proc.returncode == 2
+    assert "lambda_a" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_is_never_overwritten(space, finished_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    before = (copy / "summary.json").read_bytes()
+    proc = nasdsl(*search_args(space, copy), check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert (copy / "summary.json").read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(space, finished_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    (copy / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = nasdsl(*search_args(space, copy, "--resume"), check=False)
+    assert proc.returncode == 2 and "corrupt checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
