@@ -108,16 +108,19 @@ def job(space, out, **recipe_sets) -> SearchJob:
     return SearchJob(space=space, recipe=load_recipe(None, sets), data="fake", out=out, progress=False)
 
 
-def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path):
-    search = Search(job(space, tmp_path / "run"))
+@pytest.mark.parametrize("bn", ["frozen", "train"])
+def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path, bn):
+    search = Search(job(space, tmp_path / "run", **{"architecture.bn": bn}))
     search.setup()
     search.stage_weights()
     gate_keys = {k for k in search.model.state_dict() if k.endswith(".s")}
+    params = {k for k, _ in search.model.named_parameters()}
     before = {k: v.clone() for k, v in search.model.state_dict().items() if k not in gate_keys}
     search.stage_architecture()
     after = search.model.state_dict()
-    for k, v in before.items():  # conv, BN (affine and running statistics) and the classifier
-        assert torch.equal(v, after[k]), k
+    for k, v in before.items():  # conv, BN affine, classifier; BN statistics too when frozen
+        if bn == "frozen" or k in params:
+            assert torch.equal(v, after[k]), k
     s = search.model.gate_set.flat_s().detach().double()
     g = torch.sigmoid(1e4 * s)
     assert bool(((g < 1e-6) | (g > 1 - 1e-6)).all())

@@ -339,9 +339,35 @@ class Search:
             p.requires_grad_(True)
         optimizer = torch.optim.SGD(gate_set.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
+        if self.state["epoch"] == 0 and (cfg.bn == "recalibrated" or getattr(self, "recalibrate", False)):
+            gate_set.set_delta(cfg.delta_start)
+            self.recalibrate_bn(stage_index=self.stages.index("architecture"))
         lam = cfg.lambda_a
         self.train("architecture", cfg.epochs, optimizer, cfg, penalty=lambda: lam * gate_set.penalty(cfg.penalty), delta_cfg=cfg, bn_frozen=cfg.bn == "frozen")
         self.finish_stage("architecture")
+
+    @torch.no_grad()
+    def recalibrate_bn(self, stage_index: int, batches: int = 50) -> None:
+        """Re-estimate BN statistics for the network as it is now (gates at 0.5 as stage 2 starts).
+
+        With statistics frozen from stage 1, every BN after a gate would centre activations that the
+        gates just halved with the wrong mean, and the error compounds over depth.
+        """
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration batches
+        self.model.train()
+        torch.manual_seed(_epoch_seed(self.recipe.seed, stage_index, -1, self.world.rank))
+        for i, (x, _) in enumerate(self.loader(stage_index, -1)):
+            if i == batches:
+                break
+            self.model(self.batch(x, torch.zeros(0))[0])
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+        if self.world.distributed:  # every rank keeps rank 0's statistics
+            dist_utils.broadcast_(self.world, [b for m in bns for b in (m.running_mean, m.running_var)])
 
     def stage_joint(self) -> None:
         """The ablation's joint strategy: weights and gates trained together, delta growing."""

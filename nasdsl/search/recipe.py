@@ -34,7 +34,7 @@ GATE_PLACEMENTS = ("after_bn", "before_bn", "after_act")
 STRATEGIES = ("sequential", "joint")
 DELTA_SCHEDULES = ("iteration", "epoch")
 PENALTIES = ("scaled", "unscaled")
-BN_MODES = ("frozen", "train")
+BN_MODES = ("frozen", "recalibrated", "train")
 
 
 @dataclass
