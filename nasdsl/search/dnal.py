@@ -27,7 +27,7 @@ from nasdsl.search.evaluate import accuracy
 from nasdsl.search.run import Run, space_hash, write_json
 from nasdsl.search.schedule import delta as delta_at
 from nasdsl.search.schedule import learning_rate
-from nasdsl.supernet.build import build_supernet
+from nasdsl.supernet.build import build_supernet, place_gates
 from nasdsl.supernet.network import NasNet
 
 BINARY_TOLERANCE = 1e-6
@@ -192,7 +192,7 @@ class Search:
         self.state = checkpoint["state"]
         if self.state["stage"] == "finetune":
             gates = self.state["gates"]
-            self.derivation = derive(self.network, {k: v > 0 for k, v in gates.items()}, gates)
+            self.derivation = derive(self.searched_graph(), {k: v > 0 for k, v in gates.items()}, gates)
             self.model = self.place(NasNet(self.derivation.network.to_config()))
         self.model.load_state_dict(checkpoint["model"])
         gate_set = getattr(self.model, "gate_set", None)
@@ -405,10 +405,14 @@ class Search:
             self.derive_and_evaluate()
         self.advance(stage)
 
+    def searched_graph(self) -> Network:
+        """The graph the supernet was built from: its op positions are what `slim_state_dict` reads."""
+        return place_gates(self.network, self.recipe.gate_placement)
+
     def derive_and_evaluate(self) -> None:
         gate_set = self.model.gate_set
         s = gate_set.values()
-        derivation = derive(self.network, {k: v > 0 for k, v in s.items()}, s)
+        derivation = derive(self.searched_graph(), {k: v > 0 for k, v in s.items()}, s)
         # the effective masks may reopen a channel or close a cut block: apply them to the supernet
         for key, mask in derivation.masks.items():
             current = s[key] > 0

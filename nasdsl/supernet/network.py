@@ -91,9 +91,17 @@ def _add_at(base: torch.Tensor, y: torch.Tensor, index: torch.Tensor, has_index:
 
 
 def _zeros(like: torch.Tensor, width: int, spatial: bool) -> torch.Tensor:
+    """Zeros of `width` channels, in `like`'s memory format: a channels-last map stays channels-last
+    (new_zeros would give a contiguous one, and every conv after it would pay a reorder)."""
     if spatial:
-        return like.new_zeros(like.size(0), width, like.size(2), like.size(3))
+        channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty([like.size(0), width, like.size(2), like.size(3)], dtype=like.dtype,
+                           device=like.device, memory_format=fmt).zero_()
     return like.new_zeros(like.size(0), width)
+
+
+torch.fx.wrap("_zeros")  # a leaf for torch.fx: its memory-format test is not traceable control flow
 
 
 class Shortcut(nn.Module):
@@ -152,7 +160,7 @@ class Layer(nn.Module):
     def _accumulate(self, out: Optional[torch.Tensor], y: torch.Tensor, index: torch.Tensor,
                     has_index: bool) -> torch.Tensor:
         if out is None:
-            return _add_at(_zeros(y, self.width, self.spatial), y, index, True) if has_index else y
+            return _zeros(y, self.width, self.spatial).index_add_(1, index, y) if has_index else y
         return _add_at(out, y, index, has_index)
 
 

@@ -1,0 +1,226 @@
+"""Does a derived network's FLOPs reduction turn into CPU speed?
+
+    .venv/bin/python benchmarks/derived_speed.py [--target 3] [--repeats 15] [--threads N] [--profile]
+
+For VGG-16 and ResNet-56 (CIFAR), gates are chosen the way a DNAL search plausibly ends up:
+structured, the same fraction f of every gate group kept, its leading channels. In a residual
+stage the output gates can only narrow the stream down to what the shortcut already carries (with
+option-A shortcuts that is the previous stage's stream), so there they keep the leading fraction f
+*of the shortcut's channels*: every block writes into the channels the stream already has and the
+stream stays narrow. f is bisected to the largest value whose derived network has at least
+`--target` times fewer FLOPs than the unpruned one. The slim network is built from `derive`
+(weights sliced from a randomly initialised supernet, checked against the masked supernet) and
+timed against the unpruned network built without gates, both in eval mode, channels_last, under
+torch.inference_mode, after a warm-up, alternating the two (A B B A ...), median per network.
+Prints FLOPs reduction, measured speed-up and their ratio (target >= 0.7) at batch 64 and batch 1;
+`--profile` adds the top ops of each network at batch 1; `--depth` adds, for ResNet-56, the other
+structured outcome: whole blocks pruned (each derives to its shortcut), the rest at full width.
+On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nasdsl.derive.derive import derive, slim_state_dict  # noqa: E402
+from nasdsl.graph import accounting  # noqa: E402
+from nasdsl.graph.ops import OPS  # noqa: E402
+from nasdsl.language.compiler import compile_file  # noqa: E402
+from nasdsl.supernet.build import build_supernet  # noqa: E402
+from nasdsl.supernet.network import NasNet  # noqa: E402
+
+NETWORKS = ["vgg16_cifar", "resnet56_cifar"]
+RATIO_TARGET = 0.7
+
+
+def structured_masks(net, f: float, scheme: str = "width") -> dict[str, torch.Tensor]:
+    """width: keep the leading fraction f of every gate group; a residual layer's output gates keep
+    the leading fraction f of the channels its shortcut carries (see the module docstring).
+    depth: keep the first round(f * n) of the n residual blocks of each stage at full width and
+    close every gate of the others (they derive to their shortcut: depth is learned)."""
+    if scheme == "depth":
+        stages: dict[str, list] = {}
+        for layer in net.layers:
+            if layer.shortcut is not None:
+                stages.setdefault(layer.name.split(".")[0], []).append(layer)
+        masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
+        for layers in stages.values():
+            for layer in layers[round(f * len(layers)):]:
+                for op in layer.all_ops():
+                    if op.is_gate:
+                        masks[op.attrs["key"]][:] = False
+        return masks
+    def keep(channels: list[int], width: int) -> torch.Tensor:
+        k = max(1, min(len(channels), round(f * len(channels))))
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[channels[:k]] = True
+        return mask
+
+    masks: dict[str, torch.Tensor] = {}
+    live = set(range(net.input_shape.channels))  # live channels of the current tensor
+    for layer in net.layers:
+        shortcut = None
+        if layer.shortcut is not None:
+            index = layer.shortcut.index
+            shortcut = sorted(index[c] for c in live) if index else sorted(live)
+        out: set[int] = set(shortcut or ())
+        for block in layer.blocks:
+            gates = [op for op in block.ops if op.is_gate]
+            for gate in gates[:-1]:
+                masks[gate.attrs["key"]] = keep(list(range(gate.in_shape.channels)), gate.in_shape.channels)
+            if gates:
+                last = gates[-1]
+                width = last.in_shape.channels
+                channels = shortcut if shortcut is not None else list(range(width))
+                masks[last.attrs["key"]] = keep(channels, width)
+                out |= set(masks[last.attrs["key"]].nonzero().flatten().tolist())
+            elif any(not OPS[op.kind].channelwise for op in block.ops):
+                out |= set(range(block.out_shape.channels))
+            else:
+                out |= live
+        live = out
+    return masks
+
+
+def bisect_fraction(net, target: float, scheme: str) -> tuple[float, object]:
+    full = accounting.network_cost(net).flops
+    lo, hi = 0.0, 1.0  # reduction(lo) >= target > reduction(hi)
+    best = None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        d = derive(net, structured_masks(net, mid, scheme))
+        if full / accounting.network_cost(d.network).flops >= target:
+            lo, best = mid, d
+        else:
+            hi = mid
+    if best is None:
+        best = derive(net, structured_masks(net, lo, scheme))
+    return lo, best
+
+
+def build_pair(name: str, target: float, scheme: str = "width"):
+    net = compile_file(ROOT / "spaces" / f"{name}.space")
+    f, d = bisect_fraction(net, target, scheme)
+    torch.manual_seed(0)
+    supernet = build_supernet(net).eval()
+    slim = NasNet(d.network.to_config()).eval()
+    slim.load_state_dict(slim_state_dict(d, supernet, slim))
+    supernet.gate_set.load({k: torch.where(m, 1.0, -1.0) for k, m in d.masks.items()})
+    supernet.gate_set.set_mode("hard")
+    x = torch.randn(2, *net.input_shape.to_list())
+    with torch.inference_mode():  # the slim network is the masked supernet
+        err = float((supernet(x) - slim(x)).abs().max())
+    assert err < 1e-3, f"{name}: slim network differs from the masked supernet by {err}"
+    torch.manual_seed(0)
+    full = NasNet(net.to_config()).eval()
+    return net, d, f, full, slim
+
+
+def latency(models: dict, shape, batch: int, repeats: int, warmup: int) -> dict[str, float]:
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in models.values():
+                m(x)
+        keys = list(models)
+        for r in range(repeats):
+            for k in (keys if r % 2 == 0 else keys[::-1]):
+                t0 = time.perf_counter()
+                models[k](x)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def widths(d) -> str:
+    return " ".join(str(layer.width) for layer in d.network.layers[:-1])
+
+
+def inner_widths(d) -> str:
+    """The output width of every conv that is not a layer's last (a block's inner widths)."""
+    out = []
+    for layer in d.network.layers[:-1]:
+        for block in layer.blocks:
+            convs = [op for op in block.ops if op.kind == "conv"]
+            out += [str(op.out_shape.channels) for op in convs[:-1]]
+    return " ".join(out) or "-"
+
+
+def profile(models: dict, shape, batch: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    for key, m in models.items():
+        with torch.inference_mode():
+            for _ in range(3):
+                m(x)
+            with prof(activities=[ProfilerActivity.CPU]) as p:
+                for _ in range(10):
+                    m(x)
+        print(f"--- {key}, batch {batch}, 10 runs")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", type=float, default=3.0, help="minimum FLOPs reduction of the derived nets")
+    ap.add_argument("--repeats", type=int, default=15, help="timed runs per network and batch (median)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="*", default=[64, 1])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--networks", nargs="*", default=NETWORKS)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--depth", action="store_true",
+                    help="also the depth scheme for residual networks: whole blocks pruned, the rest at full width")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (load {load}), eval, channels_last, inference_mode; "
+          f"median of {args.repeats} interleaved runs after {args.warmup} warm-up runs")
+    rows = []
+    runs = [(name, "width") for name in args.networks]
+    if args.depth:
+        runs += [(name, "depth") for name in args.networks if name.startswith("resnet")]
+    for name, scheme in runs:
+        net, d, f, full, slim = build_pair(name, args.target, scheme)
+        full_cost, slim_cost = accounting.network_cost(net), accounting.network_cost(d.network)
+        reduction = full_cost.flops / slim_cost.flops
+        label = name if scheme == "width" else f"{name} (depth)"
+        print(f"\n{label}: kept fraction f = {f:.4f}; {full_cost.flops / 1e6:.2f}M -> {slim_cost.flops / 1e6:.2f}M FLOPs "
+              f"({reduction:.2f}x), {full_cost.params / 1e6:.3f}M -> {slim_cost.params / 1e6:.3f}M params")
+        print(f"  derived widths: {widths(d)}")
+        print(f"  inner widths:   {inner_widths(d)}")
+        for note in d.notes[:3]:
+            print(f"  note: {note}")
+        if len(d.notes) > 3:
+            print(f"  ... and {len(d.notes) - 3} more notes")
+        models = {"full": full.to(memory_format=torch.channels_last),
+                  "slim": slim.to(memory_format=torch.channels_last)}
+        for batch in args.batches:
+            t = latency(models, net.input_shape.to_list(), batch, args.repeats, args.warmup)
+            speedup = t["full"] / t["slim"]
+            rows.append((label, batch, reduction, t["full"], t["slim"], speedup, speedup / reduction))
+        if args.profile:
+            profile(models, net.input_shape.to_list(), 1)
+    print(f"\n{'network':<24}{'batch':>6}{'FLOPs red.':>11}{'full ms':>10}{'slim ms':>10}{'speed-up':>10}"
+          f"{'speed-up/red.':>15}")
+    for name, batch, reduction, tf, ts, speedup, ratio in rows:
+        flag = "ok" if ratio >= RATIO_TARGET else f"< {RATIO_TARGET}"
+        print(f"{name:<24}{batch:>6}{reduction:>10.2f}x{1e3 * tf:>10.2f}{1e3 * ts:>10.2f}{speedup:>9.2f}x"
+              f"{ratio:>15.2f}  {flag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

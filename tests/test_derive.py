@@ -1,0 +1,322 @@
+"""Derivation (nasdsl/derive): for binary gates, the slim network computes exactly what the
+hard-masked supernet computes, and its graph counts its parameters and FLOPs exactly, on every
+space in spaces/ and on the corner cases (a block or a whole residual layer pruned away, a layer
+that would lose every channel, gates after the activation), and it prints back to .space text
+that compiles to the same network."""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nasdsl.derive.derive import derive, slim_state_dict
+from nasdsl.graph import accounting
+from nasdsl.graph.printer import to_space
+from nasdsl.language.compiler import compile_file, compile_source
+from nasdsl.supernet.build import build_supernet, place_gates
+from nasdsl.supernet.network import NasNet
+from test_spaces import thop_macs  # conv + linear MACs only, as the graph counts them
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted((ROOT / "spaces").glob("*.space"))
+# ImageNet spaces at a low resolution, so the whole file stays fast (VGG-16 needs >= 32 px)
+LOW_RES = {"vgg16": 32, "resnet50": 32, "mobilenetv2": 32, "proxyless": 32}
+DENSITIES = ["0.9", "0.5", "0.1", "0.02", "mixed"]
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # thop's use of distutils
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: more threads only add synchronisation, and on a busy machine they wait on
+    each other (a 10x slowdown on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randomize(model: nn.Module, seed: int) -> None:
+    """Random BN statistics and affine parameters, biases and O(1) linear weights: a channel that
+    should be gone but leaks (a BN offset, a bias) shows up in the logits. The statistics start
+    from a calibration on random images, so the signal survives the depth of the network."""
+    g = gen(seed)
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, 1 / math.sqrt(m.in_features), generator=g)
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0, 0.1, generator=g)
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration batch
+        model.train()
+        model(torch.randn(8, *model.config["input"], generator=g))
+        model.eval()
+        for m in bns:
+            m.momentum = 0.1
+            std = m.running_var.sqrt()
+            m.running_mean.add_(0.2 * std * torch.randn(std.shape, generator=g))
+            m.running_var.mul_(torch.empty_like(std).uniform_(0.6, 1.5, generator=g))
+            m.weight.uniform_(0.4, 1.2, generator=g)
+            m.bias.normal_(0, 0.2, generator=g)
+
+
+@lru_cache(maxsize=None)
+def compiled(stem: str):
+    res = LOW_RES.get(stem)
+    return compile_file(ROOT / "spaces" / f"{stem}.space", {"resolution": str(res)} if res else None)
+
+
+@lru_cache(maxsize=None)
+def supernet(stem: str, placement: str = "after_bn"):
+    torch.manual_seed(0)
+    return build_supernet(compiled(stem), placement).eval()
+
+
+def random_masks(net, density: str, seed: int):
+    """Binary gates of a given density, or `mixed`: each group all off, sparse, half or all on."""
+    g = gen(seed)
+    masks = {}
+    for gate in net.gates():
+        if density == "mixed":
+            p = [0.0, 0.03, 0.5, 1.0][int(torch.randint(4, (1,), generator=g))]
+        else:
+            p = float(density)
+        masks[gate.key] = torch.rand(gate.channels, generator=g) < p
+    strength = {k: torch.randn(m.numel(), generator=g) for k, m in masks.items()}
+    return masks, strength
+
+
+def slim_and_masked(d, model: nn.Module, seed: int):
+    """The supernet with the effective masks, hard, and freshly randomised (its BN statistics
+    calibrated under these masks), and the slim module with the weights sliced from it."""
+    model.gate_set.load({k: torch.where(m, 1.0, -1.0) for k, m in d.masks.items()})
+    model.gate_set.set_mode("hard")
+    randomize(model, seed)
+    slim = NasNet(d.network.to_config()).eval()
+    slim.load_state_dict(slim_state_dict(d, model, slim))
+    return slim
+
+
+def assert_equivalent(d, model: nn.Module, batch: int = 2, seed: int = 2) -> torch.Tensor:
+    slim = slim_and_masked(d, model, seed)
+    x = torch.randn(batch, *d.network.input_shape.to_list(), generator=gen(seed + 1))
+    with torch.no_grad():
+        expected, got = model(x), slim(x)
+    scale = max(1.0, float(expected.abs().max()))
+    err = float((expected - got).abs().max())
+    assert err <= 1e-4 * scale, f"slim and masked supernet differ by {err:.3g} (logits up to {scale:.3g})"
+    return expected
+
+
+def assert_counts(d) -> None:
+    slim = NasNet(d.network.to_config())
+    cost = accounting.network_cost(d.network)
+    assert cost.params == sum(p.numel() for p in slim.parameters())
+    assert cost.flops == thop_macs(slim, d.network.input_shape.to_list())
+
+
+# ---- the invariant, on every space ------------------------------------------------------------
+def test_every_space_is_covered():
+    assert len(FILES) >= 8
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_slim_equals_masked_supernet(path, density):
+    net = compiled(path.stem)
+    model = supernet(path.stem)
+    masks, strength = random_masks(net, density, seed=zlib.crc32(f"{path.stem}:{density}".encode()))
+    d = derive(net, masks, strength)
+    logits = assert_equivalent(d, model)
+    assert logits.shape == (2, net.num_classes)
+    # meaningful: the two images get different logits (unless nearly every channel is gone: a
+    # layer of one channel, or VGG-16's BN-free stack at 10%, carries almost nothing of the image)
+    if density in ("0.9", "0.5"):
+        assert float((logits[0] - logits[1]).abs().max()) > 1e-4 * max(1.0, float(logits.abs().max()))
+    assert_counts(d)
+    full = accounting.network_cost(net)
+    cost = accounting.network_cost(d.network)
+    assert cost.flops <= full.flops and cost.params <= full.params
+    if density != "0.9":
+        assert cost.flops < full.flops
+    # the effective masks add a channel back only where a layer would lose all of them, and say so
+    kept_note = [n for n in d.notes if "kept its strongest channel" in n]
+    added = sum(int((d.masks[k] & ~masks[k]).sum()) for k in masks)
+    assert (added > 0) == bool(kept_note)
+
+
+# ---- corner cases --------------------------------------------------------------------------------
+CHOICES = """
+space choices(input=3, resolution=8, classes=4)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer a = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer b = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer c [residual=off] = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer down = conv(16, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+
+
+def _choices():
+    net = compile_source(CHOICES, "choices.space")
+    torch.manual_seed(0)
+    model = build_supernet(net).eval()
+    masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
+    return net, model, masks
+
+
+def test_pruned_block_and_pruned_residual_layer():
+    net, model, masks = _choices()
+    assert [l.shortcut is not None for l in net.layers[1:4]] == [True, True, False]
+    masks["a.b0.mid"][:] = False      # a's first block: its path is cut, so the whole block goes
+    masks["a.b1.out"][::2] = False    # a's second block keeps half its outputs
+    for key in ("b.b0.mid", "b.b0.out", "b.b1.mid", "b.b1.out"):
+        masks[key][:] = False          # every block of the residual layer b: b is the identity
+    d = derive(net, masks)
+    names = [l.name for l in d.network.layers]
+    assert "b" not in names and names == ["stem", "a", "c", "down", "classifier"]
+    assert any(re.search(r"layer b: every block was pruned; the layer is an identity and was removed", n)
+               for n in d.notes)
+    a = d.network.layers[1]
+    assert [blk.name for blk in a.blocks] == ["a.b1"] and a.shortcut is not None
+    assert a.blocks[0].index == (1, 3, 5, 7) and a.shortcut.index is None  # the residual keeps all 8
+    assert not d.masks["a.b0.out"].any()  # the cut block's output gate is closed too (effective masks)
+    assert_equivalent(d, model)
+    assert_counts(d)
+
+
+def test_residual_layer_reduced_to_its_shortcut():
+    """ResNet-56's stage transition with both gate groups closed: subsample + zero-pad remain."""
+    net = compiled("resnet56_cifar")
+    model = supernet("resnet56_cifar")
+    masks, strength = random_masks(net, "0.5", seed=4)
+    masks["s2.0.bn1"][:] = False
+    masks["s3.4.bn2"][:] = False   # a stride-1 block: its identity shortcut and the ReLU after the add
+    d = derive(net, masks, strength)
+    for name, kinds in (("s2.0", ["subsample", "act"]), ("s3.4", ["act"])):
+        assert f"layer {name}: every block was pruned; only its shortcut remains" in d.notes
+        layer = next(l for l in d.network.layers if l.name == name)
+        assert [op.kind for op in layer.blocks[0].ops] == kinds and layer.shortcut is None
+        assert layer.blocks[0].index is None
+    assert [l.width for l in d.network.layers if l.name == "s2.0"] == [16]  # only the shortcut's channels
+    assert_equivalent(d, model)
+    assert_counts(d)
+
+
+def test_emptied_layer_keeps_its_strongest_channel():
+    net = compiled("vgg16_cifar")
+    model = supernet("vgg16_cifar")
+    masks, strength = random_masks(net, "0.5", seed=5)
+    masks["conv3.1.bn"][:] = False
+    strength["conv3.1.bn"] = torch.linspace(-1, 0, 256)
+    strength["conv3.1.bn"][77] = 0.5          # every s <= 0, this one is the highest
+    d = derive(net, masks, strength)
+    kept = d.masks["conv3.1.bn"]
+    assert kept.sum() == 1 and bool(kept[77])
+    assert any("layer conv3.1:" in n and "kept its strongest channel" in n and "channel 77" in n for n in d.notes)
+    assert next(l for l in d.network.layers if l.name == "conv3.1").width == 1
+    assert_equivalent(d, model)
+    assert_counts(d)
+
+
+def test_emptied_multi_block_layer_reopens_the_strongest_path():
+    """Non-residual layer c loses everything: the strongest output channel over both blocks is kept
+    and, its block's path being cut, the strongest channel of the inner gate group reopens."""
+    net, model, masks = _choices()
+    for key in ("c.b0.mid", "c.b0.out", "c.b1.mid", "c.b1.out"):
+        masks[key][:] = False
+    strength = {k: torch.full((m.numel(),), -1.0) for k, m in masks.items()}
+    strength["c.b0.out"][2] = -0.5
+    strength["c.b1.out"][5] = -0.2        # the strongest output of the layer
+    strength["c.b1.mid"][11] = -0.3       # the strongest inner channel of that block
+    d = derive(net, masks, strength)
+    assert torch.equal(d.masks["c.b1.out"].nonzero().flatten(), torch.tensor([5]))
+    assert torch.equal(d.masks["c.b1.mid"].nonzero().flatten(), torch.tensor([11]))
+    assert not d.masks["c.b0.out"].any() and not d.masks["c.b0.mid"].any()
+    assert any("layer c:" in n and "c.b1, channel 5" in n for n in d.notes)
+    c = next(l for l in d.network.layers if l.name == "c")
+    assert c.width == 1 and [b.name for b in c.blocks] == ["c.b1"]
+    assert_equivalent(d, model)
+    assert_counts(d)
+
+
+@pytest.mark.parametrize("stem", ["resnet56_cifar", "mobilenetv2_cifar", "vgg16_cifar", "proxyless_cifar",
+                                  "vgg16"])
+def test_gates_after_the_activation_derive_exactly(stem):
+    net = compiled(stem)
+    model = supernet(stem, "after_act")
+    placed = place_gates(net, "after_act")
+    for density in ("0.5", "mixed"):
+        masks, strength = random_masks(net, density, seed=6)
+        d = derive(placed, masks, strength)
+        assert_equivalent(d, model)
+        # the slim network is the one the default placement derives: gates are gone either way
+        strip = lambda c: [[b["ops"] for b in l["blocks"]] for l in c["layers"]]  # noqa: E731
+        assert strip(d.network.to_config()) == strip(derive(net, masks, strength).network.to_config())
+    assert_counts(d)
+
+
+def test_gates_before_the_bn_derive_the_placed_graph():
+    """Conv-SS-BN: a closed channel still emits its BN's offset, which the slim network drops, so
+    derivation is exact once those offsets are zero. It must derive the graph the supernet was
+    built from (`place_gates`): the weight plans index that graph's ops."""
+    net = compiled("resnet56_cifar")
+    model = supernet("resnet56_cifar", "before_bn")
+    masks, strength = random_masks(net, "0.5", seed=8)
+    d = derive(place_gates(net, "before_bn"), masks, strength)
+    slim = slim_and_masked(d, model, seed=9)  # loads strictly: every weight found its op
+    with torch.no_grad():
+        for layer in model.layers:
+            for block in layer.blocks:
+                ops = list(block.ops)
+                for gate, bn in zip(ops, ops[1:]):
+                    if hasattr(gate, "key") and isinstance(bn, nn.BatchNorm2d):
+                        closed = ~d.masks[gate.key]
+                        bn.bias[closed] = bn.weight[closed] * bn.running_mean[closed] / torch.sqrt(
+                            bn.running_var[closed] + bn.eps)
+    x = torch.randn(2, 3, 32, 32, generator=gen(10))
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# ---- printing a derived network -------------------------------------------------------------------
+def _normalised(config: dict) -> dict:
+    """The config without block names and gate keys (the printer writes neither)."""
+    for layer in config["layers"]:
+        for block in layer["blocks"]:
+            block.pop("name")
+        for ops in [b["ops"] for b in layer["blocks"]] + [layer["post"]] + \
+                ([layer["shortcut"]["ops"]] if layer["shortcut"] else []):
+            for op in ops:
+                op.pop("key", None)
+    return config
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_derived_network_round_trips_through_space_text(path):
+    net = compiled(path.stem)
+    for density in ("0.3", "mixed"):
+        masks, strength = random_masks(net, density, seed=7)
+        d = derive(net, masks, strength)
+        text = to_space(d.network)
+        again = compile_source(text, f"{path.stem}_derived.space")
+        assert _normalised(again.to_config()) == _normalised(d.network.to_config())
+        assert accounting.network_cost(again) == accounting.network_cost(d.network)
+        assert not again.gates()
+    # and the supernet itself, gates included
+    again = compile_source(to_space(net), f"{path.stem}.space")
+    assert _normalised(again.to_config()) == _normalised(net.to_config())
+    assert [(g.channels, g.layer) for g in again.gates()] == [(g.channels, g.layer) for g in net.gates()]

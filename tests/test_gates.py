@@ -1,0 +1,448 @@
+"""The SS gate (DNAL section III): its maths in each mode, its fusion into the BN before it, where
+each placement puts it, Eq. 5 on a multi-block layer, the Eq. 4 penalty and its gradient, the
+delta and learning-rate schedules, and that a gate is one vectorised op whatever its width."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nasdsl.language.compiler import compile_source
+from nasdsl.search.recipe import ArchRecipe, StageRecipe
+from nasdsl.search.schedule import delta, learning_rate
+from nasdsl.supernet.build import GateSet, build_supernet, place_gates
+from nasdsl.supernet.gates import GatedBatchNorm1d, GatedBatchNorm2d, GateState, SSGate, fuse_gates_into_bn
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: more threads only add synchronisation, and on a busy machine they wait on
+    each other (a 10x slowdown on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randomize_bn(bn: nn.Module, g: torch.Generator) -> None:
+    """Non-trivial running statistics and affine parameters, so a BN check means something."""
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5, generator=g)
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.normal_(0, 0.5, generator=g)
+
+
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    g = gen(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            randomize_bn(m, g)
+
+
+# ---- gate maths ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (3, 5)], ids=["map", "flat"])
+def test_gate_modes(shape):
+    state = GateState()
+    gate = SSGate(5, "k", state)
+    with torch.no_grad():
+        gate.s.copy_(torch.tensor([-2.0, -0.1, 0.0, 0.3, 4.0]))
+    x = torch.randn(*shape, generator=gen())
+    view = (1, 5) + (1,) * (len(shape) - 2)
+
+    state.mode = "disabled"
+    assert gate.factor() is None
+    assert torch.equal(gate(x), x)
+
+    state.mode, state.delta = "soft", 2.5
+    expected = x * torch.sigmoid(2.5 * gate.s.detach()).view(view)
+    torch.testing.assert_close(gate(x), expected, rtol=0, atol=1e-7)
+    # per channel: channel c of every sample and pixel is scaled by sigmoid(delta * s_c)
+    for c in range(5):
+        torch.testing.assert_close(gate(x)[:, c], x[:, c] * torch.sigmoid(torch.tensor(2.5) * gate.s[c]))
+
+    state.mode = "hard"
+    out = gate(x)
+    assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))  # s <= 0 is off, s = 0 included
+    assert torch.equal(out[:, 3:], x[:, 3:])
+
+
+def test_soft_gate_gradient():
+    state = GateState("soft", 3.0)
+    gate = SSGate(4, "k", state)
+    with torch.no_grad():
+        gate.s.copy_(torch.tensor([-0.5, 0.0, 0.2, 1.0]))
+    x = torch.randn(2, 4, 3, 3, generator=gen())
+    gate(x).sum().backward()
+    sig = torch.sigmoid(3.0 * gate.s.detach())
+    torch.testing.assert_close(gate.s.grad, x.sum((0, 2, 3)) * 3.0 * sig * (1 - sig))
+
+
+def test_hard_gate_approaches_soft_as_delta_grows():
+    """The property the scaled sigmoid rests on: lim sigmoid(delta * s) = binary(s) (s != 0)."""
+    state = GateState("soft", 1e4)
+    gate = SSGate(6, "k", state)
+    with torch.no_grad():
+        gate.s.copy_(torch.tensor([-0.3, -0.01, -0.002, 0.002, 0.05, 2.0]))
+    soft = gate.factor()
+    state.mode = "hard"
+    torch.testing.assert_close(soft, gate.factor(), rtol=0, atol=1e-8)
+
+
+# ---- fusion into the BN ---------------------------------------------------------------------------
+def _fused_pair(bn: nn.Module, channels: int, state: GateState, seed: int):
+    """(fused BN, its gate, an unfused reference BN) with the same parameters and statistics."""
+    g = gen(seed)
+    randomize_bn(bn, g)
+    reference = copy.deepcopy(bn)
+    gate = SSGate(channels, "k", state)
+    with torch.no_grad():
+        gate.s.normal_(0, 1, generator=g)
+    seq = nn.Sequential(bn, gate)
+    assert fuse_gates_into_bn(seq) == 1
+    return seq, gate, reference
+
+
+@pytest.mark.parametrize("mode", ["disabled", "soft", "hard"])
+@pytest.mark.parametrize("flat", [False, True], ids=["bn2d", "bn1d"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_fused_gate_equals_bn_then_multiply(mode, flat, momentum):
+    channels = 6
+    bn = nn.BatchNorm1d(channels, momentum=momentum) if flat else nn.BatchNorm2d(channels, momentum=momentum)
+    state = GateState(mode, 1.7)
+    seq, gate, reference = _fused_pair(bn, channels, state, seed=1)
+    assert type(seq[0]) is (GatedBatchNorm1d if flat else GatedBatchNorm2d) and gate.fused
+    assert seq[0].gate is gate and "gate" not in dict(seq[0].named_children())  # not registered twice
+
+    def unfused(x):
+        y = reference(x)
+        f = gate.factor()
+        return y if f is None else y * f.view(1, -1, *([1] * (x.dim() - 2)))
+
+    g = gen(2)
+    shape = (8, channels) if flat else (4, channels, 5, 5)
+    for train in (True, True, True, False):  # three steps that update the statistics, then eval
+        seq.train(train)
+        reference.train(train)
+        x = torch.randn(*shape, generator=g) * 2 + 0.5
+        gate.s.grad = None
+        out, expected = seq(x), unfused(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        # gradients w.r.t. the gate and the BN's own parameters agree too
+        w = torch.randn(*shape, generator=g)
+        grads = torch.autograd.grad((out * w).sum(), [seq[0].weight, seq[0].bias, gate.s], allow_unused=True)
+        ref_grads = torch.autograd.grad((expected * w).sum(), [reference.weight, reference.bias, gate.s],
+                                        allow_unused=True)
+        for a, b in zip(grads[:2], ref_grads[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if mode == "soft":
+            torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-5, atol=1e-6)
+        # the statistics follow the un-gated batch, exactly as the plain BN's do
+        torch.testing.assert_close(seq[0].running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(seq[0].running_var, reference.running_var, rtol=1e-6, atol=1e-7)
+        assert int(seq[0].num_batches_tracked) == int(reference.num_batches_tracked)
+    assert int(reference.num_batches_tracked) == 3
+
+
+def test_fused_supernet_equals_unfused_supernet():
+    """The whole default supernet (gates fused) computes what the explicit Conv-BN-SS-ReLU chain does."""
+    net = compile_source(SPACE, "t.space")
+    fused = build_supernet(net)
+    after_bn = [g for g in net.gates() if g.key.endswith((".bn", ".mid", ".out"))]  # all but v's bare gate
+    assert sum(isinstance(m, (GatedBatchNorm1d, GatedBatchNorm2d)) for m in fused.modules()) == len(after_bn) == 4
+    plain = build_supernet(net)
+    for m in plain.modules():  # undo the fusion: plain BNs and gates that multiply
+        if isinstance(m, (GatedBatchNorm1d, GatedBatchNorm2d)):
+            m.__class__ = nn.BatchNorm1d if isinstance(m, nn.BatchNorm1d) else nn.BatchNorm2d
+            m.gate.fused = False
+            del m.gate
+    randomize(fused)
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for g in fused.gate_set.gates:
+            g.s.normal_(0, 1, generator=gen(3))
+    plain.gate_set.load(fused.gate_set.values())
+    x = torch.randn(4, 3, 8, 8, generator=gen(4))
+    for mode in ("disabled", "soft", "hard"):
+        for gs in (fused.gate_set, plain.gate_set):
+            gs.set_mode(mode)
+            gs.set_delta(2.0)
+        for train in (True, False):
+            fused.train(train)
+            plain.train(train)
+            torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused.buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+# ---- placements ------------------------------------------------------------------------------------
+SPACE = """
+space t(input=3, resolution=8, classes=5)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer a = conv(6, k=3) > bn > relu
+layer m = mbconv(8, k=3, e=2)
+layer v = conv(8, k=3, bias=on) > gate > relu
+layer h = flatten > linear(12) > bn > relu
+layer classifier = linear(classes)
+"""
+
+
+def _ops(model, net, layer):
+    i = [l.name for l in net.layers].index(layer)
+    return list(model.layers[i].blocks[0].ops)
+
+
+def _kinds(mods):
+    names = {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.BatchNorm1d: "bn", GatedBatchNorm2d: "bn+gate",
+             GatedBatchNorm1d: "bn+gate", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Linear: "linear",
+             nn.Flatten: "flatten"}
+    out = []
+    for m in mods:
+        if isinstance(m, SSGate):
+            out.append("(fused)" if m.fused else "gate")
+        else:
+            out.append(names[type(m)])
+    return out
+
+
+@pytest.mark.parametrize("placement,expected", [
+    ("after_bn", {"a": ["conv", "bn+gate", "(fused)", "relu"],
+                  "m": ["conv", "bn", "relu6", "conv", "bn+gate", "(fused)", "relu6", "conv", "bn+gate", "(fused)"],
+                  "h": ["flatten", "linear", "bn+gate", "(fused)", "relu"]}),
+    ("before_bn", {"a": ["conv", "gate", "bn", "relu"],
+                   "m": ["conv", "bn", "relu6", "conv", "gate", "bn", "relu6", "conv", "gate", "bn"],
+                   "h": ["flatten", "linear", "gate", "bn", "relu"]}),
+    ("after_act", {"a": ["conv", "bn", "relu", "gate"],
+                   "m": ["conv", "bn", "relu6", "conv", "bn", "relu6", "gate", "conv", "bn", "gate"],
+                   "h": ["flatten", "linear", "bn", "relu", "gate"]}),
+])
+def test_placements_put_the_gate_where_they_say(placement, expected):
+    net = compile_source(SPACE, "t.space")
+    model = build_supernet(net, placement)
+    for layer, kinds in expected.items():
+        assert _kinds(_ops(model, net, layer)) == kinds, layer
+    # a gate op without a BN before it stays before the activation unless placed after it
+    assert _kinds(_ops(model, net, "v")) == (["conv", "relu", "gate"] if placement == "after_act"
+                                             else ["conv", "gate", "relu"])
+    # same gates, same keys, same order, in the graph and in the model
+    placed = place_gates(net, placement)
+    assert [(g.key, g.channels) for g in placed.gates()] == [(g.key, g.channels) for g in net.gates()]
+    assert [g.key for g in model.gate_set.gates] == [g.key for g in net.gates()]
+    assert placed.to_config()["layers"][1]["blocks"][0]["ops"][-1]["kind"] == ("gate" if placement == "after_act"
+                                                                              else "act")
+
+
+def test_placements_compute_what_they_say():
+    """A hard-closed channel: after the BN or the activation it is 0; before the BN the BN's offset
+    (beta - gamma * mean / sqrt(var + eps)) goes through the activation."""
+    net = compile_source(SPACE, "t.space")
+    i = [l.name for l in net.layers].index("a")
+    x = torch.randn(2, 8, 8, 8, generator=gen(5))
+    outs, fulls = {}, {}
+    for placement in ("after_bn", "before_bn", "after_act"):
+        torch.manual_seed(0)  # the same weights under every placement
+        model = build_supernet(net, placement).eval()
+        randomize(model, seed=6)
+        with torch.no_grad():
+            model.gate_set.gates[0].s.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0]))
+        model.gate_set.set_mode("hard")
+        with torch.no_grad():
+            outs[placement] = model.layers[i](x)
+        model.gate_set.set_mode("disabled")
+        with torch.no_grad():
+            fulls[placement] = full = model.layers[i](x)
+        bn = next(m for m in model.layers[i].modules() if isinstance(m, nn.BatchNorm2d))
+    off = [1, 3]
+    on = [0, 2, 4, 5]
+    for placement in ("after_bn", "before_bn"):  # disabled, every placement is the same function
+        torch.testing.assert_close(fulls[placement], full)
+    for placement in ("after_bn", "after_act"):
+        assert torch.equal(outs[placement][:, off], torch.zeros_like(outs[placement][:, off]))
+        torch.testing.assert_close(outs[placement][:, on], full[:, on])
+    offset = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+    expected = F.relu(offset.detach())[off].view(1, -1, 1, 1).expand(2, -1, 8, 8)
+    torch.testing.assert_close(outs["before_bn"][:, off], expected)
+    torch.testing.assert_close(outs["before_bn"][:, on], full[:, on])
+
+
+# ---- Eq. 5: a layer of several blocks, with and without a residual -----------------------------------
+EQ5 = """
+space eq5(input=4, resolution=6, classes=3)
+layer plain = conv(8, k=3) > bn > relu | conv(8, k=1) > bn > relu | conv(8, k=5) > bn > relu
+layer res [residual=on] = conv(8, k=3) > bn > relu | conv(8, k=5) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+
+
+def _bn_eval(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
+    view = (1, -1, 1, 1)
+    return (y - bn.running_mean.view(view)) / torch.sqrt(bn.running_var.view(view) + bn.eps) \
+        * bn.weight.view(view) + bn.bias.view(view)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_eq5_multi_block_layer(mode):
+    """x^l = sum_i ReLU(x_i^l * sigmoid(delta s_i^l)) (+ the input where the layer is residual)."""
+    net = compile_source(EQ5, "eq5.space")
+    model = build_supernet(net).eval()
+    randomize(model, seed=7)
+    g = gen(8)
+    with torch.no_grad():
+        for gate in model.gate_set.gates:
+            gate.s.normal_(0, 0.5, generator=g)
+    model.gate_set.set_mode(mode)
+    model.gate_set.set_delta(2.0)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    with torch.no_grad():
+        h = x
+        for li, residual in ((0, False), (1, True)):
+            layer = model.layers[li]
+            expected = h.clone() if residual else torch.zeros(2, 8, 6, 6)
+            for block in layer.blocks:
+                conv, bn, gate, act = block.ops
+                assert isinstance(gate, SSGate) and bn.gate is gate
+                s = gate.s.view(1, -1, 1, 1)
+                p = torch.sigmoid(2.0 * s) if mode == "soft" else (s > 0).float()
+                expected += F.relu(_bn_eval(bn, F.conv2d(h, conv.weight, None, 1, conv.padding)) * p)
+            out = layer(h)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            h = out
+        assert len(model.layers[0].blocks) == 3 and model.layers[1].has_shortcut and not model.layers[0].has_shortcut
+
+
+# ---- Eq. 4: the penalty and its gradient --------------------------------------------------------------
+@pytest.mark.parametrize("form", ["scaled", "unscaled"])
+def test_penalty_and_gradient(form):
+    net = compile_source(SPACE, "t.space")
+    gs = build_supernet(net).gate_set
+    g = gen(9)
+    with torch.no_grad():
+        for gate in gs.gates:
+            gate.s.normal_(0, 0.7, generator=g)
+    d = 3.5
+    gs.set_delta(d)
+    for mode in ("disabled", "soft", "hard"):  # the penalty does not depend on the forward mode
+        gs.set_mode(mode)
+        for gate in gs.gates:
+            gate.s.grad = None
+        p = gs.penalty(form)
+        scale = d if form == "scaled" else 1.0
+        s = torch.cat([gate.s.detach() for gate in gs.gates])
+        assert s.numel() == gs.channels == sum(gate.channels for gate in net.gates())
+        torch.testing.assert_close(p, torch.sigmoid(scale * s).sum())
+        p.backward()
+        for gate in gs.gates:
+            sig = torch.sigmoid(scale * gate.s.detach())
+            torch.testing.assert_close(gate.s.grad, scale * sig * (1 - sig))
+    gs.reset()
+    assert float(gs.penalty(form).detach()) == pytest.approx(0.5 * gs.channels)  # s = 0: every gate at 1/2
+
+
+def test_penalty_only_touches_gates():
+    net = compile_source(SPACE, "t.space")
+    model = build_supernet(net)
+    model.gate_set.penalty().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == name.endswith(".s"), name
+
+
+# ---- schedules ----------------------------------------------------------------------------------------
+def arch(schedule="iteration", start=1.0, end=1e4):
+    return ArchRecipe(epochs=5, lr=0.1, momentum=0.9, lambda_a=1e-4, delta_start=start, delta_end=end,
+                      delta_schedule=schedule)
+
+
+@pytest.mark.parametrize("start,end", [(1.0, 1e4), (0.5, 200.0)])
+def test_delta_per_iteration(start, end):
+    cfg, spe, epochs = arch("iteration", start, end), 7, 5
+    values = [delta(cfg, step, spe, epochs) for step in range(spe * epochs)]
+    assert values[0] == pytest.approx(start, rel=1e-12)
+    assert values[-1] == pytest.approx(end, rel=1e-12)
+    assert all(b > a for a, b in zip(values, values[1:]))  # strictly increasing
+    # exponential growth: log delta is linear in the step
+    logs = [math.log(v) for v in values]
+    steps = [b - a for a, b in zip(logs, logs[1:])]
+    assert max(steps) - min(steps) < 1e-9
+    assert delta(cfg, spe * epochs + 10, spe, epochs) == pytest.approx(end)  # clamped after the end
+
+
+def test_delta_per_epoch():
+    cfg, spe, epochs = arch("epoch"), 7, 5
+    values = [delta(cfg, step, spe, epochs) for step in range(spe * epochs)]
+    per_epoch = [values[e * spe:(e + 1) * spe] for e in range(epochs)]
+    assert all(len(set(v)) == 1 for v in per_epoch)  # constant within an epoch
+    firsts = [v[0] for v in per_epoch]
+    assert firsts[0] == pytest.approx(1.0) and firsts[-1] == pytest.approx(1e4)
+    assert all(b > a for a, b in zip(firsts, firsts[1:]))
+    assert firsts == pytest.approx([10.0 ** e for e in range(5)])  # 1, 10, ..., 1e4 over 5 epochs
+
+
+def test_delta_degenerate_lengths():
+    assert delta(arch("iteration"), 0, 1, 1) == pytest.approx(1e4)   # a single step trains at delta_end
+    assert delta(arch("epoch"), 3, 10, 1) == pytest.approx(1e4)
+
+
+def stage(schedule, **kw):
+    return StageRecipe(**{"epochs": 10, "lr": 0.1, "schedule": schedule, "momentum": 0.9, "weight_decay": 0.0, **kw})
+
+
+def test_learning_rate_schedules():
+    spe = 4
+    total = 10 * spe
+    # constant
+    assert {learning_rate(stage("constant"), s, spe) for s in range(total)} == {0.1}
+    # an architecture stage (no `schedule`) keeps its lr
+    assert {learning_rate(arch(), s, spe) for s in range(total)} == {0.1}
+    # cosine: starts at lr, decreases monotonically, ends near 0 (never below)
+    cos = [learning_rate(stage("cosine"), s, spe) for s in range(total)]
+    assert cos[0] == pytest.approx(0.1)
+    assert all(b <= a for a, b in zip(cos, cos[1:])) and 0 < cos[-1] < 0.1 * 0.01
+    assert cos[total // 2] == pytest.approx(0.05)
+    # step: times gamma at each milestone epoch
+    st = [learning_rate(stage("step", milestones=[3, 7], gamma=0.1), s, spe) for s in range(total)]
+    assert st[3 * spe - 1] == pytest.approx(0.1) and st[3 * spe] == pytest.approx(0.01)
+    assert st[7 * spe - 1] == pytest.approx(0.01) and st[7 * spe] == pytest.approx(0.001)
+    # linear warm-up inside the epochs, then the schedule starts at the full lr
+    warm = [learning_rate(stage("cosine", warmup_epochs=2), s, spe) for s in range(total)]
+    assert warm[:2 * spe] == pytest.approx([0.1 * (s + 1) / (2 * spe) for s in range(2 * spe)])
+    assert warm[2 * spe] == pytest.approx(0.1)
+    assert all(b <= a for a, b in zip(warm[2 * spe:], warm[2 * spe + 1:]))
+
+
+# ---- vectorised: no Python loop over channels -------------------------------------------------------
+def _aten_ops(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_gate_is_one_vectorised_op_whatever_its_width(mode):
+    """The op count of a gate's forward (alone, fused into a BN, and of the penalty) is the same for
+    10 and for 10,000 channels, and small: no per-channel Python loop anywhere."""
+    counts = {}
+    for channels in (10, 10_000):
+        state = GateState(mode, 5.0)
+        gate = SSGate(channels, "k", state)
+        x = torch.randn(2, channels, 2, 2)
+        bn = nn.Sequential(nn.BatchNorm2d(channels), SSGate(channels, "k2", state)).eval()
+        fuse_gates_into_bn(bn)
+        holder = nn.Module()
+        holder.a, holder.b = gate, bn[1]
+        gs = GateSet(holder, state)
+        with torch.no_grad():
+            counts[channels] = (_aten_ops(lambda: gate(x)), _aten_ops(lambda: bn(x)),
+                                _aten_ops(lambda: gs.penalty("scaled")))
+    assert counts[10] == counts[10_000], counts
+    assert all(c <= 30 for c in counts[10_000]), counts
