@@ -101,6 +101,7 @@ class Search:
                             "histograms": [], "notes": []}
         self.model: nn.Module | None = None
         self.derivation: Derivation | None = None
+        self.optimizer_state: dict | None = None  # from a checkpoint, for the stage it was saved in
 
     # ---- run folder ------------------------------------------------------------------------
     def prepare_folder(self) -> None:
@@ -219,7 +220,7 @@ class Search:
         if self.world.distributed:
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if getattr(self, "optimizer_state", None) is not None and self.state["epoch"] > 0:
+        if self.optimizer_state is not None and self.state["epoch"] > 0:
             optimizer.load_state_dict(self.optimizer_state)
         self.optimizer_state = None
         smoothing = getattr(lr_cfg, "label_smoothing", 0.0)
@@ -339,7 +340,7 @@ class Search:
             p.requires_grad_(True)
         optimizer = torch.optim.SGD(gate_set.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
-        if self.state["epoch"] == 0 and (cfg.bn == "recalibrated" or getattr(self, "recalibrate", False)):
+        if self.state["epoch"] == 0 and cfg.bn == "recalibrated":
             gate_set.set_delta(cfg.delta_start)
             self.recalibrate_bn(stage_index=self.stages.index("architecture"))
         lam = cfg.lambda_a
