@@ -29,17 +29,8 @@ FILES = sorted((ROOT / "spaces").glob("*.space"))
 LOW_RES = {"vgg16": 32, "resnet50": 32, "mobilenetv2": 32, "proxyless": 32}
 DENSITIES = ["0.9", "0.5", "0.1", "0.02", "mixed"]
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # thop's use of distutils
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: more threads only add synchronisation, and on a busy machine they wait on
-    each other (a 10x slowdown on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # thop's use of distutils
+              pytest.mark.usefixtures("one_thread")]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -206,14 +197,36 @@ def test_residual_layer_reduced_to_its_shortcut():
     masks["s2.0.bn1"][:] = False
     masks["s3.4.bn2"][:] = False   # a stride-1 block: its identity shortcut and the ReLU after the add
     d = derive(net, masks, strength)
-    for name, kinds in (("s2.0", ["subsample", "act"]), ("s3.4", ["act"])):
-        assert f"layer {name}: every block was pruned; only its shortcut remains" in d.notes
-        layer = next(l for l in d.network.layers if l.name == name)
-        assert [op.kind for op in layer.blocks[0].ops] == kinds and layer.shortcut is None
-        assert layer.blocks[0].index is None
-    assert [l.width for l in d.network.layers if l.name == "s2.0"] == [16]  # only the shortcut's channels
+    # the ReLU after the add acts on the previous layer's ReLU output: it changes nothing, so it goes
+    assert "layer s2.0: every block was pruned; only its shortcut remains" in d.notes
+    layer = next(l for l in d.network.layers if l.name == "s2.0")
+    assert [op.kind for op in layer.blocks[0].ops] == ["subsample"] and layer.shortcut is None
+    assert layer.blocks[0].index is None and layer.width == 16  # only the shortcut's channels
+    assert "layer s3.4: every block was pruned; the layer is an identity and was removed" in d.notes
+    assert "s3.4" not in [l.name for l in d.network.layers]
     assert_equivalent(d, model)
     assert_counts(d)
+
+
+def test_a_block_that_starts_with_an_activation_leaves_the_layer_input_alone():
+    """In place, that activation would overwrite what the other blocks read and what autograd saved
+    (a derived layer can be a bare activation: a shortcut-only layer closed by hswish)."""
+    net = compile_source("""
+space t(input=3, resolution=8, classes=10)
+layer stem [gate=off] = conv(8, k=3) > bn
+layer a [gate=off] = hswish | conv(8, k=1)
+layer b [gate=off] = relu
+layer classifier = gap > linear(classes)
+""", "t.space")
+    torch.manual_seed(0)
+    model = NasNet(net.to_config()).train()
+    x = torch.randn(4, 3, 8, 8)
+    stem = model.layers[0](x)
+    a = model.layers[1]
+    expected = torch.nn.functional.hardswish(stem) + a.blocks[1](stem)
+    assert torch.allclose(a(stem.clone()), expected)
+    model(x).sum().backward()  # an in-place op on a saved tensor would raise here
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_emptied_layer_keeps_its_strongest_channel():

@@ -17,16 +17,7 @@ from nasdsl.search.schedule import delta, learning_rate
 from nasdsl.supernet.build import GateSet, build_supernet, place_gates
 from nasdsl.supernet.gates import GatedBatchNorm1d, GatedBatchNorm2d, GateState, SSGate, fuse_gates_into_bn
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: more threads only add synchronisation, and on a busy machine they wait on
-    each other (a 10x slowdown on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:

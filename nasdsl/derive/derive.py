@@ -9,7 +9,8 @@ Two passes over the graph:
 2. `derive`: per layer, forward liveness (which channels can be non-zero) meets backward need
    (which channels a later op reads); every op keeps live-and-needed channels. Blocks of one
    layer that keep different channels are summed into the union by index, a residual layer
-   whose blocks all vanish becomes its shortcut alone (identity: depth is learned).
+   whose blocks all vanish becomes its shortcut alone (identity: depth is learned). Its
+   activation goes too when the input is already in the activation's range (ReLU after ReLU).
 Weights are sliced op by op (`slim_state_dict`).
 """
 from __future__ import annotations
@@ -160,11 +161,34 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
     return out_ops, plans
 
 
+# act -> the input ranges on which it is the identity (the activations whose output it leaves as is)
+_IDLE_ON = {"relu": ("relu", "relu6"), "relu6": ("relu6",), "identity": ("relu", "relu6", "hswish", None)}
+
+
+def _range_after(ops, in_range: str | None) -> str | None:
+    """The activation whose output range a tensor is in after `ops`, given the one it was in."""
+    for op in ops:
+        if op.kind == "act":
+            in_range = in_range if op.attrs["fn"] == "identity" else op.attrs["fn"]
+        elif op.kind not in ("subsample", "select", "maxpool", "dropout"):  # these keep every value's range
+            in_range = None
+    return in_range
+
+
+def _drop_idle_activations(post: tuple, plan: list, in_range: str | None) -> tuple[tuple, list]:
+    """The layer-closing ops without the activations that cannot change their input: relu on the
+    output of a relu. Once a residual layer's blocks are gone, that is what makes it an identity."""
+    kept = [(op, pl) for op, pl in zip(post, plan)
+            if not (op.kind == "act" and in_range in _IDLE_ON.get(op.attrs["fn"], ()))]
+    return tuple(op for op, _ in kept), [pl for _, pl in kept]
+
+
 def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None = None) -> Derivation:
     """The slim network for these binary gate masks (key -> bool tensor), and its weight plans."""
     masks, notes = repair_masks(net, masks, strength)
     layers, plans = [], []
     layout: Channels = tuple(range(net.input_shape.channels))
+    in_range: str | None = None  # the activation whose output the current tensor is (its values' range)
     for li, layer in enumerate(net.layers):
         live_in = set(layout)
         kept_blocks = []
@@ -210,6 +234,8 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         post_plan = [OpPlan((li, "post", k), out_layout, out_layout) for k in range(len(post))]
         in_shape, out_shape = _shape(layer.in_shape, len(layout)), _shape(layer.out_shape, width)
         if not blocks:  # every block vanished: what is left is the shortcut (and the ops after it)
+            if all(op.kind == "subsample" for op in shortcut.ops):  # values pass unchanged
+                post, post_plan = _drop_idle_activations(post, post_plan, in_range)
             if not shortcut.ops and not post:
                 notes.append(f"layer {layer.name}: every block was pruned; the layer is an identity and was removed")
                 layout = out_layout
@@ -220,6 +246,8 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         layers.append(Layer(layer.name, tuple(blocks), in_shape, out_shape, shortcut, post))
         plans.append({"blocks": block_plans, "shortcut": sc_plan, "post": post_plan})
         layout = out_layout
+        in_range = (_range_after((*blocks[0].ops, *post), in_range) if len(blocks) == 1 and not shortcut
+                    else _range_after(post, None))
     slim = replace(net, layers=tuple(layers))
     return Derivation(slim, plans, masks, notes)
 

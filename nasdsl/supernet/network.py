@@ -43,12 +43,30 @@ class Subsample(nn.Module):
         return x[:, :, ::self.stride, ::self.stride]
 
 
-def _act(fn: str) -> nn.Module:
-    return {"relu": lambda: nn.ReLU(inplace=True), "relu6": lambda: nn.ReLU6(inplace=True),
-            "hswish": lambda: nn.Hardswish(inplace=True), "identity": nn.Identity}[fn]()
+def _act(fn: str, inplace: bool) -> nn.Module:
+    return {"relu": lambda: nn.ReLU(inplace=inplace), "relu6": lambda: nn.ReLU6(inplace=inplace),
+            "hswish": lambda: nn.Hardswish(inplace=inplace), "identity": nn.Identity}[fn]()
 
 
-def build_op(cfg: dict, gate_factory: Optional[Callable] = None) -> nn.Module:
+# ops whose output is always a new tensor (never their input or a view of it)
+_ALLOCATING = ("conv", "bn", "linear", "maxpool", "avgpool", "gap", "select")
+
+
+def build_chain(cfgs: List[dict], gate_factory: Optional[Callable] = None, fresh: bool = False):
+    """An nn.Sequential of ops, and whether its output is a tensor it allocated itself.
+
+    An activation works in place only on a tensor the chain made (`fresh`): in place on the
+    chain's input, or on a view of it, it would overwrite what the other blocks, the shortcut or
+    autograd still read (a derived layer can be a bare activation on its input).
+    """
+    ops = []
+    for cfg in cfgs:
+        ops.append(build_op(cfg, gate_factory, inplace=fresh))
+        fresh = fresh or cfg["kind"] in _ALLOCATING or (cfg["kind"] == "act" and cfg["fn"] != "identity")
+    return nn.Sequential(*ops), fresh
+
+
+def build_op(cfg: dict, gate_factory: Optional[Callable] = None, inplace: bool = False) -> nn.Module:
     kind = cfg["kind"]
     if kind == "conv":
         return nn.Conv2d(cfg["in"], cfg["out"], cfg["k"], cfg["stride"], cfg["padding"],
@@ -57,7 +75,7 @@ def build_op(cfg: dict, gate_factory: Optional[Callable] = None) -> nn.Module:
         bn = nn.BatchNorm1d if cfg["flat"] else nn.BatchNorm2d
         return bn(cfg["in"], eps=cfg["eps"], momentum=cfg["momentum"])
     if kind == "act":
-        return _act(cfg["fn"])
+        return _act(cfg["fn"], inplace)
     if kind == "gate":
         return gate_factory(cfg["in"], cfg["key"]) if gate_factory else nn.Identity()
     if kind == "linear":
@@ -83,10 +101,28 @@ def _index(index: Optional[List[int]]) -> torch.Tensor:
     return torch.tensor(index if index is not None else [], dtype=torch.long)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _index_add(base: torch.Tensor, index: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """base with y's channels added at `index`. A channels-last map is scattered along its last
+    memory dimension: index_add over dim 1 of one is several times slower and returns a contiguous
+    map, which makes every following conv reorder it."""
+    if _channels_last(base):
+        nhwc, y_nhwc = base.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)
+        out = nhwc.index_add_(3, index, y_nhwc) if inplace else nhwc.index_add(3, index, y_nhwc)
+        return out.permute(0, 3, 1, 2)
+    return base.index_add_(1, index, y) if inplace else base.index_add(1, index, y)
+
+
+torch.fx.wrap("_index_add")  # a leaf for torch.fx: its memory-format test is not traceable control flow
+
+
 def _add_at(base: torch.Tensor, y: torch.Tensor, index: torch.Tensor, has_index: bool) -> torch.Tensor:
     """base + y, where y's channels land on `index` of base's when the widths differ."""
     if has_index:
-        return base.index_add(1, index, y)
+        return _index_add(base, index, y, False)
     return base + y
 
 
@@ -94,8 +130,7 @@ def _zeros(like: torch.Tensor, width: int, spatial: bool) -> torch.Tensor:
     """Zeros of `width` channels, in `like`'s memory format: a channels-last map stays channels-last
     (new_zeros would give a contiguous one, and every conv after it would pay a reorder)."""
     if spatial:
-        channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = torch.channels_last if _channels_last(like) else torch.contiguous_format
         return torch.empty([like.size(0), width, like.size(2), like.size(3)], dtype=like.dtype,
                            device=like.device, memory_format=fmt).zero_()
     return like.new_zeros(like.size(0), width)
@@ -109,7 +144,7 @@ class Shortcut(nn.Module):
 
     def __init__(self, cfg: dict, gate_factory=None):
         super().__init__()
-        self.ops = nn.Sequential(*[build_op(o, gate_factory) for o in cfg["ops"]])
+        self.ops, _ = build_chain(cfg["ops"], gate_factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops(x)
@@ -120,7 +155,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: dict, gate_factory=None):
         super().__init__()
-        self.ops = nn.Sequential(*[build_op(o, gate_factory) for o in cfg["ops"]])
+        self.ops, self.fresh = build_chain(cfg["ops"], gate_factory)
         self.has_index = cfg["index"] is not None
         self.register_buffer("index", _index(cfg["index"]), persistent=False)
 
@@ -141,8 +176,9 @@ class Layer(nn.Module):
         self.sc_has_index = self.has_shortcut and cfg["shortcut"]["index"] is not None
         self.register_buffer("sc_index", _index(cfg["shortcut"]["index"] if self.sc_has_index else None),
                              persistent=False)
-        self.post = nn.Sequential(*[build_op(o, gate_factory) for o in cfg["post"]])
         self.simple = len(self.blocks) == 1 and not self.has_shortcut and not cfg["blocks"][0]["index"]
+        # the sum (or the scatter into zeros) is a new tensor; a lone block's output may be x itself
+        self.post, _ = build_chain(cfg["post"], gate_factory, fresh=not self.simple or self.blocks[0].fresh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.simple:
@@ -160,7 +196,7 @@ class Layer(nn.Module):
     def _accumulate(self, out: Optional[torch.Tensor], y: torch.Tensor, index: torch.Tensor,
                     has_index: bool) -> torch.Tensor:
         if out is None:
-            return _zeros(y, self.width, self.spatial).index_add_(1, index, y) if has_index else y
+            return _index_add(_zeros(y, self.width, self.spatial), index, y, True) if has_index else y
         return _add_at(out, y, index, has_index)
 
 
@@ -184,7 +220,7 @@ class NasNet(nn.Module):
         if (len(last["blocks"]) != 1 or last["shortcut"] or last["post"] or block["index"]
                 or block["ops"][-1]["kind"] != "linear"):
             raise ValueError("the last layer must be a single chain of ops ending in a linear classifier")
-        self.head = nn.Sequential(*[build_op(o, gate_factory) for o in block["ops"][:-1]])
+        self.head, _ = build_chain(block["ops"][:-1], gate_factory)
         self.classifier: nn.Module = build_op(block["ops"][-1])
         self.feature_layers = _feature_layer_count(config)
         self.num_classes = config["num_classes"]
