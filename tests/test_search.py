@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nasdsl.search.dnal import Search, SearchJob
+from nasdsl.search.dnal import Search, SearchJob, settle_gates
 from nasdsl.search.recipe import load_recipe
 
 TINY = """
@@ -124,7 +124,21 @@ def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path, bn):
     s = search.model.gate_set.flat_s().detach().double()
     g = torch.sigmoid(1e4 * s)
     assert bool(((g < 1e-6) | (g > 1 - 1e-6)).all())
+    assert not any("not yet binary" in note for note in search.state["notes"])  # the optimizer did it alone
     assert search.model.gate_set.state.mode == "hard"
+
+
+def test_settle_gates_binarises_stranded_gates_without_changing_a_decision():
+    s = {"a": torch.tensor([2e-3, 1e-4, 0.0, -1e-4, -3e-3, 0.5]), "b": torch.tensor([1e-4, -1e-4])}
+    masks = {"a": s["a"] > 0, "b": torch.tensor([False, True])}  # derivation closed b[0], reopened b[1]
+    settled, stranded = settle_gates(s, masks, delta_end=1e4)
+    assert stranded == 3  # a's 1e-4, 0.0 and -1e-4; b's were repaired, not stranded
+    for key in s:
+        assert torch.equal(settled[key] > 0, masks[key])
+        g = torch.sigmoid(1e4 * settled[key].double())
+        assert bool(((g < 1e-6) | (g > 1 - 1e-6)).all())
+    assert settled["a"][0] == s["a"][0] and settled["a"][-1] == s["a"][-1]  # binary gates are left alone
+    assert s["a"][1] == 1e-4  # the input is not modified
 
 
 def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, tmp_path):

@@ -7,6 +7,7 @@ of the step, so a resumed run follows exactly the path of an uninterrupted one.
 from __future__ import annotations
 
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -414,17 +415,18 @@ class Search:
         gate_set = self.model.gate_set
         s = gate_set.values()
         derivation = derive(self.searched_graph(), {k: v > 0 for k, v in s.items()}, s)
-        # the effective masks may reopen a channel or close a cut block: apply them to the supernet
-        for key, mask in derivation.masks.items():
-            current = s[key] > 0
-            if not torch.equal(mask.cpu(), current.cpu()):
-                s[key] = torch.where(mask.to(s[key].device), s[key].abs().clamp_min(1e-3), -s[key].abs().clamp_min(1e-3))
+        s, stranded = settle_gates(s, derivation.masks, self.recipe.architecture.delta_end)
         gate_set.load(s)
         gate_set.set_mode("hard")
         self.derivation = derivation
         self.state["gates"] = {k: v.detach().cpu() for k, v in s.items()}
         self.state["notes"] = list(derivation.notes)
-        for note in derivation.notes:
+        if stranded:
+            self.state["notes"].append(
+                f"{stranded} gate(s) ended the architecture stage not yet binary at delta "
+                f"{self.recipe.architecture.delta_end:g} (|s| too small); each was moved just outside that band "
+                f"on its own side, so it stays kept or closed as before")
+        for note in self.state["notes"]:
             self.say(f"note: {note}")
         if "searched" not in self.state["results"]:
             cost = network_cost(derivation.network)
@@ -519,6 +521,24 @@ class Search:
             plot_gate_distribution(self.state["histograms"], self.job.out / "gate_distribution.png")
         if self.derivation is not None:
             plot_kept_channels(self.network, self.derivation.masks, self.job.out / "kept_channels.png")
+
+
+def settle_gates(s: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                 delta_end: float) -> tuple[dict[str, torch.Tensor], int]:
+    """The final gates: each s on the side of zero its effective mask says, and out of the band where
+    sigmoid(delta_end * s) is not yet within BINARY_TOLERANCE of 0 or 1.
+
+    The masks may differ from s > 0 (derivation reopens a channel or closes a cut block). A few gates
+    end the search inside the band because sigmoid' vanishes there as delta grows faster than s moves;
+    settling them changes no decision. Returns the new values and how many such stranded gates moved.
+    """
+    margin = math.log(10 / BINARY_TOLERANCE) / delta_end  # a gate within tolerance / 10
+    settled, stranded = {}, 0
+    for key, v in s.items():
+        keep = masks[key].to(v.device) if key in masks else v > 0
+        stranded += int(((v > 0) == keep).logical_and(v.abs() < margin).sum())
+        settled[key] = torch.where(keep, v.clamp_min(margin), v.clamp_max(-margin))
+    return settled, stranded
 
 
 def _identifier(name: str) -> str:
