@@ -15,11 +15,15 @@ torch.inference_mode, after a warm-up, alternating the two (A B B A ...), median
 Prints FLOPs reduction, measured speed-up and their ratio (target >= 0.7) at batch 64 and batch 1;
 `--profile` adds the top ops of each network at batch 1; `--depth` adds, for ResNet-56, the other
 structured outcome: whole blocks pruned (each derives to its shortcut), the rest at full width.
+`--runs RUN...` adds finished `nasdsl search` runs: the derived model a DNAL search actually found
+(RUN/model), timed against the unpruned network of the run's space and settings (random weights:
+speed does not depend on them).
 On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -125,6 +129,18 @@ def build_pair(name: str, target: float, scheme: str = "width"):
     return net, d, f, full, slim
 
 
+def run_pair(run: Path):
+    """The unpruned network of a search run (its space, its settings) and the derived model it found."""
+    from nasdsl.export.load import load
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    net = compile_file(manifest["space"], manifest["space_overrides"])
+    torch.manual_seed(0)
+    full = NasNet(net.to_config()).eval()
+    return net, full, load(run), summary["baseline"]["flops"] / summary["derived"]["flops"]
+
+
 def latency(models: dict, shape, batch: int, repeats: int, warmup: int) -> dict[str, float]:
     x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
     times = {k: [] for k in models}
@@ -180,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--networks", nargs="*", default=NETWORKS)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--runs", nargs="*", type=Path, default=[],
+                    help="finished search runs: time the derived model each found against its unpruned network")
     ap.add_argument("--depth", action="store_true",
                     help="also the depth scheme for residual networks: whole blocks pruned, the rest at full width")
     args = ap.parse_args(argv)
@@ -192,6 +210,7 @@ def main(argv=None) -> int:
     runs = [(name, "width") for name in args.networks]
     if args.depth:
         runs += [(name, "depth") for name in args.networks if name.startswith("resnet")]
+    pairs = []
     for name, scheme in runs:
         net, d, f, full, slim = build_pair(name, args.target, scheme)
         full_cost, slim_cost = accounting.network_cost(net), accounting.network_cost(d.network)
@@ -205,6 +224,14 @@ def main(argv=None) -> int:
             print(f"  note: {note}")
         if len(d.notes) > 3:
             print(f"  ... and {len(d.notes) - 3} more notes")
+        pairs.append((label, net, full, slim, reduction))
+    for run in args.runs:
+        net, full, slim, reduction = run_pair(run)
+        label = f"{net.name} (run {run.name})"
+        print(f"\n{label}: the derived model of {run}; {reduction:.2f}x fewer FLOPs, "
+              f"{len(slim.layers)} of {len(full.layers)} layers left")
+        pairs.append((label, net, full, slim, reduction))
+    for label, net, full, slim, reduction in pairs:
         models = {"full": full.to(memory_format=torch.channels_last),
                   "slim": slim.to(memory_format=torch.channels_last)}
         for batch in args.batches:
