@@ -245,11 +245,11 @@ def main(argv=None) -> int:
             rows.append((label, batch, reduction, t["full"], t["slim"], speedup, speedup / reduction))
         if args.profile:
             profile(models, net.input_shape.to_list(), 1)
-    print(f"\n{'network':<24}{'batch':>6}{'FLOPs red.':>11}{'full ms':>10}{'slim ms':>10}{'speed-up':>10}"
+    print(f"\n{'network':<34}{'batch':>6}{'FLOPs red.':>11}{'full ms':>10}{'slim ms':>10}{'speed-up':>10}"
           f"{'speed-up/red.':>15}")
     for name, batch, reduction, tf, ts, speedup, ratio in rows:
         flag = "ok" if ratio >= RATIO_TARGET else f"< {RATIO_TARGET}"
-        print(f"{name:<24}{batch:>6}{reduction:>10.2f}x{1e3 * tf:>10.2f}{1e3 * ts:>10.2f}{speedup:>9.2f}x"
+        print(f"{name:<34}{batch:>6}{reduction:>10.2f}x{1e3 * tf:>10.2f}{1e3 * ts:>10.2f}{speedup:>9.2f}x"
               f"{ratio:>15.2f}  {flag}")
     return 0
 
