@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from nasdsl.graph.ir import Block, Layer, Network, Op, Shape, Shortcut
-from nasdsl.graph.ops import is_depthwise
+from nasdsl.graph.ops import OPS, is_depthwise
 
 Channels = tuple[int, ...]
 
@@ -170,7 +170,7 @@ def _range_after(ops, in_range: str | None) -> str | None:
     for op in ops:
         if op.kind == "act":
             in_range = in_range if op.attrs["fn"] == "identity" else op.attrs["fn"]
-        elif op.kind not in ("subsample", "select", "maxpool", "dropout"):  # these keep every value's range
+        elif not OPS[op.kind].keeps_values:
             in_range = None
     return in_range
 
@@ -234,7 +234,7 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         post_plan = [OpPlan((li, "post", k), out_layout, out_layout) for k in range(len(post))]
         in_shape, out_shape = _shape(layer.in_shape, len(layout)), _shape(layer.out_shape, width)
         if not blocks:  # every block vanished: what is left is the shortcut (and the ops after it)
-            if all(op.kind == "subsample" for op in shortcut.ops):  # values pass unchanged
+            if all(OPS[op.kind].keeps_values for op in shortcut.ops):
                 post, post_plan = _drop_idle_activations(post, post_plan, in_range)
             if not shortcut.ops and not post:
                 notes.append(f"layer {layer.name}: every block was pruned; the layer is an identity and was removed")

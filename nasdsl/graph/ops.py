@@ -24,6 +24,9 @@ class OpKind:
     # channelwise ops map channel c of the input to channel c of the output and nothing else;
     # derivation relies on this to carry channel sets through them.
     channelwise: bool = True
+    # every output value is one of the input values (a view, a subset, a maximum): a tensor keeps
+    # its range through the op, so a ReLU after it on a ReLU's output changes nothing
+    keeps_values: bool = False
 
 
 def _need_map(shape: Shape, what: str) -> None:
@@ -101,15 +104,15 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("bn", _same, lambda a, i, o: 2 * i.channels),
     OpKind("act", _same),
     OpKind("gate", _same),
-    OpKind("dropout", _same),
-    OpKind("maxpool", _pool_infer),
+    OpKind("dropout", _same, keeps_values=True),  # at inference, where derivation's equivalence holds
+    OpKind("maxpool", _pool_infer, keeps_values=True),
     OpKind("avgpool", _pool_infer),
     OpKind("gap", _gap_infer),
-    OpKind("subsample", _subsample_infer),
-    OpKind("flatten", _flatten_infer, channelwise=False),
+    OpKind("subsample", _subsample_infer, keeps_values=True),
+    OpKind("flatten", _flatten_infer, channelwise=False, keeps_values=True),
     # keeps the listed input channels, in order (derivation emits it where a depthwise conv loses
     # channels of a tensor that other consumers still need)
-    OpKind("select", _select_infer, channelwise=False),
+    OpKind("select", _select_infer, channelwise=False, keeps_values=True),
     OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
            lambda a, i, o: o.channels * i.channels, channelwise=False),
 )}

@@ -6,7 +6,6 @@ of the step, so a resumed run follows exactly the path of an uninterrupted one.
 """
 from __future__ import annotations
 
-
 import math
 import random
 import time
@@ -535,7 +534,7 @@ def settle_gates(s: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
     margin = math.log(10 / BINARY_TOLERANCE) / delta_end  # a gate within tolerance / 10
     settled, stranded = {}, 0
     for key, v in s.items():
-        keep = masks[key].to(v.device) if key in masks else v > 0
+        keep = masks[key].to(v.device)
         stranded += int(((v > 0) == keep).logical_and(v.abs() < margin).sum())
         settled[key] = torch.where(keep, v.clamp_min(margin), v.clamp_max(-margin))
     return settled, stranded
