@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nasdsl.derive.derive import derive, slim_state_dict
+from nasdsl.derive.derive import _rounded, derive, round_masks, slim_state_dict
 from nasdsl.graph import accounting
 from nasdsl.graph.printer import to_space
 from nasdsl.language.compiler import compile_file, compile_source
@@ -303,6 +303,71 @@ def test_gates_before_the_bn_derive_the_placed_graph():
     x = torch.randn(2, 3, 32, 32, generator=gen(10))
     with torch.no_grad():
         torch.testing.assert_close(slim(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# ---- hardware-friendly widths (channel_multiple) ------------------------------------------------
+@pytest.mark.parametrize("kept, width, multiple, up, expected", [
+    (5, 16, 16, False, 0),     # a handful of channels costs what 16 do: nearest is none
+    (8, 16, 16, False, 16),    # ties round up
+    (7, 16, 16, False, 0),
+    (20, 64, 16, False, 16),
+    (24, 64, 16, False, 32),
+    (60, 64, 16, False, 64),
+    (18, 20, 16, False, 20),   # the full width is always allowed (tie with 16: up)
+    (20, 20, 16, False, 20),   # already allowed: unchanged
+    (3, 8, 16, False, 0),      # a group narrower than the multiple: none or all
+    (4, 8, 16, False, 8),
+    (1, 64, 16, True, 16),     # up: the smallest allowed count >= kept
+    (0, 64, 16, True, 0),
+    (17, 20, 16, True, 20),
+])
+def test_rounded_counts(kept, width, multiple, up, expected):
+    assert _rounded(kept, width, multiple, up) == expected
+
+
+def test_round_masks_opens_the_strongest_and_closes_the_weakest():
+    strength = {"a": torch.arange(8, dtype=torch.float), "b": torch.arange(8, dtype=torch.float)}
+    masks = {"a": torch.tensor([1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool),   # 3 -> 4: channel 7 opens
+             "b": torch.tensor([1, 1, 1, 1, 0, 0, 1, 0], dtype=torch.bool)}   # 5 -> 4: channel 0 closes
+    out, opened, closed = round_masks(masks, strength, 4)
+    assert out["a"].nonzero().flatten().tolist() == [0, 1, 2, 7]
+    assert out["b"].nonzero().flatten().tolist() == [1, 2, 3, 6]
+    assert (opened, closed) == (1, 1)
+    assert masks["a"].sum() == 3  # the input is left alone
+
+
+@pytest.mark.parametrize("stem", ["resnet56_cifar", "proxyless_cifar", "vgg16_cifar", "mobilenetv2_cifar"])
+def test_channel_multiple_derives_rounded_widths_exactly(stem):
+    net = compiled(stem)
+    model = supernet(stem)
+    masks, strength = random_masks(net, "mixed", seed=11)
+    d = derive(net, masks, strength, channel_multiple=8)
+    for key, mask in d.masks.items():
+        assert int(mask.sum()) % 8 == 0 or int(mask.sum()) == mask.numel(), key
+    # every conv computes a multiple of 8 channels (these spaces' full widths all are)
+    assert not [(layer.name, op.out_shape.channels) for layer in d.network.layers for block in layer.blocks
+                for op in block.ops if op.kind == "conv" and op.out_shape.channels % 8]
+    assert any(n.startswith("kept channels rounded to multiples of 8") for n in d.notes)
+    assert_equivalent(d, model)
+    assert_counts(d)
+    # deriving again from the rounded masks changes nothing (a resumed run derives from saved gates)
+    again = derive(net, d.masks, strength, channel_multiple=8)
+    assert all(torch.equal(again.masks[k], d.masks[k]) for k in d.masks)
+    assert not any(n.startswith("kept channels rounded") for n in again.notes)
+
+
+def test_channel_multiple_rounds_a_kept_strongest_channel_up():
+    """An emptied VGG layer keeps its strongest channel, then grows to a whole multiple."""
+    net = compiled("vgg16_cifar")
+    masks, strength = random_masks(net, "0.5", seed=5)
+    masks["conv3.1.bn"][:] = False
+    masks["conv3.1.bn"][:3] = True                 # 3 of 256: rounds to none, the repair keeps one
+    strength["conv3.1.bn"] = torch.linspace(-1, 0, 256)
+    d = derive(net, masks, strength, channel_multiple=16)
+    kept = d.masks["conv3.1.bn"]
+    assert kept.sum() == 16 and kept[-16:].all()  # the 16 strongest
+    assert next(l for l in d.network.layers if l.name == "conv3.1").width == 16
+    assert_equivalent(d, supernet("vgg16_cifar"))
 
 
 # ---- printing a derived network -------------------------------------------------------------------

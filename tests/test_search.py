@@ -228,6 +228,24 @@ def test_run_model_space_compiles_back_to_the_same_network(finished_run):
     assert shape(rebuilt) == shape(config)
 
 
+def test_channel_multiple_search_derives_whole_multiples(space, tmp_path):
+    """The rounding happens before the gates are settled: the hard-masked supernet that is evaluated
+    as `searched`, the saved gates and the finetuned slim model all have the rounded widths."""
+    from nasdsl.export.load import load
+
+    out = tmp_path / "rounded"
+    nasdsl(*search_args(space, out, "--set", "architecture.channel_multiple=4"))
+    counts = [int((s > 0).sum()) for s in load_file(out / "gates.safetensors").values()]
+    assert all(c % 4 == 0 for c in counts), counts
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"]["architecture"]["channel_multiple"] == 4
+    assert any(n.startswith("kept channels rounded to multiples of 4") for n in summary["notes"])  # 1, 1, 1, 2, 9 here
+    assert summary["gates"]["binarized_fraction"] == 1.0
+    assert summary["searched"]["flops"] == summary["derived"]["flops"]
+    convs = [m for m in load(out).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.out_channels % 4 == 0 for m in convs), [m.out_channels for m in convs]
+
+
 def test_joint_strategy_runs_end_to_end(space, tmp_path):
     out = tmp_path / "joint"
     nasdsl(*search_args(space, out, "--set", "strategy=joint"))

@@ -193,7 +193,8 @@ class Search:
         self.state = checkpoint["state"]
         if self.state["stage"] == "finetune":
             gates = self.state["gates"]
-            self.derivation = derive(self.searched_graph(), {k: v > 0 for k, v in gates.items()}, gates)
+            self.derivation = derive(self.searched_graph(), {k: v > 0 for k, v in gates.items()}, gates,
+                                     self.recipe.architecture.channel_multiple)
             self.model = self.place(NasNet(self.derivation.network.to_config()))
         self.model.load_state_dict(checkpoint["model"])
         gate_set = getattr(self.model, "gate_set", None)
@@ -413,7 +414,8 @@ class Search:
     def derive_and_evaluate(self) -> None:
         gate_set = self.model.gate_set
         s = gate_set.values()
-        derivation = derive(self.searched_graph(), {k: v > 0 for k, v in s.items()}, s)
+        derivation = derive(self.searched_graph(), {k: v > 0 for k, v in s.items()}, s,
+                            self.recipe.architecture.channel_multiple)
         s, stranded = settle_gates(s, derivation.masks, self.recipe.architecture.delta_end)
         gate_set.load(s)
         gate_set.set_mode("hard")
