@@ -338,6 +338,46 @@ def test_penalty_and_gradient(form):
     assert float(gs.penalty(form).detach()) == pytest.approx(0.5 * gs.channels)  # s = 0: every gate at 1/2
 
 
+TINY = """
+space tiny(input=3, resolution=8, classes=10)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer choice = mbconv(8, k=3, e=2)
+layer down = conv(16, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+
+
+def test_gate_channel_flops_by_hand():
+    """MACs per channel at 8x8: the mbconv's mid channels are written by the 1x1 expansion
+    (8*16*64 MACs over 16 channels) and read by the 3x3 depthwise (16*9*64) and the 1x1
+    projection (16*8*64); its outputs are written by the projection; the strided conv's by itself."""
+    from nasdsl.graph.accounting import gate_channel_flops
+
+    costs = gate_channel_flops(compile_source(TINY, "tiny.space"))
+    assert costs == {"choice.mid": (8 * 16 * 64 + 16 * 9 * 64 + 16 * 8 * 64) / 16,
+                     "choice.out": 16 * 8 * 64 / 8,
+                     "down.bn": 8 * 9 * 16 * 16 / 16}
+
+
+def test_flops_weighted_penalty():
+    net = compile_source(TINY, "tiny.space")
+    gs = build_supernet(net).gate_set
+    costs = {"choice.mid": 1.0, "choice.out": 4.0, "down.bn": 2.0}
+    gs.weigh(costs)
+    w = torch.cat([torch.full((gate.s.numel(),), costs[gate.key]) for gate in gs.gates])
+    assert float(gs.channel_weights.mean()) == pytest.approx(1.0)  # lambda_a keeps its scale
+    with torch.no_grad():
+        for gate in gs.gates:
+            gate.s.normal_(0, 0.7, generator=gen(3))
+    gs.set_delta(2.0)
+    p = gs.penalty("scaled")
+    s = gs.flat_s().detach()
+    torch.testing.assert_close(p, (torch.sigmoid(2.0 * s) * w / w.mean()).sum())
+    p.backward()
+    sig = torch.sigmoid(2.0 * s)
+    torch.testing.assert_close(torch.cat([gate.s.grad for gate in gs.gates]), 2.0 * sig * (1 - sig) * w / w.mean())
+
+
 def test_penalty_only_touches_gates():
     net = compile_source(SPACE, "t.space")
     model = build_supernet(net)

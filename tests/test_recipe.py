@@ -177,6 +177,8 @@ def test_display_path_relative_to_repository(monkeypatch, tmp_path):
     ("  nesterov: false", "  nesterov: maybe", "weights.nesterov: expected true or false"),
     ("delta_end: 1.0e4", "delta_end: 0.5", "architecture.delta_end: 0.5 is below architecture.delta_start (1)"),
     ("delta_start: 1", "delta_start: 0", "architecture.delta_start: expected a number > 0"),
+    ("  bn: frozen\n", "  bn: frozen\n  penalty_weight: macs\n",
+     "architecture.penalty_weight: 'macs' is not allowed; choose one of: channels, flops"),
     ("  bn: frozen\n", "  bn: frozen\n  channel_multiple: 0\n",
      "architecture.channel_multiple: expected an integer >= 1, got 0"),
     ("  milestones: []\n  gamma: 0.1\n  momentum: 0.9\n  weight_decay: 1.0e-4\n  nesterov: false\n"

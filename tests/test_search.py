@@ -128,6 +128,20 @@ def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path, bn):
     assert search.model.gate_set.state.mode == "hard"
 
 
+def test_flops_penalty_weighs_gates_by_their_macs(space, tmp_path):
+    from nasdsl.graph.accounting import gate_channel_flops
+
+    search = Search(job(space, tmp_path / "run", **{"architecture.penalty_weight": "flops"}))
+    search.setup()
+    gs = search.model.gate_set
+    costs = gate_channel_flops(search.network)
+    per_channel = torch.cat([torch.full((g.s.numel(),), costs[g.key]) for g in gs.gates])
+    torch.testing.assert_close(gs.channel_weights, per_channel / per_channel.mean())
+    plain = Search(job(space, tmp_path / "plain"))
+    plain.setup()
+    assert plain.model.gate_set.channel_weights is None
+
+
 def test_settle_gates_binarises_stranded_gates_without_changing_a_decision():
     s = {"a": torch.tensor([2e-3, 1e-4, 0.0, -1e-4, -3e-3, 0.5]), "b": torch.tensor([1e-4, -1e-4])}
     masks = {"a": s["a"] > 0, "b": torch.tensor([False, True])}  # derivation closed b[0], reopened b[1]

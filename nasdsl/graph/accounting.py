@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from nasdsl.graph.ir import Block, Layer, Network, Op
-from nasdsl.graph.ops import OPS
+from nasdsl.graph.ops import OPS, is_depthwise
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,30 @@ def layer_cost(layer: Layer) -> Cost:
 
 def network_cost(net: Network) -> Cost:
     return sum((layer_cost(layer) for layer in net.layers), Cost())
+
+
+def gate_channel_flops(net: Network) -> dict[str, float]:
+    """MACs per channel of each gate group: its share of the convs and linears of its block that
+    touch it, back to the dense conv that computes it and on to the dense conv that reads it
+    (depthwise convs on the way count too). A block's last gate also feeds the next layer, but that
+    read is shared with the shortcut and the other blocks (the channel stays while any of them
+    writes it), so it is left out."""
+    def share(ops) -> int:  # MACs from the start of `ops` up to and including the first dense op
+        macs = 0
+        for op in ops:
+            if op.kind in ("conv", "linear"):
+                macs += op_cost(op).flops
+                if not is_depthwise(op):
+                    break
+        return macs
+
+    costs = {}
+    for _, block in net.blocks():
+        ops = block.ops
+        for i, gate in enumerate(ops):
+            if gate.is_gate:
+                costs[gate.attrs["key"]] = (share(reversed(ops[:i])) + share(ops[i + 1:])) / gate.in_shape.channels
+    return costs
 
 
 def log10_space_size(gated_channels: int) -> float:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from nasdsl.derive.derive import Derivation, derive, slim_state_dict
 from nasdsl.errors import NasdslError
-from nasdsl.graph.accounting import network_cost
+from nasdsl.graph.accounting import gate_channel_flops, network_cost
 from nasdsl.graph.ir import Network
 from nasdsl.search import distributed as dist_utils
 from nasdsl.search.evaluate import accuracy
@@ -163,6 +163,8 @@ class Search:
         checkpoint = self.run.load_checkpoint() if self.job.resume else None
         _seed_all(self.recipe.seed)
         self.model = self.place(build_supernet(self.network, self.recipe.gate_placement))
+        if self.recipe.architecture.penalty_weight == "flops":
+            self.model.gate_set.weigh(gate_channel_flops(self.network))
         if checkpoint is not None:
             self.restore(checkpoint)
             self.run.truncate_metrics(self.kept_metric)

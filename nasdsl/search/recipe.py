@@ -34,6 +34,7 @@ GATE_PLACEMENTS = ("after_bn", "before_bn", "after_act")
 STRATEGIES = ("sequential", "joint")
 DELTA_SCHEDULES = ("iteration", "epoch")
 PENALTIES = ("scaled", "unscaled")
+PENALTY_WEIGHTS = ("channels", "flops")
 BN_MODES = ("frozen", "recalibrated", "train")
 
 
@@ -64,6 +65,7 @@ class ArchRecipe:
     delta_end: float = 1e4
     delta_schedule: str = "iteration"   # iteration: smooth growth; epoch: the release's per-epoch steps
     penalty: str = "scaled"             # scaled: sum sigmoid(delta*s) (paper Eq. 4); unscaled: sum sigmoid(s)
+    penalty_weight: str = "channels"    # channels: every gate counts 1 (paper); flops: the MACs its channel costs
     bn: str = "frozen"                  # frozen: BN statistics fixed (eval mode); train: keep updating
     channel_multiple: int = 1           # derived widths: each gate group keeps a multiple of this (1: exact)
 
@@ -110,7 +112,7 @@ _ARCH = {
     "epochs": ("int>=0", False), "lr": ("float>0", False), "momentum": ("momentum", False),
     "lambda_a": ("float>=0", False), "weight_decay": ("float>=0", True), "delta_start": ("float>0", True),
     "delta_end": ("float>0", True), "delta_schedule": (DELTA_SCHEDULES, True), "penalty": (PENALTIES, True),
-    "bn": (BN_MODES, True), "channel_multiple": ("int>=1", True),
+    "penalty_weight": (PENALTY_WEIGHTS, True), "bn": (BN_MODES, True), "channel_multiple": ("int>=1", True),
 }
 _TOP = {
     "name": ("str", True), "data": ("str", False), "resolution": ("int>=1", False),

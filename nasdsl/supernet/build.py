@@ -52,6 +52,7 @@ class GateSet:
         self.state = state
         self.gates: list[SSGate] = [m for m in model.modules() if isinstance(m, SSGate)]
         self.by_key = {g.key: g for g in self.gates}
+        self.channel_weights: torch.Tensor | None = None  # per channel, in flat_s order; None: all 1
 
     def __len__(self) -> int:
         return len(self.gates)
@@ -79,11 +80,23 @@ class GateSet:
     def flat_s(self) -> torch.Tensor:
         return torch.cat([g.s.reshape(-1) for g in self.gates]) if self.gates else torch.zeros(0)
 
+    def weigh(self, group_cost: dict[str, float]) -> None:
+        """Weigh each channel in the penalty by its group's cost, normalised so that the mean channel
+        weighs 1 (lambda_a keeps its scale)."""
+        w = torch.cat([torch.full((g.s.numel(),), float(group_cost[g.key])) for g in self.gates])
+        self.channel_weights = w / w.mean().clamp_min(1e-12)
+
     def penalty(self, form: str = "scaled") -> torch.Tensor:
-        """The paper's Eq. 4 term sum(sigmoid(delta * s)); `unscaled` is the release's sum(sigmoid(s))."""
+        """The paper's Eq. 4 term sum(sigmoid(delta * s)); `unscaled` is the release's sum(sigmoid(s)).
+        With `weigh`, each channel counts its weight instead of 1."""
         s = self.flat_s()
         scale = self.state.delta if form == "scaled" else 1.0
-        return torch.sigmoid(scale * s).sum()
+        g = torch.sigmoid(scale * s)
+        if self.channel_weights is None:
+            return g.sum()
+        if self.channel_weights.device != s.device:
+            self.channel_weights = self.channel_weights.to(s.device)
+        return (g * self.channel_weights).sum()
 
     def values(self) -> dict[str, torch.Tensor]:
         return {g.key: g.s.detach().clone() for g in self.gates}
