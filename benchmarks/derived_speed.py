@@ -1,6 +1,7 @@
 """Does a derived network's FLOPs reduction turn into CPU speed?
 
     .venv/bin/python benchmarks/derived_speed.py [--target 3] [--repeats 15] [--threads N] [--profile]
+        [--depth] [--multiple M] [--runs RUN...]
 
 For VGG-16 and ResNet-56 (CIFAR), gates are chosen the way a DNAL search plausibly ends up:
 structured, the same fraction f of every gate group kept, its leading channels. In a residual
@@ -17,12 +18,24 @@ Prints FLOPs reduction, measured speed-up and their ratio (target >= 0.7) at bat
 structured outcome: whole blocks pruned (each derives to its shortcut), the rest at full width.
 `--runs RUN...` adds finished `nasdsl search` runs: the derived model a DNAL search actually found
 (RUN/model), timed against the unpruned network of the run's space and settings (random weights:
-speed does not depend on them). ResNet-56 searched on the bundled digits, 4.3x fewer FLOPs:
-    nasdsl search spaces/resnet56_cifar.space --set resolution=32 --set architecture.lambda_a=1e-3 --out runs/r56
+speed does not depend on them). `--multiple M` derives the structured networks with
+channel_multiple M.
 
-Why ResNet-56 falls short here: oneDNN computes a conv's output channels in blocks of 16 on an
-AVX-512 CPU, so a 3x3 conv from 16 channels to anything from 1 to 16 costs the same (1.6 ms at
-batch 64, 32 px; 3.3 ms for 17), and ResNet-56's first stage is 16 channels wide.
+ResNet-56 needs two search settings to turn FLOPs into speed on this CPU. oneDNN computes a conv's
+output channels in blocks of 16 on AVX-512, so a 3x3 conv from 16 channels to anything from 1 to
+16 costs the same (1.6 ms at batch 64, 32 px; 3.3 ms for 17): `architecture.channel_multiple=16`
+rounds every kept gate group to a multiple of 16. And the paper's penalty counts every channel
+alike, so it thins the 8x8 stage, where a channel costs a quarter of the MACs it costs at 32x32,
+as readily as the 32x32 stage, which is then left to dominate the time:
+`architecture.penalty_weight=flops` weighs each channel by its MACs.
+On the bundled digits (all reach >= 99.7% top-1 after finetuning):
+    nasdsl search spaces/resnet56_cifar.space --set resolution=32 --set architecture.lambda_a=5e-4 \
+        --set architecture.channel_multiple=16 --set architecture.penalty_weight=flops --out runs/r56
+(3.0x fewer FLOPs; lambda_a=1e-3: 5.0x). Speed-up / FLOPs reduction, batch 64 / batch 1, on a
+quiet machine: 0.75 / 0.62 and 0.74 / 0.56 (under load the unpruned network slowed more and batch
+64 read up to 1.06). At batch 1 a layer's fixed cost (about 90 us here, whatever its width) and
+not its FLOPs sets the time. The paper's settings (lambda_a=1e-3, exact widths, every channel
+alike): 4.3x fewer FLOPs, 0.34 / 0.30.
 On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
 """
 from __future__ import annotations
@@ -100,25 +113,25 @@ def structured_masks(net, f: float, scheme: str = "width") -> dict[str, torch.Te
     return masks
 
 
-def bisect_fraction(net, target: float, scheme: str) -> tuple[float, object]:
+def bisect_fraction(net, target: float, scheme: str, multiple: int = 1) -> tuple[float, object]:
     full = accounting.network_cost(net).flops
     lo, hi = 0.0, 1.0  # reduction(lo) >= target > reduction(hi)
     best = None
     for _ in range(30):
         mid = (lo + hi) / 2
-        d = derive(net, structured_masks(net, mid, scheme))
+        d = derive(net, structured_masks(net, mid, scheme), channel_multiple=multiple)
         if full / accounting.network_cost(d.network).flops >= target:
             lo, best = mid, d
         else:
             hi = mid
     if best is None:
-        best = derive(net, structured_masks(net, lo, scheme))
+        best = derive(net, structured_masks(net, lo, scheme), channel_multiple=multiple)
     return lo, best
 
 
-def build_pair(name: str, target: float, scheme: str = "width"):
+def build_pair(name: str, target: float, scheme: str = "width", multiple: int = 1):
     net = compile_file(ROOT / "spaces" / f"{name}.space")
-    f, d = bisect_fraction(net, target, scheme)
+    f, d = bisect_fraction(net, target, scheme, multiple)
     torch.manual_seed(0)
     supernet = build_supernet(net).eval()
     slim = NasNet(d.network.to_config()).eval()
@@ -203,13 +216,16 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--runs", nargs="*", type=Path, default=[],
                     help="finished search runs: time the derived model each found against its unpruned network")
+    ap.add_argument("--multiple", type=int, default=1,
+                    help="derive the structured networks with this channel_multiple (16 suits AVX-512 oneDNN)")
     ap.add_argument("--depth", action="store_true",
                     help="also the depth scheme for residual networks: whole blocks pruned, the rest at full width")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (load {load}), eval, channels_last, inference_mode; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (load {load}), eval, channels_last, inference_mode"
+          f"{f', channel_multiple {args.multiple}' if args.multiple > 1 else ''}; "
           f"median of {args.repeats} interleaved runs after {args.warmup} warm-up runs")
     rows = []
     runs = [(name, "width") for name in args.networks]
@@ -217,7 +233,7 @@ def main(argv=None) -> int:
         runs += [(name, "depth") for name in args.networks if name.startswith("resnet")]
     pairs = []
     for name, scheme in runs:
-        net, d, f, full, slim = build_pair(name, args.target, scheme)
+        net, d, f, full, slim = build_pair(name, args.target, scheme, args.multiple)
         full_cost, slim_cost = accounting.network_cost(net), accounting.network_cost(d.network)
         reduction = full_cost.flops / slim_cost.flops
         label = name if scheme == "width" else f"{name} (depth)"
@@ -232,7 +248,7 @@ def main(argv=None) -> int:
         pairs.append((label, net, full, slim, reduction))
     for run in args.runs:
         net, full, slim, reduction = run_pair(run)
-        label = f"{net.name} (run {run.name})"
+        label = f"{net.name} (run {run.parent.name}/{run.name})"
         print(f"\n{label}: the derived model of {run}; {reduction:.2f}x fewer FLOPs, "
               f"{len(slim.layers)} of {len(full.layers)} layers left")
         pairs.append((label, net, full, slim, reduction))
