@@ -1,6 +1,6 @@
 """Binary gates -> a physically slim network that computes what the hard-masked supernet does.
 
-Two passes over the graph:
+Passes over the graph:
 0. `round_masks` (only with `channel_multiple` > 1): every gate group keeps a multiple of that
    many channels (or all of them). A CPU or GPU computes channels in blocks (16 on AVX-512
    oneDNN, 8 for tensor cores), so a conv with 3 channels costs what one with 16 does: fewer
