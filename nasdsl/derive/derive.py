@@ -63,18 +63,20 @@ def round_masks(masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor
     out, opened, closed = {}, 0, 0
     for key, mask in masks.items():
         mask = mask.clone().bool()
+        out[key] = mask
         kept = int(mask.sum())
         target = _rounded(kept, mask.numel(), multiple, up)
+        if target == kept:
+            continue
         s = (strength[key] if strength else torch.zeros(mask.numel())).detach().float().cpu()
         if target > kept:
             idx = (~mask).nonzero().flatten()
             mask[idx[s[idx].argsort(descending=True, stable=True)[: target - kept]]] = True
             opened += target - kept
-        elif target < kept:
+        else:
             idx = mask.nonzero().flatten()
             mask[idx[s[idx].argsort(stable=True)[: kept - target]]] = False
             closed += kept - target
-        out[key] = mask
     return out, opened, closed
 
 
