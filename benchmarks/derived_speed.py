@@ -1,7 +1,7 @@
 """Does a derived network's FLOPs reduction turn into CPU speed?
 
     .venv/bin/python benchmarks/derived_speed.py [--target 3] [--repeats 15] [--threads N] [--profile]
-        [--depth] [--multiple M] [--runs RUN...]
+        [--depth] [--multiple M] [--runs RUN...] [--onnx]
 
 For VGG-16 and ResNet-56 (CIFAR), gates are chosen the way a DNAL search plausibly ends up:
 structured, the same fraction f of every gate group kept, its leading channels. In a residual
@@ -19,7 +19,8 @@ structured outcome: whole blocks pruned (each derives to its shortcut), the rest
 `--runs RUN...` adds finished `nasdsl search` runs: the derived model a DNAL search actually found
 (RUN/model), timed against the unpruned network of the run's space and settings (random weights:
 speed does not depend on them). `--multiple M` derives the structured networks with
-channel_multiple M.
+channel_multiple M. `--onnx` also times both networks exported as `nasdsl export --onnx` exports
+them, in onnxruntime.
 
 ResNet-56 needs two search settings to turn FLOPs into speed on this CPU. oneDNN computes a conv's
 output channels in blocks of 16 on AVX-512, so a 3x3 conv from 16 channels to anything from 1 to
@@ -45,6 +46,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,19 +162,37 @@ def run_pair(run: Path):
 
 
 def latency(models: dict, shape, batch: int, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each model (a torch module, or an onnxruntime session)."""
     x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    calls = {k: (lambda m=m, a=x.numpy(): m.run(None, {"input": a})) if hasattr(m, "run") else (lambda m=m: m(x))
+             for k, m in models.items()}
     times = {k: [] for k in models}
     with torch.inference_mode():
         for _ in range(warmup):
-            for m in models.values():
-                m(x)
+            for call in calls.values():
+                call()
         keys = list(models)
         for r in range(repeats):
             for k in (keys if r % 2 == 0 else keys[::-1]):
                 t0 = time.perf_counter()
-                models[k](x)
+                calls[k]()
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def onnx_session(model, shape, folder: Path, name: str):
+    """An onnxruntime session (as many threads as torch) for the model, exported the way
+    `nasdsl export --onnx` exports it."""
+    import onnxruntime as ort
+
+    from nasdsl.export.exporter import _run_onnx_export
+
+    file = folder / f"{name}.onnx"
+    _run_onnx_export(model, file, tuple(shape), "torchscript")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
 
 
 def widths(d) -> str:
@@ -218,6 +238,8 @@ def main(argv=None) -> int:
                     help="finished search runs: time the derived model each found against its unpruned network")
     ap.add_argument("--multiple", type=int, default=1,
                     help="derive the structured networks with this channel_multiple (16 suits AVX-512 oneDNN)")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also time both networks exported to ONNX, in onnxruntime (as many threads as torch)")
     ap.add_argument("--depth", action="store_true",
                     help="also the depth scheme for residual networks: whole blocks pruned, the rest at full width")
     args = ap.parse_args(argv)
@@ -252,21 +274,27 @@ def main(argv=None) -> int:
         print(f"\n{label}: the derived model of {run}; {reduction:.2f}x fewer FLOPs, "
               f"{len(slim.layers)} of {len(full.layers)} layers left")
         pairs.append((label, net, full, slim, reduction))
-    for label, net, full, slim, reduction in pairs:
-        models = {"full": full.to(memory_format=torch.channels_last),
-                  "slim": slim.to(memory_format=torch.channels_last)}
-        for batch in args.batches:
-            t = latency(models, net.input_shape.to_list(), batch, args.repeats, args.warmup)
-            speedup = t["full"] / t["slim"]
-            rows.append((label, batch, reduction, t["full"], t["slim"], speedup, speedup / reduction))
-        if args.profile:
-            profile(models, net.input_shape.to_list(), 1)
-    print(f"\n{'network':<34}{'batch':>6}{'FLOPs red.':>11}{'full ms':>10}{'slim ms':>10}{'speed-up':>10}"
-          f"{'speed-up/red.':>15}")
-    for name, batch, reduction, tf, ts, speedup, ratio in rows:
+    with tempfile.TemporaryDirectory() as folder:
+        for label, net, full, slim, reduction in pairs:
+            shape = net.input_shape.to_list()
+            runtimes = {"torch": {"full": full.to(memory_format=torch.channels_last),
+                                  "slim": slim.to(memory_format=torch.channels_last)}}
+            if args.onnx:
+                runtimes["onnxruntime"] = {k: onnx_session(m, shape, Path(folder), f"{len(rows)}_{k}")
+                                           for k, m in (("full", full), ("slim", slim))}
+            for runtime, models in runtimes.items():
+                for batch in args.batches:
+                    t = latency(models, shape, batch, args.repeats, args.warmup)
+                    speedup = t["full"] / t["slim"]
+                    rows.append((label, runtime, batch, reduction, t["full"], t["slim"], speedup, speedup / reduction))
+            if args.profile:
+                profile(runtimes["torch"], shape, 1)
+    print(f"\n{'network':<34}{'runtime':>12}{'batch':>6}{'FLOPs red.':>11}{'full ms':>10}{'slim ms':>10}"
+          f"{'speed-up':>10}{'speed-up/red.':>15}")
+    for name, runtime, batch, reduction, tf, ts, speedup, ratio in rows:
         flag = "ok" if ratio >= RATIO_TARGET else f"< {RATIO_TARGET}"
-        print(f"{name:<34}{batch:>6}{reduction:>10.2f}x{1e3 * tf:>10.2f}{1e3 * ts:>10.2f}{speedup:>9.2f}x"
-              f"{ratio:>15.2f}  {flag}")
+        print(f"{name:<34}{runtime:>12}{batch:>6}{reduction:>10.2f}x{1e3 * tf:>10.2f}{1e3 * ts:>10.2f}"
+              f"{speedup:>9.2f}x{ratio:>15.2f}  {flag}")
     return 0
 
 

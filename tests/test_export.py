@@ -274,6 +274,31 @@ def test_index_maps(tmp_path):
         session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
         (y,) = session.run(["logits"], {"input": x.numpy()})
         assert abs(torch.from_numpy(y) - ref).max() <= 1e-4
+        assert _placement_ops(out / f"{name}.onnx") == PLACEMENT_OPS
+
+
+# _indexed_network places five blocks and shortcuts by index (three in layer 1, two in layer 2)
+# and selects once (its shortcut): one Gather each, and no scatter
+PLACEMENT_OPS = {"Gather": 6}
+
+
+def _placement_ops(file) -> dict:
+    """How an ONNX file places channels: Gathers (fast), or scatters over full-size index maps."""
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(file)).graph.node]
+    return {op: ops.count(op) for op in ("Gather", "ScatterElements", "ScatterND") if op in ops}
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed")
+def test_onnx_dynamo_places_by_gather(tmp_path):
+    """The dynamo exporter, too, places a narrow block's channels with a Gather, and matches PyTorch."""
+    net = _indexed_network()
+    model = _randomize(NasNet(net.to_config()), 5).eval()
+    file = tmp_path / "indexed.onnx"
+    exporter._run_onnx_export(model, file, (3, 16, 16), "dynamo")
+    assert exporter._check_onnx(model, file, (3, 16, 16))[0] is None
+    assert _placement_ops(file) == PLACEMENT_OPS
 
 
 @pytest.mark.parametrize("name", ["1net", "my-net", "net.v2", "", "class", "json", "torch", "NasNet", "default_cfgs",
