@@ -36,7 +36,10 @@ On the bundled digits (all reach >= 99.7% top-1 after finetuning):
 quiet machine: 0.75 / 0.62 and 0.74 / 0.56 (under load the unpruned network slowed more and batch
 64 read up to 1.06). At batch 1 a layer's fixed cost (about 90 us here, whatever its width) and
 not its FLOPs sets the time. The paper's settings (lambda_a=1e-3, exact widths, every channel
-alike): 4.3x fewer FLOPs, 0.34 / 0.30.
+alike): 4.3x fewer FLOPs, 0.34 / 0.30. In onnxruntime (`--onnx`, one thread) the first search
+reads 0.66 / 0.62 (before the ONNX export placed channels with a Gather: 0.41 / 0.35); VGG-16
+derived with `--multiple 16`: 0.94 / 0.92; with exact widths only 0.58 at batch 64, so the
+widths matter there too.
 On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
 """
 from __future__ import annotations
