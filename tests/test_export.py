@@ -221,6 +221,36 @@ def test_timm_model_api(tiny, registered):
         assert m(x).shape == (4, 16)
 
 
+def test_features_only(tiny, registered):
+    """timm's features_only: the last map at each reduction (stem/a/m at 2, r at 4), the model's
+    own values, pretrained weights loaded, and the layers after the last picked map dropped."""
+    import timm
+
+    out, model, x, ref = tiny
+    feats = timm.create_model(registered, pretrained=True, features_only=True).eval()
+    assert feats.feature_info.channels() == [8, 16] and feats.feature_info.reduction() == [2, 4]
+    assert feats.feature_info.module_name() == ["layers.2", "layers.3"]
+    with torch.no_grad():
+        maps = feats(x)
+        h = x
+        expect = []
+        for i, layer in enumerate(model.layers):
+            h = layer(h)
+            if i in (2, 3):
+                expect.append(h)
+    assert [tuple(m.shape) for m in maps] == [(4, 8, 16, 16), (4, 16, 8, 8)]
+    assert all(_close(a, b) for a, b in zip(maps, expect))
+    first = timm.create_model(registered, pretrained=True, features_only=True, out_indices=(0,)).eval()
+    assert len(first.model.layers) == 3 and not any("classifier" in k for k in first.state_dict())
+    with torch.no_grad():
+        (only,) = first(x)
+        assert _close(only, expect[0])
+        last, picked = model.forward_intermediates(x, indices=1)
+        assert _close(last, model.forward_features(x)) and len(picked) == 1 and _close(picked[0], expect[1])
+    with pytest.raises(ValueError, match=r"out_indices \[5\]: this network has 2 feature maps"):
+        timm.create_model(registered, features_only=True, out_indices=(5,))
+
+
 def test_torchscript_and_fx(tiny, registered):
     import timm
 

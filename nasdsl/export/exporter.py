@@ -277,7 +277,8 @@ default_cfgs = generate_default_cfgs({{
 def {name}(pretrained=False, **kwargs):
     """{title}: {params} parameters (`config=` builds another nasdsl architecture)."""
     config = kwargs.pop("config", None) or _ARCH
-    return build_model_with_cfg(NasNet, "{name}", pretrained, config=config, **kwargs)
+    features = {{"feature_cls": "getter", "out_indices": tuple(range(len(feature_points(config))))}}
+    return build_model_with_cfg(NasNet, "{name}", pretrained, config=config, feature_cfg=features, **kwargs)
 '''
 
 

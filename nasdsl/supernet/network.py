@@ -5,12 +5,13 @@ model module, so a searched network runs without nasdsl. The supernet reuses it 
 (`gate_factory`); the plain network and every derived network use it as it is.
 
 Follows timm's model API: num_classes, num_features, forward_features (the unpooled map),
-forward_head(x, pre_logits), get_classifier, reset_classifier. Scripts with TorchScript and
+forward_head(x, pre_logits), get_classifier, reset_classifier, and for `features_only=True`
+feature_info, forward_intermediates and prune_intermediate_layers. Scripts with TorchScript and
 traces with torch.fx: every branch below depends on attributes fixed at construction.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -247,6 +248,11 @@ class NasNet(nn.Module):
         self.head, _ = build_chain(block["ops"][:-1], gate_factory)
         self.classifier: nn.Module = build_op(block["ops"][-1])
         self.feature_layers = _feature_layer_count(config)
+        points = feature_points(config)
+        self.feature_info: List[Dict[str, Union[int, str]]] = [
+            {"num_chs": config["layers"][i]["width"], "reduction": reduction, "module": f"layers.{i}"}
+            for i, reduction in points]
+        self._feature_layer_index = [i for i, _ in points]
         self.num_classes = config["num_classes"]
         self.num_features = block["ops"][-1]["in"]
         self.pretrained_cfg: dict = {}
@@ -308,6 +314,67 @@ class NasNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, List[int], None] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's feature API: the maps of `feature_info` picked by `indices` (None: all; n: the
+        last n; a list: those, negative from the end), and unless `intermediates_only`, the
+        forward_features map too (or the last picked one with `stop_early`)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: this network's maps are NCHW")
+        take = self._take_indices(indices)
+        wanted = [self._feature_layer_index[i] for i in take]
+        intermediates = []
+        for i, layer in enumerate(self.layers):
+            if i >= self.feature_layers or ((stop_early or intermediates_only) and i > max(wanted)):
+                break
+            x = layer(x)
+            if i in wanted:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drops the layers after the last picked feature map (and the head): what a
+        features_only model keeps. Returns the picked indices, counted from the start."""
+        take = self._take_indices(indices)
+        self.feature_layers = self._feature_layer_index[max(take)] + 1
+        self.layers = self.layers[:self.feature_layers]
+        if prune_head:
+            self.head = nn.Sequential()
+            self.reset_classifier(0)
+        return take
+
+    def _take_indices(self, indices: Union[int, List[int], None]) -> List[int]:
+        n = len(self.feature_info)
+        if indices is None:
+            indices = n
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"out_indices: the last {indices} of {n} feature maps do not exist")
+            return list(range(n - indices, n))
+        take = [i + n if i < 0 else i for i in indices]
+        bad = [i for i, t in zip(indices, take) if not 0 <= t < n]
+        if bad or not take:
+            raise ValueError(f"out_indices {list(indices)}: this network has {n} feature maps "
+                             f"(0 to {n - 1}, at reductions {[f['reduction'] for f in self.feature_info]})")
+        return take
+
+
+def feature_points(config: dict) -> List[Tuple[int, int]]:
+    """(layer index, reduction) of timm's feature maps: the last feature-map layer at each
+    reduction of the input size (the product of the strides so far), in order."""
+    points: List[Tuple[int, int]] = []
+    reduction = 1
+    for i in range(_feature_layer_count(config)):
+        for op in config["layers"][i]["blocks"][0]["ops"]:
+            reduction *= op.get("stride", 1)
+        if points and points[-1][1] == reduction:
+            points[-1] = (i, reduction)
+        else:
+            points.append((i, reduction))
+    return points
 
 
 def _feature_layer_count(config: dict) -> int:
