@@ -1,7 +1,7 @@
 """Does a derived network's FLOPs reduction turn into CPU speed?
 
     .venv/bin/python benchmarks/derived_speed.py [--target 3] [--repeats 15] [--threads N] [--profile]
-        [--depth] [--multiple M] [--runs RUN...] [--onnx]
+        [--depth] [--multiple M] [--runs RUN...] [--script] [--onnx]
 
 For VGG-16 and ResNet-56 (CIFAR), gates are chosen the way a DNAL search plausibly ends up:
 structured, the same fraction f of every gate group kept, its leading channels. In a residual
@@ -19,8 +19,9 @@ structured outcome: whole blocks pruned (each derives to its shortcut), the rest
 `--runs RUN...` adds finished `nasdsl search` runs: the derived model a DNAL search actually found
 (RUN/model), timed against the unpruned network of the run's space and settings (random weights:
 speed does not depend on them). `--multiple M` derives the structured networks with
-channel_multiple M. `--onnx` also times both networks exported as `nasdsl export --onnx` exports
-them, in onnxruntime.
+channel_multiple M. `--script` also times both networks scripted and frozen with TorchScript
+(what `torch.jit.freeze` makes of an exported model: no Python per op, BN folded into the convs);
+`--onnx` both exported as `nasdsl export --onnx` exports them, in onnxruntime.
 
 ResNet-56 needs two search settings to turn FLOPs into speed on this CPU. oneDNN computes a conv's
 output channels in blocks of 16 on AVX-512, so a 3x3 conv from 16 channels to anything from 1 to
@@ -33,13 +34,23 @@ On the bundled digits (all reach >= 99.7% top-1 after finetuning):
     nasdsl search spaces/resnet56_cifar.space --set resolution=32 --set architecture.lambda_a=5e-4 \
         --set architecture.channel_multiple=16 --set architecture.penalty_weight=flops --out runs/r56
 (3.0x fewer FLOPs; lambda_a=1e-3: 5.0x). Speed-up / FLOPs reduction, batch 64 / batch 1, on a
-quiet machine: 0.75 / 0.62 and 0.74 / 0.56 (under load the unpruned network slowed more and batch
-64 read up to 1.06). At batch 1 a layer's fixed cost (about 90 us here, whatever its width) and
-not its FLOPs sets the time. The paper's settings (lambda_a=1e-3, exact widths, every channel
-alike): 4.3x fewer FLOPs, 0.34 / 0.30. In onnxruntime (`--onnx`, one thread) the first search
-reads 0.66 / 0.62 (before the ONNX export placed channels with a Gather: 0.41 / 0.35); VGG-16
-derived with `--multiple 16`: 0.94 / 0.92; with exact widths only 0.58 at batch 64, so the
-widths matter there too.
+quiet machine, one thread (`--script --onnx --depth`):
+
+    network                        eager PyTorch   TorchScript   onnxruntime
+    VGG-16 structured, 3.0x          0.86 / 0.76    0.85 / 0.82   0.58 / 0.84
+    ResNet-56 structured width 3.2x  0.44 / 0.36    0.46 / 0.39   0.40 / 0.41
+    ResNet-56 structured depth 3.1x  0.95 / 0.93    0.91 / 0.92   0.95 / 0.95
+    DNAL, both keys, 3.0x            0.74 / 0.59    0.73 / 0.75   0.63 / 0.65
+    DNAL, both keys, 5.0x            0.73 / 0.54    0.71 / 0.71   0.54 / 0.51
+    DNAL, paper settings, 4.3x       0.33 / 0.28    0.34 / 0.33   0.31 / 0.31
+
+Ratios move by about 0.1 between runs on this VM (under load the unpruned network slows more).
+In eager PyTorch at batch 1 a layer's fixed cost (Python, BN, kernel set-up: tens of us whatever
+its width) and not its FLOPs sets much of the time; frozen TorchScript (no Python per op, BN folded
+into the convs) takes most of it away. onnxruntime computes convs in blocks of channels too: VGG-16
+derived with `--multiple 16` reads 0.94 / 0.92 there. Before the ONNX export placed a narrow
+block's channels with a Gather (a ScatterElements until then), the 3.0x search read 0.41 / 0.35
+in onnxruntime.
 On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
 """
 from __future__ import annotations
@@ -183,6 +194,15 @@ def latency(models: dict, shape, batch: int, repeats: int, warmup: int) -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def frozen_script(model):
+    """torch.jit.freeze(torch.jit.script(model)): no Python per op, BN folded into the convs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated since torch 2.9, still supported
+        return torch.jit.freeze(torch.jit.script(model.eval()))
+
+
 def onnx_session(model, shape, folder: Path, name: str):
     """An onnxruntime session (as many threads as torch) for the model, exported the way
     `nasdsl export --onnx` exports it."""
@@ -241,6 +261,8 @@ def main(argv=None) -> int:
                     help="finished search runs: time the derived model each found against its unpruned network")
     ap.add_argument("--multiple", type=int, default=1,
                     help="derive the structured networks with this channel_multiple (16 suits AVX-512 oneDNN)")
+    ap.add_argument("--script", action="store_true",
+                    help="also time both networks scripted and frozen with TorchScript (BN folded into the convs)")
     ap.add_argument("--onnx", action="store_true",
                     help="also time both networks exported to ONNX, in onnxruntime (as many threads as torch)")
     ap.add_argument("--depth", action="store_true",
@@ -282,12 +304,16 @@ def main(argv=None) -> int:
             shape = net.input_shape.to_list()
             runtimes = {"torch": {"full": full.to(memory_format=torch.channels_last),
                                   "slim": slim.to(memory_format=torch.channels_last)}}
+            if args.script:
+                runtimes["torchscript"] = {k: frozen_script(m) for k, m in runtimes["torch"].items()}
             if args.onnx:
                 runtimes["onnxruntime"] = {k: onnx_session(m, shape, Path(folder), f"{len(rows)}_{k}")
                                            for k, m in (("full", full), ("slim", slim))}
             for runtime, models in runtimes.items():
                 for batch in args.batches:
-                    t = latency(models, shape, batch, args.repeats, args.warmup)
+                    # TorchScript's profiling executor optimises a graph only after a few calls
+                    warmup = args.warmup if runtime == "torch" else max(args.warmup, 10)
+                    t = latency(models, shape, batch, args.repeats, warmup)
                     speedup = t["full"] / t["slim"]
                     rows.append((label, runtime, batch, reduction, t["full"], t["slim"], speedup, speedup / reduction))
             if args.profile:
