@@ -251,6 +251,14 @@ def test_features_only(tiny, registered):
         timm.create_model(registered, features_only=True, out_indices=(5,))
 
 
+def test_no_feature_maps():
+    flat = NasNet(compile_source("space flat(input=3, resolution=4, classes=5)\n"
+                                 "layer a = flatten > linear(8) > relu\nlayer classifier = linear(classes)\n").to_config())
+    assert flat.feature_info == []
+    with pytest.raises(ValueError, match="no feature maps: its first layer already flattens"):
+        flat.forward_intermediates(torch.randn(1, 3, 4, 4))
+
+
 def test_torchscript_and_fx(tiny, registered):
     import timm
 

@@ -348,6 +348,8 @@ class NasNet(nn.Module):
 
     def _take_indices(self, indices: Union[int, List[int], None]) -> List[int]:
         n = len(self.feature_info)
+        if n == 0:
+            raise ValueError("this network has no feature maps: its first layer already flattens")
         if indices is None:
             indices = n
         if isinstance(indices, int):
