@@ -325,9 +325,10 @@ class NasNet(nn.Module):
             raise ValueError(f"output_fmt {output_fmt!r}: this network's maps are NCHW")
         take = self._take_indices(indices)
         wanted = [self._feature_layer_index[i] for i in take]
+        end = max(wanted) + 1 if stop_early or intermediates_only else self.feature_layers
         intermediates = []
         for i, layer in enumerate(self.layers):
-            if i >= self.feature_layers or ((stop_early or intermediates_only) and i > max(wanted)):
+            if i >= end:
                 break
             x = layer(x)
             if i in wanted:
