@@ -208,6 +208,33 @@ def test_residual_layer_reduced_to_its_shortcut():
     assert_counts(d)
 
 
+def test_closed_depth_gates_remove_blocks_and_the_slim_network_still_matches():
+    """Depth gates (architecture.block_cost) fold into the channel gates before derivation: a closed
+    one removes its block, so ResNet-56 loses residual layers, and the invariant holds as before."""
+    net = compiled("resnet56_cifar")
+    torch.manual_seed(0)
+    model = build_supernet(net, depth_gates=True).eval()
+    gs = model.gate_set
+    masks, strength = random_masks(net, "0.5", seed=21)
+    gs.load({k: torch.where(m, 1.0, -1.0) for k, m in masks.items()})
+    with torch.no_grad():
+        for d in gs.depth_gates:
+            d.s.fill_(-1.0 if d.key in ("s1.3:depth", "s2.0:depth", "s3.8:depth") else 1.0)
+    gs.set_mode("hard")
+    randomize(model, 7)
+    x = torch.randn(2, *net.input_shape.to_list(), generator=gen(8))
+    with torch.no_grad():
+        before = model(x)
+        assert gs.fold_depth_gates() == 3
+        torch.testing.assert_close(model(x), before)
+    d = derive(net, {k: v > 0 for k, v in gs.values().items()}, strength)
+    names = [l.name for l in d.network.layers]
+    assert "s1.3" not in names and "s3.8" not in names and "s1.4" in names
+    assert "layer s2.0: every block was pruned; only its shortcut remains" in d.notes
+    assert_equivalent(d, model)
+    assert_counts(d)
+
+
 def test_a_block_that_starts_with_an_activation_leaves_the_layer_input_alone():
     """In place, that activation would overwrite what the other blocks read and what autograd saved
     (a derived layer can be a bare activation: a shortcut-only layer closed by hswish)."""

@@ -477,3 +477,79 @@ def test_gate_is_one_vectorised_op_whatever_its_width(mode):
                                 _aten_ops(lambda: gs.penalty("scaled")))
     assert counts[10] == counts[10_000], counts
     assert all(c <= 30 for c in counts[10_000]), counts
+
+
+# ---- depth gates ----------------------------------------------------------------------------------
+DEPTH = """
+space depth(input=3, resolution=8, classes=4)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer a = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer b [residual=off] = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer down = conv(16, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+
+
+def _depth_supernet():
+    torch.manual_seed(0)
+    return build_supernet(compile_source(DEPTH, "depth.space"), depth_gates=True)
+
+
+def test_depth_gates_only_on_blocks_that_may_vanish():
+    gs = _depth_supernet().gate_set
+    assert [d.key for d in gs.depth_gates] == ["a.b0:depth", "a.b1:depth", "b.b0:depth", "b.b1:depth"]
+    assert gs.blocks_of["a.b1:depth"] == ["a.b1.mid", "a.b1.out"]
+    assert [g.key for g in gs.gates if g.depth_gate is not None] == ["a.b0.out", "a.b1.out", "b.b0.out", "b.b1.out"]
+    assert gs.channels == sum(g.s.numel() for g in gs.gates)  # depth gates are not channels
+    assert len(build_supernet(compile_source(DEPTH, "depth.space")).gate_set.depth_gates) == 0
+
+
+def test_depth_gate_penalty_prices_the_whole_block():
+    """A block costs d * (block_cost + its channels' terms); other channels count as before."""
+    gs = _depth_supernet().gate_set
+    costs = {g.key: float(i + 1) for i, g in enumerate(gs.gates)}
+    gs.weigh(costs, block_cost=50.0)
+    with torch.no_grad():
+        for i, g in enumerate(gs.gates + gs.depth_gates):
+            g.s.normal_(0, 0.7, generator=gen(10 + i))
+    gs.set_delta(3.0)
+    mean = torch.cat([torch.full((g.s.numel(),), costs[g.key]) for g in gs.gates]).mean()
+    depth = {d.key.split(":")[0]: torch.sigmoid(3.0 * d.s)[0] for d in gs.depth_gates}
+    expected = sum(torch.sigmoid(3.0 * d.s).sum() * 50.0 / mean for d in gs.depth_gates)
+    for g in gs.gates:
+        block = g.key.rsplit(".", 1)[0]
+        term = (torch.sigmoid(3.0 * g.s) * costs[g.key] / mean).sum()
+        expected = expected + term * depth.get(block, 1.0)
+    got = gs.penalty()
+    torch.testing.assert_close(got, expected)
+    params = gs.parameters()
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(a, b)
+    # the down layer's gates have no depth gate: their gradient is the plain weighted one
+    down = gs.by_key["down.bn"]
+    (grad,) = torch.autograd.grad(gs.penalty(), [down.s])
+    sig = torch.sigmoid(3.0 * down.s)
+    torch.testing.assert_close(grad, 3.0 * sig * (1 - sig) * costs["down.bn"] / mean)
+
+
+def test_closed_depth_gate_removes_its_block_and_folds_into_the_channels():
+    model = _depth_supernet().eval()
+    gs = model.gate_set
+    gs.reset(1.0)
+    gs.set_mode("hard")
+    x = torch.randn(2, 3, 8, 8, generator=gen(4))
+    with torch.no_grad():
+        model.layers[1].blocks[1].depth_gate.s.fill_(-1.0)   # a.b1
+        closed = model(x)
+        gs.by_key["a.b1.out"].s.fill_(-1.0)
+        model.layers[1].blocks[1].depth_gate.s.fill_(1.0)
+        torch.testing.assert_close(model(x), closed)          # the same as closing its output group
+        gs.reset(1.0)
+        gs.by_key["a.b1.mid"].s[:3] = -0.5
+        model.layers[1].blocks[1].depth_gate.s.fill_(-2.0)
+        assert gs.fold_depth_gates() == 1
+        torch.testing.assert_close(model(x), closed)          # folding changes nothing computed
+    assert all(bool(d.s > 0) for d in gs.depth_gates)
+    assert not (gs.by_key["a.b1.mid"].s > 0).any() and not (gs.by_key["a.b1.out"].s > 0).any()
+    assert (gs.by_key["a.b0.out"].s > 0).all()
+    assert gs.fold_depth_gates() == 0

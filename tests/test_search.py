@@ -267,3 +267,26 @@ def test_joint_strategy_runs_end_to_end(space, tmp_path):
     assert set(summary["stages"]) == {"joint", "finetune"}
     assert summary["gates"]["binarized_fraction"] == 1.0
     assert summary["derived"]["flops"] == summary["searched"]["flops"]
+
+
+def test_block_cost_removes_whole_blocks(space, tmp_path):
+    """A block cost far above any channel's closes the choice layer's depth gates: both blocks go
+    and the residual layer becomes the identity; without it the same search keeps the layer."""
+    out = tmp_path / "depth"
+    nasdsl(*search_args(space, out, "--set", "architecture.penalty_weight=flops",
+                        "--set", "architecture.block_cost=1e8"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["notes"][0] == "2 block(s) closed by their depth gate (architecture.block_cost)"
+    assert "layer choice: every block was pruned; the layer is an identity and was removed" in summary["notes"]
+    assert summary["searched"]["flops"] == summary["derived"]["flops"]
+    assert set(load_file(out / "gates.safetensors")) == {"choice.b0.mid", "choice.b0.out", "choice.b1.mid",
+                                                         "choice.b1.out", "down.bn"}  # channel groups only
+    assert not any(k.endswith("depth_gate.s") for k in load_file(out / "model" / "model.safetensors"))
+
+
+def test_block_cost_needs_flops_weights(space, tmp_path):
+    proc = nasdsl("search", space, "--data", "fake", "--out", tmp_path / "run",
+                  "--set", "architecture.block_cost=1e6", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip() == ("--set: architecture.block_cost: is counted in MACs, so it needs "
+                                   "architecture.penalty_weight: flops")

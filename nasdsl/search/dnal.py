@@ -162,9 +162,11 @@ class Search:
         self.prepare_folder()
         checkpoint = self.run.load_checkpoint() if self.job.resume else None
         _seed_all(self.recipe.seed)
-        self.model = self.place(build_supernet(self.network, self.recipe.gate_placement))
-        if self.recipe.architecture.penalty_weight == "flops":
-            self.model.gate_set.weigh(gate_channel_flops(self.network))
+        arch = self.recipe.architecture
+        self.model = self.place(build_supernet(self.network, self.recipe.gate_placement,
+                                               depth_gates=arch.block_cost > 0))
+        if arch.penalty_weight == "flops":
+            self.model.gate_set.weigh(gate_channel_flops(self.network), arch.block_cost)
         if checkpoint is not None:
             self.restore(checkpoint)
             self.run.truncate_metrics(self.kept_metric)
@@ -347,7 +349,8 @@ class Search:
             gate_set.set_delta(cfg.delta_start)
             self.recalibrate_bn(stage_index=self.stages.index("architecture"))
         lam = cfg.lambda_a
-        self.train("architecture", cfg.epochs, optimizer, cfg, penalty=lambda: lam * gate_set.penalty(cfg.penalty), delta_cfg=cfg, bn_frozen=cfg.bn == "frozen")
+        self.train("architecture", cfg.epochs, optimizer, cfg, penalty=lambda: lam * gate_set.penalty(cfg.penalty),
+                   delta_cfg=cfg, bn_frozen=cfg.bn == "frozen")
         self.finish_stage("architecture")
 
     @torch.no_grad()
@@ -415,6 +418,7 @@ class Search:
 
     def derive_and_evaluate(self) -> None:
         gate_set = self.model.gate_set
+        self.state["depth_closed"] = self.state.get("depth_closed", 0) + gate_set.fold_depth_gates()
         s = gate_set.values()
         derivation = derive(self.searched_graph(), {k: v > 0 for k, v in s.items()}, s,
                             self.recipe.architecture.channel_multiple)
@@ -424,6 +428,9 @@ class Search:
         self.derivation = derivation
         self.state["gates"] = {k: v.detach().cpu() for k, v in s.items()}
         self.state["notes"] = list(derivation.notes)
+        if self.state["depth_closed"]:
+            self.state["notes"].insert(0, f"{self.state['depth_closed']} block(s) closed by their depth gate "
+                                          f"(architecture.block_cost)")
         if stranded:
             self.state["notes"].append(
                 f"{stranded} gate(s) ended the architecture stage not yet binary at delta "

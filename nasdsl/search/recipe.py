@@ -68,6 +68,7 @@ class ArchRecipe:
     penalty_weight: str = "channels"    # channels: every gate counts 1 (paper); flops: the MACs its channel costs
     bn: str = "frozen"                  # frozen: BN statistics fixed (eval mode); train: keep updating
     channel_multiple: int = 1           # derived widths: each gate group keeps a multiple of this (1: exact)
+    block_cost: float = 0.0             # MACs a removable block costs beyond its channels (0: no depth gates)
 
 
 @dataclass
@@ -113,6 +114,7 @@ _ARCH = {
     "lambda_a": ("float>=0", False), "weight_decay": ("float>=0", True), "delta_start": ("float>0", True),
     "delta_end": ("float>0", True), "delta_schedule": (DELTA_SCHEDULES, True), "penalty": (PENALTIES, True),
     "penalty_weight": (PENALTY_WEIGHTS, True), "bn": (BN_MODES, True), "channel_multiple": ("int>=1", True),
+    "block_cost": ("float>=0", True),
 }
 _TOP = {
     "name": ("str", True), "data": ("str", False), "resolution": ("int>=1", False),
@@ -257,6 +259,9 @@ def _build(raw: dict, origins: _Origins, default_name: str) -> Recipe:
     if end < start:
         raise origins.error(f"architecture.delta_end: {end:g} is below architecture.delta_start ({start:g})",
                             "architecture.delta_end", "architecture.delta_start")
+    if arch.get("block_cost", 0.0) > 0 and arch.get("penalty_weight", "channels") != "flops":
+        raise origins.error("architecture.block_cost: is counted in MACs, so it needs architecture.penalty_weight: "
+                            "flops", "architecture.block_cost", "architecture.penalty_weight")
     checked.setdefault("name", default_name)
     checked["weights"] = StageRecipe(**checked["weights"])
     checked["finetune"] = StageRecipe(**checked["finetune"])

@@ -50,9 +50,21 @@ class GateSet:
 
     def __init__(self, model: nn.Module, state: GateState):
         self.state = state
-        self.gates: list[SSGate] = [m for m in model.modules() if isinstance(m, SSGate)]
+        holders = [m for m in model.modules() if isinstance(getattr(m, "depth_gate", None), SSGate)
+                   and not isinstance(m, SSGate)]  # the blocks that carry a depth gate
+        self.depth_gates: list[SSGate] = [m.depth_gate for m in holders]
+        depth_ids = {id(d) for d in self.depth_gates}
+        self.gates: list[SSGate] = [m for m in model.modules() if isinstance(m, SSGate) and id(m) not in depth_ids]
         self.by_key = {g.key: g for g in self.gates}
+        # depth gate key -> the channel groups of its block
+        self.blocks_of = {m.depth_gate.key: [g.key for g in m.modules() if isinstance(g, SSGate)
+                                             and id(g) not in depth_ids] for m in holders}
         self.channel_weights: torch.Tensor | None = None  # per channel, in flat_s order; None: all 1
+        self.depth_weights: torch.Tensor | None = None    # per depth gate; None: 0 (only scales channels)
+        # per channel, 0 (no depth gate) or 1 + the index of the depth gate of its block
+        slot = {key: i + 1 for i, d in enumerate(self.depth_gates) for key in self.blocks_of[d.key]}
+        self.owner = torch.cat([torch.full((g.s.numel(),), slot.get(g.key, 0), dtype=torch.long)
+                                for g in self.gates]) if self.gates else torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.gates)
@@ -62,7 +74,7 @@ class GateSet:
         return sum(g.s.numel() for g in self.gates)
 
     def parameters(self):
-        return [g.s for g in self.gates]
+        return [g.s for g in self.gates + self.depth_gates]
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -74,29 +86,55 @@ class GateSet:
 
     def reset(self, value: float = 0.0) -> None:
         with torch.no_grad():
-            for g in self.gates:
+            for g in self.gates + self.depth_gates:
                 g.s.fill_(value)
 
     def flat_s(self) -> torch.Tensor:
         return torch.cat([g.s.reshape(-1) for g in self.gates]) if self.gates else torch.zeros(0)
 
-    def weigh(self, group_cost: dict[str, float]) -> None:
+    def weigh(self, group_cost: dict[str, float], block_cost: float = 0.0) -> None:
         """Weigh each channel in the penalty by its group's cost, normalised so that the mean channel
-        weighs 1 (lambda_a keeps its scale)."""
+        weighs 1 (lambda_a keeps its scale); each depth gate weighs `block_cost` on that scale."""
         w = torch.cat([torch.full((g.s.numel(),), float(group_cost[g.key])) for g in self.gates])
-        self.channel_weights = w / w.mean().clamp_min(1e-12)
+        mean = w.mean().clamp_min(1e-12)
+        self.channel_weights = w / mean
+        self.depth_weights = torch.full((len(self.depth_gates),), block_cost) / mean
 
     def penalty(self, form: str = "scaled") -> torch.Tensor:
         """The paper's Eq. 4 term sum(sigmoid(delta * s)); `unscaled` is the release's sum(sigmoid(s)).
-        With `weigh`, each channel counts its weight instead of 1."""
+        With `weigh`, each channel counts its weight instead of 1. A block with a depth gate d costs
+        d * (block_cost + its channels' terms): what it costs if d is 0 or 1, so closing d is priced
+        at the whole block, fixed cost included."""
         s = self.flat_s()
         scale = self.state.delta if form == "scaled" else 1.0
         g = torch.sigmoid(scale * s)
-        if self.channel_weights is None:
+        if self.channel_weights is not None:
+            if self.channel_weights.device != s.device:
+                self.channel_weights = self.channel_weights.to(s.device)
+            g = g * self.channel_weights
+        if not self.depth_gates:
             return g.sum()
-        if self.channel_weights.device != s.device:
-            self.channel_weights = self.channel_weights.to(s.device)
-        return (g * self.channel_weights).sum()
+        d = torch.sigmoid(scale * torch.cat([m.s for m in self.depth_gates]))
+        if self.owner.device != s.device:
+            self.owner = self.owner.to(s.device)
+        alive = torch.cat([d.new_ones(1), d])[self.owner]
+        fixed = d.new_zeros(()) if self.depth_weights is None else (d * self.depth_weights.to(d.device)).sum()
+        return (g * alive).sum() + fixed
+
+    def fold_depth_gates(self) -> int:
+        """Close every channel of each block whose depth gate is closed, then open all depth gates, so
+        the channel gates alone say what survives (derivation reads only them). Returns how many
+        blocks closed."""
+        closed = 0
+        with torch.no_grad():
+            for d in self.depth_gates:
+                if float(d.s) <= 0:
+                    closed += 1
+                    for key in self.blocks_of[d.key]:
+                        s = self.by_key[key].s
+                        s.copy_(-s.abs())
+                d.s.fill_(1.0)
+        return closed
 
     def values(self) -> dict[str, torch.Tensor]:
         return {g.key: g.s.detach().clone() for g in self.gates}
@@ -111,10 +149,22 @@ class GateSet:
                 self.by_key[key].s.copy_(s)
 
 
-def build_supernet(net: Network, placement: str = "after_bn") -> NasNet:
-    """A NasNet with SS gates where the graph has gate ops; `model.gate_set` controls them."""
+def build_supernet(net: Network, placement: str = "after_bn", depth_gates: bool = False) -> NasNet:
+    """A NasNet with SS gates where the graph has gate ops; `model.gate_set` controls them.
+
+    With `depth_gates`, every gated block that may vanish (in a residual layer, or beside other
+    blocks) also gets a depth gate on its output group (see gates.py)."""
     state = GateState()
     model = NasNet(place_gates(net, placement).to_config(), gate_factory=lambda c, key: SSGate(c, key, state))
+    if depth_gates:
+        for layer, module in zip(net.layers, model.layers):
+            if layer.shortcut is None and len(layer.blocks) < 2:
+                continue
+            for block, block_module in zip(layer.blocks, module.blocks):
+                gates = [m for m in block_module.modules() if isinstance(m, SSGate)]
+                if gates:
+                    block_module.depth_gate = SSGate(1, f"{block.name}:depth", state)
+                    gates[-1].attach_depth_gate(block_module.depth_gate)
     if placement == "after_bn":
         fuse_gates_into_bn(model)
     model.gate_set = GateSet(model, state)

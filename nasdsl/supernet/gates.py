@@ -4,6 +4,10 @@ All gates of a supernet share one `GateState` (mode and delta), so switching the
 between disabled / soft / hard, or stepping delta, is a single assignment. A gate placed right
 after a BatchNorm is fused into it: g * (gamma * x_hat + beta) is a BatchNorm with affine
 (g * gamma, g * beta), so the gate costs no extra pass over the feature map.
+
+A block that may vanish can also carry a one-channel *depth gate* that scales its output group:
+closing it removes the whole block at once, so the penalty can price a block above the sum of its
+channels (a layer's fixed time: kernel launches, Python, memory passes, whatever its width).
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ class SSGate(nn.Module):
         self.key = key
         self.state = state
         self.fused = False
+        self.depth_gate: SSGate | None = None  # a reference (set by `attach_depth_gate`), not a child
+
+    def attach_depth_gate(self, gate: "SSGate") -> None:
+        object.__setattr__(self, "depth_gate", gate)
 
     def factor(self) -> torch.Tensor | None:
         """The per-channel multiplier, or None when gates are disabled (the identity)."""
@@ -38,8 +46,12 @@ class SSGate(nn.Module):
         if mode == "disabled":
             return None
         if mode == "soft":
-            return torch.sigmoid(self.state.delta * self.s)
-        return (self.s > 0).to(self.s.dtype)
+            g = torch.sigmoid(self.state.delta * self.s)
+        else:
+            g = (self.s > 0).to(self.s.dtype)
+        if self.depth_gate is not None:
+            g = g * self.depth_gate.factor()
+        return g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
