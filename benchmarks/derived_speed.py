@@ -23,34 +23,42 @@ channel_multiple M. `--script` also times both networks scripted and frozen with
 (what `torch.jit.freeze` makes of an exported model: no Python per op, BN folded into the convs);
 `--onnx` both exported as `nasdsl export --onnx` exports them, in onnxruntime.
 
-ResNet-56 needs two search settings to turn FLOPs into speed on this CPU. oneDNN computes a conv's
-output channels in blocks of 16 on AVX-512, so a 3x3 conv from 16 channels to anything from 1 to
-16 costs the same (1.6 ms at batch 64, 32 px; 3.3 ms for 17): `architecture.channel_multiple=16`
-rounds every kept gate group to a multiple of 16. And the paper's penalty counts every channel
-alike, so it thins the 8x8 stage, where a channel costs a quarter of the MACs it costs at 32x32,
-as readily as the 32x32 stage, which is then left to dominate the time:
-`architecture.penalty_weight=flops` weighs each channel by its MACs.
-On the bundled digits (all reach >= 99.7% top-1 after finetuning):
-    nasdsl search spaces/resnet56_cifar.space --set resolution=32 --set architecture.lambda_a=5e-4 \
-        --set architecture.channel_multiple=16 --set architecture.penalty_weight=flops --out runs/r56
-(3.0x fewer FLOPs; lambda_a=1e-3: 5.0x). Speed-up / FLOPs reduction, batch 64 / batch 1, on a
-quiet machine, one thread (`--script --onnx --depth`):
+ResNet-56 needs three search settings to turn FLOPs into speed on this CPU. oneDNN computes a
+conv's output channels in blocks of 16 on AVX-512, so a 3x3 conv from 16 channels to anything from
+1 to 16 costs the same (1.6 ms at batch 64, 32 px; 3.3 ms for 17): `architecture.channel_multiple=16`
+rounds every kept gate group to a multiple of 16. The paper's penalty counts every channel alike,
+so it thins the 8x8 stage, where a channel costs a quarter of the MACs it costs at 32x32, as
+readily as the 32x32 stage, which is then left to dominate the time:
+`architecture.penalty_weight=flops` weighs each channel by its MACs. And at batch 1 in eager
+PyTorch a layer's fixed cost (Python, BN, kernel set-up, the indexed adds: tens of us whatever its
+width) sets much of the time, so only removed layers pay in full: `architecture.block_cost=3e7`
+gives every residual block a depth gate priced at 3e7 MACs plus its channels, and the search
+trades width for depth. On the bundled digits (all reach >= 99.4% top-1 after finetuning):
+    nasdsl search spaces/resnet56_cifar.space --set resolution=32 --set architecture.lambda_a=2e-4 \
+        --set architecture.channel_multiple=16 --set architecture.penalty_weight=flops \
+        --set architecture.block_cost=3e7 --out runs/r56
+(4.0x fewer FLOPs, 13 of 28 layers left). Without block_cost, lambda_a=5e-4 gives 3.0x and 1e-3
+5.0x, keeping 21 and 16 layers. Speed-up / FLOPs reduction, batch 64 / batch 1, one thread
+(`--script --onnx --depth`):
 
-    network                        eager PyTorch   TorchScript   onnxruntime
-    VGG-16 structured, 3.0x          0.86 / 0.76    0.85 / 0.82   0.58 / 0.84
-    ResNet-56 structured width 3.2x  0.44 / 0.36    0.46 / 0.39   0.40 / 0.41
-    ResNet-56 structured depth 3.1x  0.95 / 0.93    0.91 / 0.92   0.95 / 0.95
-    DNAL, both keys, 3.0x            0.74 / 0.59    0.73 / 0.75   0.63 / 0.65
-    DNAL, both keys, 5.0x            0.73 / 0.54    0.71 / 0.71   0.54 / 0.51
-    DNAL, paper settings, 4.3x       0.33 / 0.28    0.34 / 0.33   0.31 / 0.31
+    network                          eager PyTorch   TorchScript   onnxruntime
+    VGG-16 structured, 3.0x            0.85 / 0.78    0.85 / 0.85   0.59 / 0.88
+    ResNet-56 structured width 3.2x    0.45 / 0.32    0.44 / 0.39   0.41 / 0.40
+    ResNet-56 structured depth 3.1x    0.94 / 0.96    0.92 / 0.95   0.97 / 0.95
+    DNAL, all three keys, 4.0x         0.83 / 0.72    0.80 / 0.81   0.82 / 0.78
+    DNAL, no block_cost, 3.0x          0.73 / 0.58    0.74 / 0.70   0.66 / 0.63
+    DNAL, no block_cost, 5.0x          0.73 / 0.52    0.72 / 0.70   0.56 / 0.53
+    DNAL, paper settings, 4.3x         0.34 / 0.28    0.34 / 0.33   0.30 / 0.31
 
+Eager PyTorch for other block_cost settings (layers left, ratio at batch 64 / batch 1):
+lambda_a 7e-4 with block_cost 3e6: 3.3x, 17 layers, 0.78 / 0.68; 3e-4 with 3e7: 6.4x, 11 layers,
+0.77 / 0.65; 2.5e-4 with 2e7: 5.0x, 14 layers, 0.76 / 0.62. A thinner network needs fewer layers
+still to keep the batch-1 ratio, so the target is easiest to meet near 3-4x.
 Ratios move by about 0.1 between runs on this VM (under load the unpruned network slows more).
-In eager PyTorch at batch 1 a layer's fixed cost (Python, BN, kernel set-up: tens of us whatever
-its width) and not its FLOPs sets much of the time; frozen TorchScript (no Python per op, BN folded
-into the convs) takes most of it away. onnxruntime computes convs in blocks of channels too: VGG-16
-derived with `--multiple 16` reads 0.94 / 0.92 there. Before the ONNX export placed a narrow
-block's channels with a Gather (a ScatterElements until then), the 3.0x search read 0.41 / 0.35
-in onnxruntime.
+Frozen TorchScript (no Python per op, BN folded into the convs) takes much of the fixed cost
+away. onnxruntime computes convs in blocks of channels too: VGG-16 derived with `--multiple 16`
+reads 0.94 / 0.92 there. Before the ONNX export placed a narrow block's channels with a Gather (a
+ScatterElements until then), the 3.0x search read 0.41 / 0.35 in onnxruntime.
 On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
 """
 from __future__ import annotations
