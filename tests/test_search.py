@@ -57,6 +57,16 @@ def finished_run(space, tmp_path_factory) -> Path:
     return out
 
 
+DEPTH_SETS = ("--set", "architecture.penalty_weight=flops", "--set", "architecture.block_cost=1e8")
+
+
+@pytest.fixture(scope="module")
+def depth_run(space, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "depth"
+    nasdsl(*search_args(space, out, *DEPTH_SETS))
+    return out
+
+
 def test_summary_contract(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     for key in ("space", "recipe", "baseline", "searched", "derived", "gates", "stages", "reduction"):
@@ -155,9 +165,13 @@ def test_settle_gates_binarises_stranded_gates_without_changing_a_decision():
     assert s["a"][1] == 1e-4  # the input is not modified
 
 
-def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, tmp_path):
+@pytest.mark.parametrize("variant", ["channels", "depth"])
+def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, depth_run, variant, tmp_path):
+    """Killed in the middle of the architecture stage, resumed: the same gates and notes as a run
+    never interrupted (with depth gates too: they are checkpointed with the model)."""
+    extra, reference = (DEPTH_SETS, depth_run) if variant == "depth" else ((), finished_run)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "nasdsl", *map(str, search_args(space, out))], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "nasdsl", *map(str, search_args(space, out, *extra))], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
@@ -168,14 +182,16 @@ def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
-    nasdsl(*search_args(space, out, "--resume"))
+    nasdsl(*search_args(space, out, "--resume", *extra))
     a = load_file(str(out / "gates.safetensors"))
-    b = load_file(str(finished_run / "gates.safetensors"))
+    b = load_file(str(reference / "gates.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     stages = [json.loads(line)["stage"] for line in metrics.read_text().splitlines()]
     assert stages == ["weights"] * 2 + ["architecture"] * 3 + ["finetune"]
+    notes = [json.loads((run / "summary.json").read_text())["notes"] for run in (out, reference)]
+    assert notes[0] == notes[1]
 
 
 @pytest.mark.slow
@@ -269,13 +285,14 @@ def test_joint_strategy_runs_end_to_end(space, tmp_path):
     assert summary["derived"]["flops"] == summary["searched"]["flops"]
 
 
-def test_block_cost_removes_whole_blocks(space, tmp_path):
+def test_block_cost_removes_whole_blocks(depth_run, finished_run):
     """A block cost far above any channel's closes the choice layer's depth gates: both blocks go
     and the residual layer becomes the identity; without it the same search keeps the layer."""
-    out = tmp_path / "depth"
-    nasdsl(*search_args(space, out, "--set", "architecture.penalty_weight=flops",
-                        "--set", "architecture.block_cost=1e8"))
+    out = depth_run
     summary = json.loads((out / "summary.json").read_text())
+    plain = json.loads((finished_run / "summary.json").read_text())
+    assert not any(note.startswith("layer choice:") for note in plain["notes"])
+    assert plain["derived"]["flops"] > summary["derived"]["flops"]
     assert summary["notes"][0] == "2 block(s) closed by their depth gate (architecture.block_cost)"
     assert "layer choice: every block was pruned; the layer is an identity and was removed" in summary["notes"]
     assert summary["searched"]["flops"] == summary["derived"]["flops"]
