@@ -40,8 +40,8 @@ trades width for depth. On the bundled digits (all reach >= 99.4% top-1 after fi
 (4.0x fewer FLOPs, 13 of 28 layers left). Without block_cost, lambda_a=5e-4 gives 3.0x and 1e-3
 5.0x, keeping 21 and 16 layers. block_cost is a price, not a measurement: at 3e6, about the fixed
 time of a layer here (some 70 us at batch 1, where a conv costs about 20 us per million MACs), the
-gates, trained on frozen weights, still found thinning cheaper than removing a block. Speed-up / FLOPs reduction, batch 64 / batch 1, one thread
-(`--script --onnx --depth`):
+gates, trained on frozen weights, still found thinning cheaper than removing a block.
+Speed-up / FLOPs reduction, batch 64 / batch 1, one thread, one run (`--script --onnx --depth`):
 
     network                          eager PyTorch   TorchScript   onnxruntime
     VGG-16 structured, 3.0x            0.85 / 0.78    0.85 / 0.85   0.59 / 0.88
@@ -55,10 +55,11 @@ gates, trained on frozen weights, still found thinning cheaper than removing a b
 The batch-1 eager ratio varies with the seed: with all three keys, seeds 1 and 2 (4.5x and 4.9x,
 14 and 13 layers) and lambda_a=1.5e-4, block_cost=4e7 with seeds 0 and 1 (4.2x, 13 and 14 layers)
 read 0.76-0.80 at batch 64 and 0.63-0.67 at batch 1 in eager PyTorch, 0.75-0.81 in TorchScript
-at both, 0.62-0.83 in onnxruntime. Other settings, eager (ratio at batch 64 / batch 1): lambda_a
-7e-4 with block_cost 3e6: 3.3x, 17 layers, 0.78 / 0.68; 3e-4 with 3e7: 6.4x, 11 layers, 0.77 /
-0.65; 2.5e-4 with 2e7: 5.0x, 14 layers, 0.76 / 0.62. The more FLOPs go, the fewer layers must be
-left to keep the batch-1 ratio, so it is easiest to meet near 3-4x.
+at both, 0.62-0.83 in onnxruntime; lambda_a=1e-4 with block_cost=6e7, seeds 0 and 1 (5.2x and
+4.6x, 13 layers each), 0.79 / 0.63 and 0.76 / 0.68 in eager PyTorch. Other settings, eager
+(ratio at batch 64 / batch 1): lambda_a 7e-4 with block_cost 3e6: 3.3x, 17 layers, 0.78 / 0.68;
+3e-4 with 3e7: 6.4x, 11 layers, 0.77 / 0.65; 2.5e-4 with 2e7: 5.0x, 14 layers, 0.76 / 0.62. The
+more FLOPs go, the fewer layers must be left to keep the batch-1 ratio.
 Ratios move by about 0.1 between runs on this VM (under load the unpruned network slows more).
 Frozen TorchScript (no Python per op, BN folded into the convs) takes much of the fixed cost
 away. onnxruntime computes convs in blocks of channels too: VGG-16 derived with `--multiple 16`
