@@ -46,7 +46,8 @@ def place_gates(net: Network, placement: str) -> Network:
 
 
 class GateSet:
-    """The supernet's gates in graph order, with the shared mode and delta."""
+    """The supernet's gates in graph order, with the shared mode and delta: the channel groups in
+    `gates`, and in `depth_gates` the one-channel gates of blocks that may vanish (if any)."""
 
     def __init__(self, model: nn.Module, state: GateState):
         self.state = state
