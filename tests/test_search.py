@@ -195,12 +195,14 @@ def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, depth_ru
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_agree(space, tmp_path):
+@pytest.mark.parametrize("variant", ["channels", "depth"])
+def test_ddp_two_processes_agree(space, tmp_path, variant):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun comes with torch"
     out = tmp_path / "ddp"
-    sets = [x for s in SETTINGS for x in ("--set", s)]
-    proc = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29611", "-m", "nasdsl", "search",
+    sets = [x for s in SETTINGS for x in ("--set", s)] + list(DEPTH_SETS if variant == "depth" else ())
+    port = 29611 if variant == "channels" else 29612
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={port}", "-m", "nasdsl", "search",
                            str(space), "--data", "fake", "--out", str(out), "-q", *sets],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -208,6 +210,8 @@ def test_ddp_two_processes_agree(space, tmp_path):
     assert summary["distributed"]["world_size"] == 2
     assert summary["distributed"]["gate_divergence_before_sync"] == 0.0
     assert summary["gates"]["binarized_fraction"] == 1.0
+    if variant == "depth":  # the divergence above covers the depth gates too
+        assert summary["notes"][0] == "2 block(s) closed by their depth gate (architecture.block_cost)"
 
 
 def test_missing_dataset_is_one_line_and_writes_nothing(space, tmp_path):
