@@ -322,7 +322,7 @@ def main(argv=None) -> int:
                 runtimes["torchscript"] = {k: frozen_script(m) for k, m in runtimes["torch"].items()}
             if args.onnx:
                 runtimes["onnxruntime"] = {k: onnx_session(m, shape, Path(folder), f"{len(rows)}_{k}")
-                                           for k, m in (("full", full), ("slim", slim))}
+                                           for k, m in runtimes["torch"].items()}
             for runtime, models in runtimes.items():
                 for batch in args.batches:
                     # TorchScript's profiling executor optimises a graph only after a few calls

@@ -403,8 +403,8 @@ class Search:
                 results["baseline"] = {"flops": cost.flops, "params": cost.params, "top1": self.evaluate(self.model)}
         else:
             # DDP keeps the gates equal; measure it before making rank 0's copy everyone's
-            all_s = torch.cat([p.detach().reshape(-1) for p in gate_set.parameters()])  # depth gates too
-            self.state["gate_divergence"] = dist_utils.max_divergence(self.world, all_s)
+            gate_vector = nn.utils.parameters_to_vector(gate_set.parameters())  # depth gates too
+            self.state["gate_divergence"] = dist_utils.max_divergence(self.world, gate_vector)
             dist_utils.broadcast_(self.world, gate_set.parameters())
             if stage == "joint" and "baseline" not in results:
                 gate_set.set_mode("disabled")

@@ -61,7 +61,7 @@ class GateSet:
         self.blocks_of = {m.depth_gate.key: [g.key for g in m.modules() if isinstance(g, SSGate)
                                              and id(g) not in depth_ids] for m in holders}
         self.channel_weights: torch.Tensor | None = None  # per channel, in flat_s order; None: all 1
-        self.depth_weights: torch.Tensor | None = None    # per depth gate; None: 0 (only scales channels)
+        self.depth_weights = torch.zeros(len(self.depth_gates))  # per depth gate (see `weigh`)
         # per channel, 0 (no depth gate) or 1 + the index of the depth gate of its block
         slot = {key: i + 1 for i, d in enumerate(self.depth_gates) for key in self.blocks_of[d.key]}
         self.owner = torch.cat([torch.full((g.s.numel(),), slot.get(g.key, 0), dtype=torch.long)
@@ -98,8 +98,8 @@ class GateSet:
         weighs 1 (lambda_a keeps its scale); each depth gate weighs `block_cost` on that scale."""
         w = torch.cat([torch.full((g.s.numel(),), float(group_cost[g.key])) for g in self.gates])
         mean = w.mean().clamp_min(1e-12)
-        self.channel_weights = w / mean
-        self.depth_weights = torch.full((len(self.depth_gates),), block_cost) / mean
+        self.channel_weights = (w / mean).to(self.owner.device)
+        self.depth_weights = (torch.full((len(self.depth_gates),), block_cost) / mean).to(self.owner.device)
 
     def penalty(self, form: str = "scaled") -> torch.Tensor:
         """The paper's Eq. 4 term sum(sigmoid(delta * s)); `unscaled` is the release's sum(sigmoid(s)).
@@ -107,20 +107,23 @@ class GateSet:
         d * (block_cost + its channels' terms): what it costs if d is 0 or 1, so closing d is priced
         at the whole block, fixed cost included."""
         s = self.flat_s()
+        if self.owner.device != s.device:  # the model moved after the weights were made
+            self._move_weights(s.device)
         scale = self.state.delta if form == "scaled" else 1.0
         g = torch.sigmoid(scale * s)
         if self.channel_weights is not None:
-            if self.channel_weights.device != s.device:
-                self.channel_weights = self.channel_weights.to(s.device)
             g = g * self.channel_weights
         if not self.depth_gates:
             return g.sum()
         d = torch.sigmoid(scale * torch.cat([m.s for m in self.depth_gates]))
-        if self.owner.device != s.device:
-            self.owner = self.owner.to(s.device)
         alive = torch.cat([d.new_ones(1), d])[self.owner]
-        fixed = d.new_zeros(()) if self.depth_weights is None else (d * self.depth_weights.to(d.device)).sum()
-        return (g * alive).sum() + fixed
+        return (g * alive).sum() + (d * self.depth_weights).sum()
+
+    def _move_weights(self, device: torch.device) -> None:
+        self.owner = self.owner.to(device)
+        self.depth_weights = self.depth_weights.to(device)
+        if self.channel_weights is not None:
+            self.channel_weights = self.channel_weights.to(device)
 
     def fold_depth_gates(self) -> int:
         """Close every channel of each block whose depth gate is closed, then open all depth gates, so
