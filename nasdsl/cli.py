@@ -120,7 +120,7 @@ def cmd_search(args) -> int:
     from pathlib import Path
 
     from nasdsl.search.dnal import SearchJob, search
-    from nasdsl.search.recipe import load_recipe
+    from nasdsl.recipe import load_recipe
 
     recipe_sets, space_sets = split_sets(parse_sets(args.set))
     if args.seed is not None:
@@ -166,9 +166,9 @@ def cmd_eval(args) -> int:
     import torch
 
     from nasdsl.export.load import load
-    from nasdsl.search.data import build_data
+    from nasdsl.train.data import build_data
     from nasdsl.search.dnal import resolve_device
-    from nasdsl.search.evaluate import accuracy
+    from nasdsl.train.evaluate import accuracy
 
     model = load(args.path)
     spec = args.data

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nasdsl.errors import NasdslError
-from nasdsl.search.data import DataBundle, build_data, parse_spec
+from nasdsl.train.data import DataBundle, build_data, parse_spec
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nasdsl.language.compiler import compile_source
-from nasdsl.search.recipe import ArchRecipe, StageRecipe
-from nasdsl.search.schedule import delta, learning_rate
+from nasdsl.recipe import ArchRecipe, StageRecipe
+from nasdsl.train.schedule import delta, learning_rate
 from nasdsl.supernet.build import GateSet, build_supernet, place_gates
 from nasdsl.supernet.gates import GatedBatchNorm1d, GatedBatchNorm2d, GateState, SSGate, fuse_gates_into_bn
 

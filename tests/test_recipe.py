@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from nasdsl.errors import NasdslError
-from nasdsl.search.recipe import (RECIPES_DIR, ArchRecipe, Recipe, StageRecipe, available_recipes, load_recipe,
+from nasdsl.recipe import (RECIPES_DIR, ArchRecipe, Recipe, StageRecipe, available_recipes, load_recipe,
                                   recipe_from_dict)
 
 PAPER = ["vgg16_cifar", "resnet56_cifar", "mobilenetv2_cifar", "vgg16_imagenet", "resnet50_imagenet",

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from nasdsl.search.dnal import Search, SearchJob, settle_gates
-from nasdsl.search.recipe import load_recipe
+from nasdsl.recipe import load_recipe
 
 TINY = """
 space tiny(input=3, resolution=8, classes=10)

@@ -22,11 +22,11 @@ from nasdsl.derive.derive import Derivation, derive, slim_state_dict
 from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import gate_channel_flops, network_cost
 from nasdsl.graph.ir import Network
-from nasdsl.search import distributed as dist_utils
-from nasdsl.search.evaluate import accuracy
-from nasdsl.search.run import Run, space_hash, write_json
-from nasdsl.search.schedule import delta as delta_at
-from nasdsl.search.schedule import learning_rate
+from nasdsl.train import distributed as dist_utils
+from nasdsl.train.evaluate import accuracy
+from nasdsl.pipeline.folder import Run, space_hash, write_json
+from nasdsl.train.schedule import delta as delta_at
+from nasdsl.train.schedule import learning_rate
 from nasdsl.supernet.build import build_supernet, place_gates
 from nasdsl.supernet.network import NasNet
 
@@ -37,7 +37,7 @@ BINARY_TOLERANCE = 1e-6
 class SearchJob:
     """What `nasdsl search` was asked to do."""
     space: Path
-    recipe: object              # nasdsl.search.recipe.Recipe
+    recipe: object              # nasdsl.recipe.Recipe
     data: str
     out: Path
     space_overrides: dict = field(default_factory=dict)
@@ -78,7 +78,7 @@ def _epoch_seed(seed: int, stage: int, epoch: int, rank: int) -> int:
 class Search:
     def __init__(self, job: SearchJob):
         from nasdsl.language.compiler import compile_file
-        from nasdsl.search.data import build_data
+        from nasdsl.train.data import build_data
 
         self.job = job
         self.recipe = job.recipe
@@ -480,7 +480,7 @@ class Search:
     def save_gates(self) -> None:
         from safetensors.torch import save
 
-        from nasdsl.search.run import atomic_write
+        from nasdsl.pipeline.folder import atomic_write
         tensors = {k: v.contiguous() for k, v in self.state["gates"].items()}
         atomic_write(self.job.out / "gates.safetensors", lambda f: f.write(save(tensors)))
 
@@ -526,7 +526,7 @@ class Search:
         return {"total": int(s.numel()), "kept": int((s > 0).sum()), "binarized_fraction": binary}
 
     def plots(self) -> None:
-        from nasdsl.search.plots import plot_gate_distribution, plot_kept_channels
+        from nasdsl.pipeline.plots import plot_gate_distribution, plot_kept_channels
 
         if self.state["histograms"]:
             plot_gate_distribution(self.state["histograms"], self.job.out / "gate_distribution.png")

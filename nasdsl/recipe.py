@@ -26,7 +26,7 @@ import yaml
 import nasdsl
 from nasdsl.errors import NasdslError, did_you_mean
 
-RECIPES_DIR = Path(nasdsl.__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "cpu"
 
 SCHEDULES = ("cosine", "step", "constant")

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from nasdsl.search import distributed as dist_utils
+from nasdsl.train import distributed as dist_utils
 
 
 @torch.no_grad()
