@@ -1,136 +1,361 @@
 """Training recipes: the typed, validated settings of one DNAL search (weights, architecture, finetune).
 
-A recipe is a YAML file (`recipes/*.yaml`) loaded into the dataclasses below. Every key is checked:
-unknown keys get a did-you-mean, bad values name the key and what is allowed, and each error points
-at the file and line of the key (or at `--set` for an override). Keys that a file leaves out take the
-defaults below only where the default is the paper's own choice (marked "optional" in `SCHEMA`);
-everything else is required, so a recipe never silently inherits a learning rate.
+A recipe is a YAML file loaded into the pydantic models below, which are the one declaration of the
+schema: field types, allowed values and defaults all live on the models, nowhere else. Every key is
+checked: unknown keys get a did-you-mean, bad values name the key and what is allowed, and each error
+is one line pointing at the file, line and column of the key (or at `--set` for an override), because
+pydantic's ValidationError is translated here from its `loc` to the dotted key and then to the YAML mark.
+A field with a default may be left out of a file; the others are required, so a recipe never silently
+inherits a learning rate. `name` defaults to the file's stem.
 
-    load_recipe(None)                              -> recipes/cpu.yaml
-    load_recipe("vgg16_cifar")                     -> recipes/vgg16_cifar.yaml
+    load_recipe(None)                              -> the shipped recipes/cpu.yaml
+    load_recipe("vgg16_cifar")                     -> the shipped recipes/vgg16_cifar.yaml
     load_recipe("my/recipe.yaml", {"architecture.lambda_a": "1e-4"})
 
-Float fields accept numeric strings because YAML 1.1 reads `1e-4` (no dot) as a string.
-This module does not import torch.
+The shipped recipes are package data (`nasdsl/recipes/*.yaml`), read through importlib.resources so
+that a regular wheel install finds them. Float fields accept numeric strings because YAML 1.1 reads
+`1e-4` (no dot) as a string. This module does not import torch.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, Literal, get_args
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_serializer, model_validator)
 
-import nasdsl
 from nasdsl.errors import NasdslError, did_you_mean
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = resources.files("nasdsl") / "recipes"   # a Traversable: a Path unless installed zipped
 DEFAULT_RECIPE = "cpu"
 
-SCHEDULES = ("cosine", "step", "constant")
-GATE_PLACEMENTS = ("after_bn", "before_bn", "after_act")
-STRATEGIES = ("sequential", "joint")
-DELTA_SCHEDULES = ("iteration", "epoch")
-PENALTIES = ("scaled", "unscaled")
-PENALTY_WEIGHTS = ("channels", "flops")
-BN_MODES = ("frozen", "recalibrated", "train")
+Schedule = Literal["cosine", "step", "constant"]
+GatePlacement = Literal["after_bn", "before_bn", "after_act"]
+Strategy = Literal["sequential", "joint"]
+DeltaSchedule = Literal["iteration", "epoch"]
+Penalty = Literal["scaled", "unscaled"]
+PenaltyWeight = Literal["channels", "flops"]
+BnMode = Literal["frozen", "recalibrated", "train"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+SCHEDULES = get_args(Schedule)
+GATE_PLACEMENTS = get_args(GatePlacement)
+STRATEGIES = get_args(Strategy)
+DELTA_SCHEDULES = get_args(DeltaSchedule)
+PENALTIES = get_args(Penalty)
+PENALTY_WEIGHTS = get_args(PenaltyWeight)
+BN_MODES = get_args(BnMode)
+PRECISIONS = get_args(Precision)
+
+# auto_augment short names -> timm's create_transform strings; other timm strings pass by prefix
+AUTO_AUGMENT_NAMES = {"none": None, "rand": "rand-m9-mstd0.5", "trivial": "trivialaugment"}
+AUTO_AUGMENT_PREFIXES = ("rand-", "augmix", "trivialaugment")
 
 
-@dataclass
-class StageRecipe:
-    """SGD settings of the weight-training stage and of the finetuning stage."""
-    epochs: int
-    lr: float
-    schedule: str                       # cosine | step | constant
-    momentum: float
-    weight_decay: float
-    milestones: list[int] = field(default_factory=list)   # step: epochs where lr *= gamma
-    gamma: float = 0.1
-    nesterov: bool = False
-    warmup_epochs: int = 0              # linear warm-up from 0, counted inside `epochs`
-    label_smoothing: float = 0.0
+# --------------------------------------------------------------------------- field types
+
+class _Bad(ValueError):
+    """A bad value: its text is the whole message after 'KEY: ', so users never see pydantic's wording."""
 
 
-@dataclass
-class ArchRecipe:
-    """The architecture stage: gate parameters s trained with a constant-lr SGD, weights fixed."""
-    epochs: int
-    lr: float
-    momentum: float
-    lambda_a: float                     # penalty coefficient (Eq. 4)
-    weight_decay: float = 0.0           # on the gate parameters
-    delta_start: float = 1.0            # scale factor of the scaled sigmoid, grown exponentially
-    delta_end: float = 1e4
-    delta_schedule: str = "iteration"   # iteration: smooth growth; epoch: the release's per-epoch steps
-    penalty: str = "scaled"             # scaled: sum sigmoid(delta*s) (paper Eq. 4); unscaled: sum sigmoid(s)
-    penalty_weight: str = "channels"    # channels: every gate counts 1 (paper); flops: the MACs its channel costs
-    bn: str = "frozen"                  # frozen: BN statistics fixed (eval mode); train: keep updating
-    channel_multiple: int = 1           # derived widths: each gate group keeps a multiple of this (1: exact)
-    block_cost: float = 0.0             # MACs a removable block costs beyond its channels (0: no depth gates)
+class _Cross(ValueError):
+    """A cross-field inconsistency inside one section. The section does not know its own dotted prefix
+    ("weights." or "finetune."), so the message is built from it later; `keys` (relative) locate it."""
+
+    def __init__(self, message: Callable[[str], str], *keys: str):
+        super().__init__(message(""))
+        self.message = message
+        self.keys = keys
 
 
-@dataclass
-class Recipe:
-    name: str
-    data: str                           # default --data spec
-    resolution: int
-    batch_size: int                     # per process
-    workers: int                        # DataLoader workers; 0 loads in the main process
-    seed: int
+def _as_number(value) -> float | None:
+    """A finite float from a number or a numeric string (YAML 1.1 reads 1e-4 as text); else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _float(describe: str, ok: Callable[[float], bool]):
+    """A float field with its range, failing with 'expected <describe>, got <value as written>'."""
+    def check(value):
+        number = _as_number(value)
+        if number is None or not ok(number):
+            raise _Bad(f"expected {describe}, got {value!r}")
+        return number
+    return Annotated[float, BeforeValidator(check)]
+
+
+def _int(minimum: int):
+    """An integer field >= minimum; a float with an integral value (3.0) is accepted, bools are not."""
+    def check(value):
+        number = int(value) if isinstance(value, float) and value.is_integer() else value
+        if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
+            raise _Bad(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+    return Annotated[int, BeforeValidator(check)]
+
+
+def _choice(kind):
+    """A Literal field whose error names the allowed values, with a did-you-mean for near misses."""
+    allowed = get_args(kind)
+
+    def check(value):
+        if not isinstance(value, str) or value not in allowed:
+            hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
+            raise _Bad(f"{value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
+        return value
+    return Annotated[kind, BeforeValidator(check)]
+
+
+def _check_bool(value):
+    """YAML's true/false only: a 0/1 or 'yes' string is more likely a slip than a flag."""
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {value!r}")
+    return value
+
+
+def _check_str(value):
+    """A non-empty string, stripped: an empty data spec or name would only fail much later."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _check_milestones(value):
+    """Step-schedule epochs: increasing positive integers, so the schedule is unambiguous."""
+    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or any(v <= 0 for v in value) or any(b <= a for a, b in zip(value, value[1:])):
+        raise _Bad(f"expected a list of increasing integers > 0, e.g. [30, 80], got {value!r}")
+    return list(value)
+
+
+def _pair(value) -> tuple[float, float] | None:
+    """[lo, hi] as two floats (numeric strings allowed), or None when it is not a pair of numbers."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    lo, hi = (_as_number(v) for v in value)
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def _check_scale(value):
+    """RandomResizedCrop's area range; 'auto' (None) leaves the choice to the data module."""
+    if value is None or value == "auto":
+        return None
+    pair = _pair(value)
+    if pair is None or not 0 < pair[0] <= pair[1] <= 1:
+        raise _Bad(f"expected 'auto' or [lo, hi] with 0 < lo <= hi <= 1, got {value!r}")
+    return pair
+
+
+def _check_ratio(value):
+    """RandomResizedCrop's aspect-ratio range: positive and ordered, as torchvision requires."""
+    pair = _pair(value)
+    if pair is None or not 0 < pair[0] <= pair[1]:
+        raise _Bad(f"expected [lo, hi] with 0 < lo <= hi, got {value!r}")
+    return pair
+
+
+def _check_hflip(value):
+    """Horizontal-flip probability; 'auto' (None) lets the data module decide (digits must not flip)."""
+    if value is None or value == "auto":
+        return None
+    number = _as_number(value)
+    if number is None or not 0 <= number <= 1:
+        raise _Bad(f"expected 'auto' or a probability in [0, 1], got {value!r}")
+    return number
+
+
+def _check_auto_augment(value):
+    """Short names map to timm strings; a full timm string passes when timm's prefixes accept it."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in AUTO_AUGMENT_NAMES:
+            return AUTO_AUGMENT_NAMES[text]
+        if text.startswith(AUTO_AUGMENT_PREFIXES):
+            return text
+    hint = did_you_mean(value, AUTO_AUGMENT_NAMES) if isinstance(value, str) else ""
+    raise _Bad(f"{value!r} is not allowed{hint}; choose one of: {', '.join(AUTO_AUGMENT_NAMES)}, or a timm "
+               f"string starting with {', '.join(AUTO_AUGMENT_PREFIXES[:-1])} or {AUTO_AUGMENT_PREFIXES[-1]}")
+
+
+Int0, Int1 = _int(0), _int(1)
+PositiveFloat = _float("a number > 0", lambda x: x > 0)
+NonNegativeFloat = _float("a number >= 0", lambda x: x >= 0)
+UnitFloat = _float("a number in [0, 1)", lambda x: 0 <= x < 1)
+Bool = Annotated[bool, BeforeValidator(_check_bool)]
+Text = Annotated[str, BeforeValidator(_check_str)]
+Milestones = Annotated[list[int], BeforeValidator(_check_milestones)]
+ScheduleChoice = _choice(Schedule)
+DeltaScheduleChoice = _choice(DeltaSchedule)
+PenaltyChoice = _choice(Penalty)
+PenaltyWeightChoice = _choice(PenaltyWeight)
+BnModeChoice = _choice(BnMode)
+GatePlacementChoice = _choice(GatePlacement)
+StrategyChoice = _choice(Strategy)
+PrecisionChoice = _choice(Precision)
+
+
+# --------------------------------------------------------------------------- models
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors (a typo must never be silently ignored)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageRecipe(_Section):
+    """SGD settings of the weight-training stage and of the finetuning stage.
+
+    Required: epochs, lr, schedule (cosine | step | constant), momentum, weight_decay.
+    Optional: milestones (step: epochs where lr *= gamma), gamma, nesterov, warmup_epochs (linear
+    warm-up from 0, counted inside `epochs`), label_smoothing."""
+    epochs: Int0
+    lr: PositiveFloat
+    schedule: ScheduleChoice
+    momentum: UnitFloat
+    weight_decay: NonNegativeFloat
+    milestones: Milestones = Field(default_factory=list)
+    gamma: PositiveFloat = 0.1
+    nesterov: Bool = False
+    warmup_epochs: Int0 = 0
+    label_smoothing: UnitFloat = 0.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageRecipe:
+        """Checks that need two keys: each names both, so the error can point at either."""
+        epochs, warmup, milestones = self.epochs, self.warmup_epochs, self.milestones
+        if warmup > epochs:
+            raise _Cross(lambda p: f"{p}warmup_epochs: {warmup} is more than {p}epochs ({epochs})",
+                         "warmup_epochs", "epochs")
+        if self.schedule == "step" and not milestones:
+            raise _Cross(lambda p: f"{p}milestones: schedule 'step' needs milestones, e.g. [30, 80]",
+                         "milestones", "schedule")
+        if self.schedule == "step" and milestones[-1] >= epochs:
+            raise _Cross(lambda p: f"{p}milestones: milestone {milestones[-1]} is not below {p}epochs ({epochs})",
+                         "milestones", "epochs")
+        if self.nesterov and self.momentum == 0:
+            raise _Cross(lambda p: f"{p}nesterov: needs momentum > 0", "nesterov", "momentum")
+        return self
+
+
+class ArchRecipe(_Section):
+    """The architecture stage: gate parameters s trained with a constant-lr SGD, weights fixed.
+
+    Required: epochs, lr, momentum, lambda_a (the penalty coefficient of Eq. 4).
+    Optional: weight_decay (on the gates), delta_start/delta_end (scale of the scaled sigmoid, grown
+    exponentially), delta_schedule (iteration: smooth; epoch: the release's per-epoch steps), penalty
+    (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
+    gate counts 1; flops: the MACs its channel costs), bn (frozen | recalibrated | train), channel_multiple
+    (derived widths keep a multiple of this), block_cost (MACs a removable block costs beyond its
+    channels; 0: no depth gates; needs penalty_weight flops)."""
+    epochs: Int0
+    lr: PositiveFloat
+    momentum: UnitFloat
+    lambda_a: NonNegativeFloat
+    weight_decay: NonNegativeFloat = 0.0
+    delta_start: PositiveFloat = 1.0
+    delta_end: PositiveFloat = 1e4
+    delta_schedule: DeltaScheduleChoice = "iteration"
+    penalty: PenaltyChoice = "scaled"
+    penalty_weight: PenaltyWeightChoice = "channels"
+    bn: BnModeChoice = "frozen"
+    channel_multiple: Int1 = 1
+    block_cost: NonNegativeFloat = 0.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArchRecipe:
+        """delta must grow, and a block's cost is in MACs, which only the flops weighting counts."""
+        start, end = self.delta_start, self.delta_end
+        if end < start:
+            raise _Cross(lambda p: f"{p}delta_end: {end:g} is below {p}delta_start ({start:g})",
+                         "delta_end", "delta_start")
+        if self.block_cost > 0 and self.penalty_weight != "flops":
+            raise _Cross(lambda p: f"{p}block_cost: is counted in MACs, so it needs {p}penalty_weight: flops",
+                         "block_cost", "penalty_weight")
+        return self
+
+
+class AugmentRecipe(_Section):
+    """Training-time augmentation, built by the data module with timm's create_transform. All optional.
+
+    scale: 'auto' (None) or [lo, hi], 0 < lo <= hi <= 1: RandomResizedCrop's area fraction.
+    ratio: [lo, hi], 0 < lo <= hi: RandomResizedCrop's aspect ratio (default [0.75, 1.3333333]).
+    hflip: 'auto' (None) or a probability in [0, 1].
+    auto_augment: none (None) | rand (timm 'rand-m9-mstd0.5') | trivial (timm 'trivialaugment') | a timm
+        string starting with rand-, augmix or trivialaugment; the attribute holds the timm string.
+    re_prob: random-erasing probability in [0, 1) (default 0).
+    Dumped back as 'auto' / 'none' / lists, so `Recipe.to_dict()` reloads and is JSON-stable."""
+    scale: Annotated[tuple[float, float] | None, BeforeValidator(_check_scale)] = None
+    ratio: Annotated[tuple[float, float], BeforeValidator(_check_ratio)] = (0.75, 1.3333333)
+    hflip: Annotated[float | None, BeforeValidator(_check_hflip)] = None
+    auto_augment: Annotated[str | None, BeforeValidator(_check_auto_augment)] = None
+    re_prob: UnitFloat = 0.0
+
+    @field_serializer("scale", "hflip")
+    def _dump_auto(self, value):
+        return "auto" if value is None else list(value) if isinstance(value, tuple) else value
+
+    @field_serializer("ratio")
+    def _dump_ratio(self, value):
+        return list(value)
+
+    @field_serializer("auto_augment")
+    def _dump_auto_augment(self, value):
+        return "none" if value is None else value
+
+
+class Recipe(_Section):
+    """One search: data, loader and seed; the three stages; gate placement and strategy.
+
+    Required: data (default --data spec), resolution, batch_size (per process), workers (0: load in the
+    main process), seed, weights, architecture, finetune. `name` defaults to the file stem.
+    Optional: gate_placement (after_bn | before_bn | after_act), strategy (sequential: DNAL's decoupled
+    stages; joint: weights and gates together), precision (auto | fp32 | bf16 | fp16; auto = bf16 on a
+    CUDA device that supports it, else fp32, resolved by the trainer), compile (opt-in torch.compile,
+    default false), augmentation (an `AugmentRecipe`). `origin` is the file it came from, not schema,
+    and equality ignores it."""
+    name: Text
+    data: Text
+    resolution: Int1
+    batch_size: Int1
+    workers: Int0
+    seed: Int0
     weights: StageRecipe
     architecture: ArchRecipe
     finetune: StageRecipe
-    gate_placement: str = "after_bn"    # after_bn | before_bn | after_act
-    strategy: str = "sequential"        # sequential: DNAL's decoupled stages; joint: weights and gates together
-    origin: str | None = field(default=None, compare=False, repr=False)  # file it came from (not schema)
+    gate_placement: GatePlacementChoice = "after_bn"
+    strategy: StrategyChoice = "sequential"
+    precision: PrecisionChoice = "auto"
+    compile: Bool = False
+    augmentation: AugmentRecipe = Field(default_factory=AugmentRecipe)
+    _origin: str | None = PrivateAttr(default=None)
+
+    @property
+    def origin(self) -> str | None:
+        return self._origin
+
+    def __eq__(self, other) -> bool:
+        """Schema values only: the same recipe read through two paths is the same recipe."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (schema keys only), loadable again with `recipe_from_dict`."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name == "origin":
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, (StageRecipe, ArchRecipe)):
-                value = {g.name: copy.deepcopy(getattr(value, g.name)) for g in fields(value)}
-            out[f.name] = value
-        return out
+        return self.model_dump()
 
 
-# --------------------------------------------------------------------------- schema
-
-# kind: "int>=0", "int>=1", "float>0", "float>=0", "momentum", "unit", "bool", "str", "milestones",
-#       or a tuple of allowed strings. `optional` keys may be left out of a file.
-_STAGE = {
-    "epochs": ("int>=0", False), "lr": ("float>0", False), "schedule": (SCHEDULES, False),
-    "momentum": ("momentum", False), "weight_decay": ("float>=0", False),
-    "milestones": ("milestones", True), "gamma": ("float>0", True), "nesterov": ("bool", True),
-    "warmup_epochs": ("int>=0", True), "label_smoothing": ("unit", True),
-}
-_ARCH = {
-    "epochs": ("int>=0", False), "lr": ("float>0", False), "momentum": ("momentum", False),
-    "lambda_a": ("float>=0", False), "weight_decay": ("float>=0", True), "delta_start": ("float>0", True),
-    "delta_end": ("float>0", True), "delta_schedule": (DELTA_SCHEDULES, True), "penalty": (PENALTIES, True),
-    "penalty_weight": (PENALTY_WEIGHTS, True), "bn": (BN_MODES, True), "channel_multiple": ("int>=1", True),
-    "block_cost": ("float>=0", True),
-}
-_TOP = {
-    "name": ("str", True), "data": ("str", False), "resolution": ("int>=1", False),
-    "batch_size": ("int>=1", False), "workers": ("int>=0", False), "seed": ("int>=0", False),
-    "gate_placement": (GATE_PLACEMENTS, True), "strategy": (STRATEGIES, True),
-    "weights": (_STAGE, False), "architecture": (_ARCH, False), "finetune": (_STAGE, False),
-}
-SCHEMA = _TOP
-
-_DESCRIBE = {
-    "int>=0": "an integer >= 0", "int>=1": "an integer >= 1", "float>0": "a number > 0",
-    "float>=0": "a number >= 0", "momentum": "a number in [0, 1)", "unit": "a number in [0, 1)",
-    "bool": "true or false", "str": "a non-empty string",
-    "milestones": "a list of increasing integers > 0, e.g. [30, 80]",
-}
-
+# --------------------------------------------------------------------------- errors
 
 class _Origins:
     """Where each dotted key was written: 'FILE:LINE:COL' parts for NasdslError, or '--set'."""
@@ -160,148 +385,134 @@ def _collect_marks(node, prefix: str, marks: dict[str, tuple[int, int]]) -> None
                 _collect_marks(value, path + ".", marks)
 
 
-def _check_value(path: str, kind, value, origins: _Origins):
-    def bad(expect: str):
-        return origins.error(f"{path}: expected {expect}, got {value!r}", path)
-
-    if isinstance(kind, tuple):
-        if not isinstance(value, str) or value not in kind:
-            hint = did_you_mean(value, kind) if isinstance(value, str) else ""
-            return_msg = f"{path}: {value!r} is not allowed{hint}; choose one of: {', '.join(kind)}"
-            raise origins.error(return_msg, path)
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad(_DESCRIBE[kind])
-        return value
-    if kind == "str":
-        if not isinstance(value, str) or not value.strip():
-            raise bad(_DESCRIBE[kind])
-        return value.strip()
-    if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise bad(_DESCRIBE[kind])
-        if value < int(kind[-1]):
-            raise bad(_DESCRIBE[kind])
-        return value
-    if kind == "milestones":
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise bad(_DESCRIBE[kind])
-        if any(v <= 0 for v in value) or any(b <= a for a, b in zip(value, value[1:])):
-            raise bad(_DESCRIBE[kind])
-        return list(value)
-    # floats
-    number = value
-    if isinstance(number, str):
-        try:
-            number = float(number.strip())
-        except ValueError:
-            raise bad(_DESCRIBE[kind]) from None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise bad(_DESCRIBE[kind])
-    number = float(number)
-    ok = {"float>0": number > 0, "float>=0": number >= 0, "momentum": 0 <= number < 1,
-          "unit": 0 <= number < 1}[kind]
-    if not ok:
-        raise bad(_DESCRIBE[kind])
-    return number
+def _sub_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The section model behind `key` of `model`, or None when it is a value (or unknown)."""
+    info = model.model_fields.get(key) if model is not None else None
+    kind = info.annotation if info is not None else None
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
-def _check_section(raw, schema: dict, prefix: str, origins: _Origins) -> dict[str, Any]:
-    where = prefix.rstrip(".") or "recipe"
+def _unknown_key(section: list[str], key: str, model: type[BaseModel]) -> str:
+    """'PATH: unknown key (did you mean ...); known keys in SECTION: ...', for files and --set alike."""
+    where = ".".join(section)
+    known = list(model.model_fields)
+    return (f"{'.'.join([*section, key])}: unknown key{did_you_mean(key, known)}; known keys"
+            f"{' in ' + where if where else ''}: {', '.join(known)}")
+
+
+def _keys(loc: tuple) -> list[str]:
+    """Pydantic's loc as recipe keys: section names down to the field, dropping what pydantic adds
+    below a field (union member names, list indices)."""
+    keys: list[str] = []
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None:
+            break
+        keys.append(str(part))
+        model = _sub_model(model, str(part))
+    return keys
+
+
+def _problem(err: dict) -> tuple[int, list[str], str, tuple[str, ...]]:
+    """(rank, keys, message, dotted keys to locate it by) for one pydantic error. Rank orders what
+    to report: values and unknown keys first (the first in the file), then missing keys, then
+    cross-field checks, which only mean something once every value is right."""
+    keys = _keys(err["loc"])
+    path = ".".join(keys)
+    cause = (err.get("ctx") or {}).get("error")
+    if err["type"] == "extra_forbidden":
+        model = Recipe
+        for part in keys[:-1]:
+            model = _sub_model(model, part)
+        return 0, keys, _unknown_key(keys[:-1], keys[-1], model), (path,)
+    if err["type"] == "missing":
+        return 1, keys, path, (".".join(keys[:-1]),)
+    if isinstance(cause, _Cross):
+        prefix = f"{path}." if path else ""
+        return 2, keys, cause.message(prefix), tuple(prefix + k for k in cause.keys)
+    if isinstance(cause, _Bad):
+        return 0, keys, f"{path}: {cause}", (path,)
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return 0, keys, f"{path or 'recipe'}: expected a mapping of keys, got {type(err['input']).__name__}", (path,)
+    return 0, keys, f"{path or 'recipe'}: {err['msg']}", (path,)
+
+
+def _report(exc: ValidationError, origins: _Origins) -> NasdslError:
+    """The one error to show for a ValidationError, located at its YAML key or at --set."""
+    problems = [_problem(err) for err in exc.errors()]
+    far = (1 << 30, 0)
+    rank, keys, message, paths = min(problems, key=lambda p: (p[0], origins.marks.get(p[3][0], far)))
+    if rank == 1:  # every key missing from the same section, in one message
+        section = keys[:-1]
+        missing = [p[2] for p in problems if p[0] == 1 and p[1][:-1] == section]
+        message = f"{', '.join(missing)}: missing (required key{'s' if len(missing) > 1 else ''})"
+    return origins.error(message, *paths)
+
+
+def _build(raw, origins: _Origins, default_name: str) -> Recipe:
+    """Validate plain data into a Recipe, translating pydantic's errors into one NasdslError."""
     if not isinstance(raw, dict):
-        raise origins.error(f"{where}: expected a mapping of keys, got {type(raw).__name__}", prefix.rstrip("."))
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{prefix}{key}"
-        if not isinstance(key, str) or key not in schema:
-            raise origins.error(f"{path}: unknown key{did_you_mean(str(key), schema)}; known keys"
-                                f"{' in ' + where if prefix else ''}: {', '.join(schema)}", path)
-        kind, _ = schema[key]
-        if isinstance(kind, dict):
-            out[key] = _check_section(value, kind, path + ".", origins)
-        else:
-            out[key] = _check_value(path, kind, value, origins)
-    missing = [k for k, (_, optional) in schema.items() if not optional and k not in raw]
-    if missing:
-        names = ", ".join(prefix + k for k in missing)
-        raise origins.error(f"{names}: missing (required key{'s' if len(missing) > 1 else ''})",
-                            prefix.rstrip("."))
-    return out
-
-
-def _check_stage(stage: dict, prefix: str, origins: _Origins) -> None:
-    epochs = stage["epochs"]
-    if stage.get("warmup_epochs", 0) > epochs:
-        raise origins.error(f"{prefix}.warmup_epochs: {stage['warmup_epochs']} is more than {prefix}.epochs "
-                            f"({epochs})", f"{prefix}.warmup_epochs", f"{prefix}.epochs")
-    if stage["schedule"] == "step":
-        milestones = stage.get("milestones", [])
-        if not milestones:
-            raise origins.error(f"{prefix}.milestones: schedule 'step' needs milestones, e.g. [30, 80]",
-                                f"{prefix}.milestones", f"{prefix}.schedule")
-        if milestones[-1] >= epochs:
-            raise origins.error(f"{prefix}.milestones: milestone {milestones[-1]} is not below {prefix}.epochs "
-                                f"({epochs})", f"{prefix}.milestones", f"{prefix}.epochs")
-    if stage.get("nesterov") and stage["momentum"] == 0:
-        raise origins.error(f"{prefix}.nesterov: needs momentum > 0", f"{prefix}.nesterov", f"{prefix}.momentum")
-
-
-def _build(raw: dict, origins: _Origins, default_name: str) -> Recipe:
-    checked = _check_section(raw, _TOP, "", origins)
-    for stage in ("weights", "finetune"):
-        _check_stage(checked[stage], stage, origins)
-    arch = checked["architecture"]
-    start, end = arch.get("delta_start", 1.0), arch.get("delta_end", 1e4)
-    if end < start:
-        raise origins.error(f"architecture.delta_end: {end:g} is below architecture.delta_start ({start:g})",
-                            "architecture.delta_end", "architecture.delta_start")
-    if arch.get("block_cost", 0.0) > 0 and arch.get("penalty_weight", "channels") != "flops":
-        raise origins.error("architecture.block_cost: is counted in MACs, so it needs architecture.penalty_weight: "
-                            "flops", "architecture.block_cost", "architecture.penalty_weight")
-    checked.setdefault("name", default_name)
-    checked["weights"] = StageRecipe(**checked["weights"])
-    checked["finetune"] = StageRecipe(**checked["finetune"])
-    checked["architecture"] = ArchRecipe(**arch)
-    return Recipe(**checked, origin=origins.file)
+        raise origins.error(f"recipe: expected a mapping of keys, got {type(raw).__name__}")
+    raw.setdefault("name", default_name)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise _report(exc, origins) from None
+    recipe._origin = origins.file
+    return recipe
 
 
 # --------------------------------------------------------------------------- loading
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    """Names of the shipped recipes (package data, so this works from an installed wheel too)."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(e.name[: -len(".yaml")] for e in RECIPES_DIR.iterdir() if e.name.endswith(".yaml") and e.is_file())
 
 
-def _resolve(name_or_path: str | None) -> Path:
-    if name_or_path is None:
-        name_or_path = DEFAULT_RECIPE
-    text = str(name_or_path)
-    looks_like_path = "/" in text or "\\" in text or text.endswith((".yaml", ".yml"))
-    if looks_like_path:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise NasdslError(f"recipe file {text} does not exist" if not path.exists()
-                              else f"recipe {text} is not a file", file="--recipe")
-        return path
-    path = RECIPES_DIR / f"{text}.yaml"
-    if not path.is_file():
-        known = available_recipes()
-        raise NasdslError(f"unknown recipe '{text}'{did_you_mean(text, known)}; known: {', '.join(known)} "
-                          f"(or give a path to a .yaml file)", file="--recipe")
-    return path
+def describe_recipes() -> list[tuple[str, str]]:
+    """(name, one-line description) of each shipped recipe: the first line of its file, a comment,
+    so the description is written once, next to the settings it describes."""
+    out = []
+    for name in available_recipes():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text(encoding="utf-8").split("\n", 1)[0].strip()
+        out.append((name, first.lstrip("#").strip() if first.startswith("#") else ""))
+    return out
 
 
 def _display(path: Path) -> str:
+    """A short name for errors: relative to the working directory, else to the package."""
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         try:
-            return str(path.resolve().relative_to(RECIPES_DIR.parent))
+            return str(path.resolve().relative_to(Path(__file__).resolve().parent))
         except ValueError:
             return str(path)
+
+
+def _read(name_or_path: str | None) -> tuple[str, str, str]:
+    """(text, file name for errors, stem) of a recipe given by shipped name or by path."""
+    text = str(DEFAULT_RECIPE if name_or_path is None else name_or_path)
+    if "/" in text or "\\" in text or text.endswith((".yaml", ".yml")):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise NasdslError(f"recipe file {text} does not exist" if not path.exists()
+                              else f"recipe {text} is not a file", file="--recipe")
+        entry, file, stem = path, _display(path), path.stem
+    else:
+        entry = RECIPES_DIR / f"{text}.yaml"
+        if not entry.is_file():
+            known = available_recipes()
+            raise NasdslError(f"unknown recipe '{text}'{did_you_mean(text, known)}; known: {', '.join(known)} "
+                              f"(or give a path to a .yaml file)", file="--recipe")
+        file = _display(entry) if isinstance(entry, Path) else f"recipes/{text}.yaml"
+        stem = text
+    try:
+        return entry.read_text(encoding="utf-8"), file, stem
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NasdslError(f"cannot read recipe: {exc}", file=file) from None
 
 
 def _parse_yaml(text: str, file: str):
@@ -317,6 +528,8 @@ def _parse_yaml(text: str, file: str):
 
 
 def _apply_overrides(raw: dict, overrides: dict[str, str], origins: _Origins) -> None:
+    """Write each `--set KEY=VALUE` into the raw data, walking the models to reject unknown keys
+    early (with --set as the place), and remember the keys so later errors blame --set."""
     for dotted, text in overrides.items():
         parts = [p.strip() for p in str(dotted).split(".")]
         if not all(parts):
@@ -325,28 +538,24 @@ def _apply_overrides(raw: dict, overrides: dict[str, str], origins: _Origins) ->
             value = yaml.safe_load(text) if isinstance(text, str) else text
         except yaml.YAMLError:
             value = text  # not YAML: keep the text; validation says what was expected
-        schema: dict = _TOP
+        model: type[BaseModel] = Recipe
         target = raw
         for i, part in enumerate(parts):
             path = ".".join(parts[: i + 1])
-            if part not in schema:
-                raise NasdslError(f"{path}: unknown key{did_you_mean(part, schema)}; known keys"
-                                  f"{' in ' + '.'.join(parts[:i]) if i else ''}: {', '.join(schema)}",
-                                  file="--set")
-            kind = schema[part][0]
-            last = i == len(parts) - 1
-            if not last:
-                if not isinstance(kind, dict):
+            if part not in model.model_fields:
+                raise NasdslError(_unknown_key(parts[:i], part, model), file="--set")
+            sub = _sub_model(model, part)
+            if i < len(parts) - 1:
+                if sub is None:
                     raise NasdslError(f"{path}: is a value, not a section", file="--set")
                 if not isinstance(target.get(part), dict):
                     target[part] = {}
-                target, schema = target[part], kind
+                target, model = target[part], sub
                 continue
-            if isinstance(kind, dict):
+            if sub is not None:
                 if not isinstance(value, dict):
                     raise NasdslError(f"{path}: is a section; set its keys ({path}.KEY=VALUE)", file="--set")
-                target.setdefault(part, {})
-                if not isinstance(target[part], dict):
+                if not isinstance(target.get(part), dict):
                     target[part] = {}
                 target[part].update(value)
                 origins.overridden.update(f"{path}.{k}" for k in value)
@@ -356,26 +565,20 @@ def _apply_overrides(raw: dict, overrides: dict[str, str], origins: _Origins) ->
 
 
 def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | None = None) -> Recipe:
-    """Load and validate a recipe: None -> recipes/cpu.yaml; a bare name -> recipes/NAME.yaml; or a path.
+    """Load and validate a recipe: None -> the shipped cpu recipe; a bare name -> the shipped NAME.yaml;
+    or a path to a YAML file.
 
     `overrides` maps dotted keys to YAML text (`{"architecture.lambda_a": "1e-4"}`, from `--set`);
     they are applied on top of the file and validated like it, errors attributed to `--set`."""
-    path = _resolve(name_or_path)
-    file = _display(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise NasdslError(f"cannot read recipe: {exc}", file=file) from None
+    text, file, stem = _read(name_or_path)
     node, raw = _parse_yaml(text, file)
     if raw is None:
         raw = {}
     origins = _Origins(file)
     if isinstance(raw, dict):
         _collect_marks(node, "", origins.marks)
-        raw = copy.deepcopy(raw)
-    if isinstance(raw, dict):
         _apply_overrides(raw, overrides or {}, origins)
-    return _build(raw, origins, path.stem)
+    return _build(raw, origins, stem)
 
 
 def recipe_from_dict(data: dict, *, file: str = "recipe") -> Recipe:

@@ -1,14 +1,17 @@
 """Recipes: every shipped recipe loads, and every mistake is a located one-line NasdslError."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from nasdsl.errors import NasdslError
-from nasdsl.recipe import (RECIPES_DIR, ArchRecipe, Recipe, StageRecipe, available_recipes, load_recipe,
-                                  recipe_from_dict)
+from nasdsl.recipe import (RECIPES_DIR, ArchRecipe, AugmentRecipe, Recipe, StageRecipe, available_recipes,
+                           describe_recipes, load_recipe, recipe_from_dict)
 
 PAPER = ["vgg16_cifar", "resnet56_cifar", "mobilenetv2_cifar", "vgg16_imagenet", "resnet50_imagenet",
          "mobilenetv2_imagenet", "proxyless_imagenet"]
@@ -22,9 +25,24 @@ def test_every_recipe_loads_and_spells_out_every_key():
         raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
         # shipped recipes never lean on defaults: the file is the whole story
         assert set(raw) == set(recipe.to_dict()), name
-        for stage in ("weights", "architecture", "finetune"):
-            assert set(raw[stage]) == set(recipe.to_dict()[stage]), (name, stage)
+        for section in ("weights", "architecture", "finetune", "augmentation"):
+            assert set(raw[section]) == set(recipe.to_dict()[section]), (name, section)
         assert recipe_from_dict(recipe.to_dict()) == recipe
+        # every shipped yaml documents the new keys next to them
+        text = (RECIPES_DIR / f"{name}.yaml").read_text()
+        for words in ("auto | fp32 | bf16 | fp16", "torch.compile", "RandomResizedCrop", "trivialaugment"):
+            assert words in text, (name, words)
+
+
+def test_describe_recipes():
+    described = dict(describe_recipes())
+    assert list(described) == available_recipes()
+    for name, line in described.items():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith("# ") and line == first[2:].strip(), name
+        # a whole sentence on one line, not the first line of a paragraph
+        assert 20 < len(line) <= 110 and line.endswith("."), (name, line)
+    assert "digits" in described["cpu"] and "CIFAR-10" in described["vgg16_cifar"]
 
 
 def test_default_recipe(tmp_path):
@@ -145,16 +163,16 @@ def test_unknown_key_did_you_mean(tmp_path):
     assert "unknown key" in error(str(write(tmp_path, minimal() + "zzz: 1\n", "z.yaml")))
 
 
-def test_display_path_relative_to_repository(monkeypatch, tmp_path):
-    monkeypatch.chdir(RECIPES_DIR.parent)
-    path = Path("recipes") / "_test_tmp_recipe.yaml"
-    try:
-        path.write_text(minimal().replace("  lambda_a:", "  lamda_a:"))
-        text = error(str(path))
-        assert text.startswith("recipes/_test_tmp_recipe.yaml:")
-        assert "architecture.lamda_a: unknown key (did you mean 'lambda_a'?)" in text
-    finally:
-        path.unlink()
+def test_display_path_relative_to_working_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    path = Path("sub") / "mine.yaml"
+    path.write_text(minimal().replace("  lambda_a:", "  lamda_a:"))
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "lamda_a" in l)
+    text = error(str(path))
+    assert text.startswith(f"sub/mine.yaml:{line}:3: architecture.lamda_a: unknown key (did you mean 'lambda_a'?)")
+    # a shipped recipe read from elsewhere is named inside the package
+    assert load_recipe("cpu").origin == "recipes/cpu.yaml"
 
 
 @pytest.mark.parametrize("old, new, expect", [
