@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nasdsl.errors import NasdslError
-from nasdsl.train.data import DataBundle, build_data, parse_spec
+from nasdsl.train.data import DataBundle, TorchSeeded, build_data, parse_spec
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -158,6 +158,7 @@ def test_imagefolder(tmp_path):
     b = build_data(f"imagefolder:{root}", 28)
     check_bundle(b, "imagefolder", 3, 3, 28, 6, 3)
     assert b.classes == ("cat", "dog", "eel") and b.mean == (0.485, 0.456, 0.406) and b.crop_pct == 0.875
+    assert b.preprocessing.crop_pct == 0.875
     assert sorted(b.train.targets) == [0, 0, 0, 1, 1, 2]
     for i in range(len(b.train)):  # every mode and size converts
         assert b.train[i][0].shape == (3, 28, 28)
@@ -313,3 +314,157 @@ def test_imagefolder_unreadable_image_later_is_a_nasdsl_error(tmp_path):
     index = [i for i, (p, _) in enumerate(b.train.samples) if p.endswith("2.png")][0]
     with pytest.raises(NasdslError, match="cannot read image .*2.png"):
         b.train[index]
+
+
+# --------------------------------------------------------------------------- preprocessing and augmentation
+
+def _steps(tf) -> list:
+    """Every transform inside a (wrapped, composed) pipeline, flattened, in order."""
+    if isinstance(tf, TorchSeeded):
+        return _steps(tf.transform)
+    if hasattr(tf, "transforms"):
+        return [s for t in tf.transforms for s in _steps(t)]
+    return [tf]
+
+
+def _flips(tf) -> list[float]:
+    return [float(s.p) for s in _steps(tf) if "HorizontalFlip" in type(s).__name__]
+
+
+def _crop_scales(tf) -> list[tuple]:
+    return [tuple(s.scale) for s in _steps(tf) if "RandomResizedCrop" in type(s).__name__]
+
+
+def aug(**kw):
+    """A recipe's `augmentation` section as build_data reads it (attributes only)."""
+    from types import SimpleNamespace
+    base = dict(scale=None, ratio=(0.75, 4 / 3), hflip=None, auto_augment=None, re_prob=0.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def write_folder(root: Path, size: tuple[int, int], mode: str, per_class: int = 4) -> Path:
+    """2 classes x per_class images of one size (w, h) and mode, PNG, in train/ and val/."""
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = size[0] + 3 * i, size[1] + i   # non-square, varying
+                Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").convert(mode) \
+                    .save(d / f"{i}.png")
+    return root
+
+
+def test_in_memory_sources_do_not_crop(tmp_path):
+    """digits, fake and CIFAR are measured on the whole image: their preprocessing says crop_pct 1.0."""
+    from nasdsl.train.data import Preprocessing
+
+    cifar = write_cifar10(tmp_path / "c10")
+    for spec, res in (("digits", 16), ("fake", 12), (f"cifar10:{cifar}", 32)):
+        b = build_data(spec, res)
+        p = b.preprocessing
+        assert isinstance(p, Preprocessing) and p.crop_pct == 1.0 and p.crop_mode == "center"
+        assert p.input_size == (b.in_channels, res, res) and p.mean == b.mean and p.std == b.std
+        assert p.to_timm_cfg() == {"input_size": (b.in_channels, res, res), "mean": b.mean, "std": b.std,
+                                   "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
+        assert b.crop_pct == 1.0 and b.interpolation == "bilinear"
+
+
+def test_preprocessing_checks_itself():
+    from nasdsl.train.data import Preprocessing
+
+    p = Preprocessing((1, 8, 8), [0.5], [0.25], crop_pct=0.875)
+    assert p.mean == (0.5,) and p.to_dict()["input_size"] == [1, 8, 8]
+    assert Preprocessing.from_timm_cfg(json_roundtrip(p.to_timm_cfg())) == p
+    for bad in (dict(mean=(0.5, 0.5)), dict(std=(0.0,)), dict(crop_pct=1.5), dict(interpolation="nearest"),
+                dict(crop_mode="squash")):
+        with pytest.raises(NasdslError):
+            Preprocessing(**{**dict(input_size=(1, 8, 8), mean=(0.5,), std=(0.25,)), **bad})
+
+
+def json_roundtrip(value):
+    import json
+    return json.loads(json.dumps(value))
+
+
+def test_imagefolder_val_is_timms_eval_transform(tmp_path):
+    import timm.data
+
+    b = build_data(f"imagefolder:{write_folder(tmp_path / 'g', (30, 22), 'L')}", 20)
+    p = b.preprocessing
+    assert p.input_size == (1, 20, 20) and p.crop_pct == 0.875 and len(p.mean) == 1
+    tf = timm.data.create_transform(**p.to_timm_cfg())
+    for i, (path, _) in enumerate(b.val.samples):
+        assert torch.equal(tf(Image.open(path).convert("L")), b.val[i][0])
+
+
+def test_small_grayscale_folder_trains_with_mild_crops_and_no_flips(tmp_path):
+    b = build_data(f"imagefolder:{write_folder(tmp_path / 'sym', (28, 28), 'L')}", 28)
+    tf = b.train.transform
+    assert _flips(tf) == [] and all(s[0] >= 0.7 for s in _crop_scales(tf)) and _crop_scales(tf)
+    assert b.augmentation["scale"] == (0.7, 1.0) and b.augmentation["hflip"] == 0.0
+    assert b.augmentation["auto_augment"] is None and b.augmentation["re_prob"] == 0.0
+    assert b.train[0][0].shape == (1, 28, 28)
+
+
+def test_large_rgb_folder_trains_imagenet_style(tmp_path):
+    b = build_data(f"imagefolder:{write_folder(tmp_path / 'photos', (200, 160), 'RGB', per_class=1)}", 128)
+    tf = b.train.transform
+    assert _flips(tf) == [0.5] and _crop_scales(tf) == [(0.08, 1.0)]
+    assert b.augmentation["scale"] == (0.08, 1.0) and b.augmentation["hflip"] == 0.5
+    # a large resolution over small images is still small images
+    small = build_data(f"imagefolder:{write_folder(tmp_path / 'tiny', (28, 28), 'RGB', per_class=1)}", 128)
+    assert small.augmentation["scale"] == (0.7, 1.0) and small.augmentation["hflip"] == 0.0
+
+
+def test_augmentation_settings_take_effect(tmp_path):
+    root = write_folder(tmp_path / "sym", (28, 28), "L")
+    b = build_data(f"imagefolder:{root}", 28, augmentation=aug(scale=(0.5, 1.0), hflip=0.5, auto_augment="rand",
+                                                               re_prob=0.25))
+    tf = b.train.transform
+    assert _flips(tf) == [0.5] and _crop_scales(tf) == [(0.5, 1.0)]
+    assert b.augmentation == {"crop": "random-resized", "scale": (0.5, 1.0), "ratio": (0.75, 4 / 3), "hflip": 0.5,
+                              "auto_augment": "rand-m9-mstd0.5", "re_prob": 0.25}
+    assert any("RandAugment" in type(s).__name__ for s in _steps(tf))
+    assert any("RandomErasing" in type(s).__name__ for s in _steps(tf))
+    for i in range(len(b.train)):
+        assert b.train[i][0].shape == (1, 28, 28)
+    trivial = build_data(f"imagefolder:{root}", 28, augmentation=aug(auto_augment="trivial"))
+    assert trivial.augmentation["auto_augment"].startswith("rand-n1-")
+    assert trivial.train[0][0].shape == (1, 28, 28)
+    with pytest.raises(NasdslError, match="auto_augment"):
+        build_data(f"imagefolder:{root}", 28, augmentation=aug(auto_augment="bogus"))
+
+
+def test_cifar_and_digits_augmentation(tmp_path):
+    root = write_cifar10(tmp_path / "c10")
+    auto = build_data(f"cifar10:{root}", 32)
+    assert auto.augmentation["crop"] == "pad-4" and auto.augmentation["hflip"] == 0.5
+    assert _flips(auto.train.transform) == [0.5]
+    plain = build_data(f"cifar10:{root}", 32, augmentation=aug(hflip=0.0))
+    assert _flips(plain.train.transform) == [] and plain.augmentation["crop"] == "pad-4"
+    rrc = build_data(f"cifar10:{root}", 32, augmentation=aug(scale=(0.6, 1.0), auto_augment="rand"))
+    assert _crop_scales(rrc.train.transform) == [(0.6, 1.0)] and _flips(rrc.train.transform) == [0.5]
+    assert rrc.train[0][0].shape == (3, 32, 32) and rrc.train[0][0].dtype == torch.float32
+
+    digits = build_data("digits", 16)
+    assert digits.augmentation["crop"] == "affine" and digits.augmentation["hflip"] == 0.0
+    flipped = build_data("digits", 16, augmentation=aug(hflip=0.5, scale=(0.8, 1.0)))
+    assert _flips(flipped.train.transform) == [0.5] and _crop_scales(flipped.train.transform) == [(0.8, 1.0)]
+    assert flipped.train[0][0].shape == (1, 16, 16)
+    assert build_data("fake", 8).augmentation["crop"] == "none"
+
+
+def test_imagefolder_augmentation_is_seeded_by_torch(tmp_path):
+    """timm's crops draw from Python's random: nasdsl seeds it from torch's RNG for every sample."""
+    import random
+
+    b = build_data(f"imagefolder:{write_folder(tmp_path / 'g', (40, 30), 'RGB')}", 24,
+                   augmentation=aug(auto_augment="rand", re_prob=0.5))
+    torch.manual_seed(5)
+    random.seed(1)
+    first = torch.stack([b.train[i][0] for i in range(len(b.train))])
+    torch.manual_seed(5)
+    random.seed(2)
+    assert torch.equal(first, torch.stack([b.train[i][0] for i in range(len(b.train))]))

@@ -6,12 +6,34 @@
     cifar100:DIR      torchvision's CIFAR-100 python format: DIR/cifar-100-python/
     imagefolder:DIR   DIR/train/<class>/*.jpg|png|... and DIR/val/<class>/...
 
-`build_data(spec, resolution, download=...)` returns a `DataBundle`. Every problem with the data is
-found here, at build time, and reported as one `NasdslError` naming the `--data` spec, never as a
-traceback from the first batch. Nothing is ever downloaded unless `download=True` (`--download`).
+`build_data(spec, resolution, augmentation=..., download=...)` returns a `DataBundle`. Every problem
+with the data is found here, at build time, and reported as one `NasdslError` naming the `--data`
+spec, never as a traceback from the first batch. Nothing is ever downloaded unless `download=True`.
 
-Randomness: every augmentation is a torchvision v2 transform, which draws from torch's RNG, so a
-run that seeds torch (and the DataLoader's generator, which seeds each worker) is reproducible.
+Preprocessing: each source makes one `Preprocessing` (input size, mean/std, crop_pct, interpolation,
+crop mode: the keys of timm's pretrained_cfg). The validation set follows it and the export writes
+exactly `to_timm_cfg()`, so timm's standard eval transform on an export reproduces nasdsl's top-1.
+- digits / fake / CIFAR: crop_pct 1.0 (their images are square and measured whole: a plain resize).
+- imagefolder: crop_pct 0.875 (ImageNet-style: shorter side to resolution / 0.875, centre crop), and
+  the validation transform IS `timm.data.create_transform(**preprocessing.to_timm_cfg())`.
+
+Training augmentation: the recipe's `augmentation` (scale, ratio, hflip, auto_augment, re_prob);
+None means auto, resolved by `resolve_augmentation` and reported as `DataBundle.augmentation`:
+- imagefolder: a random-resized crop, built with timm's `create_transform(is_training=True)`.
+  Photos (resolution and the median shorter side of the first image of each class both >= 128 px):
+  ImageNet-style, scale (0.08, 1), hflip 0.5. Small images (either below 128 px, e.g. 28 px symbols):
+  scale (0.7, 1.0) and no flips; ImageNet's 8% crops and flips wreck such data.
+- CIFAR: the usual random crop with padding (4 px at 32 px) and hflip 0.5.
+- digits: a small random affine (rotation, shift, zoom), never a flip. fake: no augmentation.
+- A `scale` replaces a source's own crop with timm's random-resized crop; `hflip`, `auto_augment`
+  ('rand' -> 'rand-m9-mstd0.5'; 'trivial' -> 'rand-n1-m9-mstd101-inc1', TrivialAugment as timm's
+  RandAugment: one op, uniform magnitude, since this timm has no 'trivialaugment' policy; or any timm
+  policy string) and `re_prob` (random erasing) apply through timm to every source (in-memory images
+  go through PIL for it). ratio defaults to (3/4, 4/3). No colour jitter (not a recipe setting).
+
+Randomness: torchvision v2 transforms draw from torch's RNG; timm's draw from Python's `random` and
+NumPy, which `TorchSeeded` seeds from torch's RNG per sample. So a run that seeds torch (and the
+DataLoader's generator, which seeds each worker) is reproducible.
 
 Decisions, documented here once:
 - CIFAR integrity: torchvision checks the official md5 of every batch file before loading. We do not:
@@ -22,13 +44,10 @@ Decisions, documented here once:
   through torchvision's own download, which does verify the official archive's md5; it is skipped
   when the batches folder already exists.
 - imagefolder channels: RGB (3 channels) unless the first image of every train class is grayscale
-  (modes 1, L, LA, I, I;16, F), then 1 channel; every image is converted to that mode on load.
-- imagefolder validation: ImageNet-style resize of the shorter side to resolution / 0.875 and a
-  centre crop (`crop_pct`, kept in the bundle for export), so the ImageNet recipes evaluate as the
-  paper's baselines do. The other sources are already square: validation is a plain resize.
+  (modes 1, L, LA, I, I;16, F), then 1 channel; every image is converted to that mode on load (so
+  does a user of the export: `Image.open(f).convert("L")` for a 1-channel model).
 - digits / fake: resized once to the resolution at build time (bilinear) and kept in memory as
-  float tensors; mean/std are computed from the train split at that resolution. Digit training
-  augmentation is a small random affine (rotation, shift, scale), never a flip.
+  float tensors; mean/std are computed from the train split at that resolution.
 """
 from __future__ import annotations
 
@@ -54,6 +73,11 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = (0.449,), (0.226,)
 IMAGEFOLDER_CROP_PCT = 0.875
+INTERPOLATIONS = ("bilinear", "bicubic")
+CROP_MODES = ("center",)
+SMALL_IMAGE = 128          # px: below this (resolution or images) an image folder trains with mild crops, no flips
+AUTO_AUGMENT_ALIASES = {"rand": "rand-m9-mstd0.5", "trivial": "rand-n1-m9-mstd101-inc1"}
+DEFAULT_RATIO = (3 / 4, 4 / 3)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 
@@ -62,25 +86,96 @@ DIGITS_VAL_FRACTION = 0.2
 FAKE_SEED, FAKE_TRAIN, FAKE_VAL, FAKE_CLASSES, FAKE_CHANNELS = 1234, 256, 64, 10, 3
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes the model's input at evaluation, in the terms of timm's pretrained_cfg.
+
+    One value, made once by the data source: the validation set is built from it (imagefolder: its
+    transform IS timm's eval transform of these settings) and the export advertises exactly
+    `to_timm_cfg()`, so `timm.data.create_transform(**resolve_data_config({}, model=m))` reproduces
+    the inputs nasdsl measured top-1 on. A 1-channel model takes PIL 'L' images (`img.convert("L")`),
+    as nasdsl converts them; timm's transform normalizes with the 1-element mean/std as given."""
+    input_size: tuple           # (C, H, W)
+    mean: tuple                 # one value per channel
+    std: tuple
+    crop_pct: float = 1.0       # resize the shorter side to H / crop_pct, then centre-crop H x W
+    interpolation: str = "bilinear"
+    crop_mode: str = "center"
+
+    def __post_init__(self):
+        where = "preprocessing"
+        try:
+            size = tuple(int(v) for v in self.input_size)
+            mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+            crop = float(self.crop_pct)
+        except (TypeError, ValueError):
+            raise NasdslError(f"input_size, mean, std and crop_pct must be numbers, got {self!r}", file=where) from None
+        if len(size) != 3 or min(size) < 1:
+            raise NasdslError(f"input_size must be (channels, height, width), got {self.input_size!r}", file=where)
+        for what, values in (("mean", mean), ("std", std)):
+            if len(values) != size[0] or not all(math.isfinite(v) for v in values):
+                raise NasdslError(f"{what} needs {size[0]} finite values (one per input channel), got {values}",
+                                  file=where)
+        if min(std) <= 0:
+            raise NasdslError(f"std must be positive, got {std}", file=where)
+        if not 0 < crop <= 1:
+            raise NasdslError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}", file=where)
+        if self.interpolation not in INTERPOLATIONS:
+            raise NasdslError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}",
+                              file=where)
+        if self.crop_mode not in CROP_MODES:
+            raise NasdslError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}", file=where)
+        for name, value in (("input_size", size), ("mean", mean), ("std", std), ("crop_pct", crop)):
+            object.__setattr__(self, name, value)
+
+    def to_timm_cfg(self) -> dict:
+        """The keys of timm's pretrained_cfg (and create_transform's arguments) this sets."""
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "crop_mode": self.crop_mode}
+
+    def to_dict(self) -> dict:
+        """`to_timm_cfg()` as JSON holds it (lists), for config.json and run summaries."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.to_timm_cfg().items()}
+
+    @classmethod
+    def from_timm_cfg(cls, cfg: dict, where: str = "pretrained_cfg") -> "Preprocessing":
+        """Back from a pretrained_cfg (an export's config.json); crop and interpolation default as timm's."""
+        missing = [k for k in ("input_size", "mean", "std") if k not in cfg]
+        if missing:
+            raise NasdslError(f"{where} lacks {', '.join(missing)}: cannot tell the preprocessing")
+        return cls(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 0.875),
+                   cfg.get("interpolation", "bilinear"), cfg.get("crop_mode", "center"))
+
+    def eval_transform(self):
+        """timm's own eval transform for these settings (PIL image in, normalized tensor out)."""
+        import timm.data
+
+        return timm.data.create_transform(**self.to_timm_cfg(), is_training=False)
+
+
 @dataclass
 class DataBundle:
     """Train and validation sets plus what a model and its export need to know about them.
 
-    `train[i]` / `val[i]` -> (float tensor C x resolution x resolution, normalized; int label)."""
+    `train[i]` / `val[i]` -> (float tensor C x resolution x resolution, normalized; int label).
+    `preprocessing` is the one record of the input format; the other input facts read it."""
     name: str                   # source name: digits, fake, cifar10, cifar100, imagefolder
     spec: str                   # the --data spec as given
     train: Dataset
     val: Dataset
     num_classes: int
-    in_channels: int
-    mean: tuple
-    std: tuple
-    resolution: int
+    preprocessing: Preprocessing
     classes: tuple = ()         # class names, index = label
     path: str | None = None     # the data directory, for sources that have one
-    crop_pct: float = 1.0       # validation centre-crop fraction (imagefolder: 0.875)
-    interpolation: str = "bilinear"
+    augmentation: dict = field(default_factory=dict)   # the training augmentation, every 'auto' resolved
     notes: list[str] = field(default_factory=list)
+
+    in_channels = property(lambda self: self.preprocessing.input_size[0])
+    resolution = property(lambda self: self.preprocessing.input_size[-1])
+    mean = property(lambda self: self.preprocessing.mean)
+    std = property(lambda self: self.preprocessing.std)
+    crop_pct = property(lambda self: self.preprocessing.crop_pct)
+    interpolation = property(lambda self: self.preprocessing.interpolation)
 
 
 class TensorImageDataset(Dataset):
@@ -157,6 +252,40 @@ class RandomAffine:
         return f"RandomAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale})"
 
 
+class TorchSeeded:
+    """Run `transform` with Python's and NumPy's global RNGs seeded from torch's RNG, then restore them.
+
+    timm's transforms draw from `random` (crops, erasing, RandAugment) and `numpy.random` (AugMix).
+    Runs reseed torch every epoch and the DataLoader seeds each worker's torch, so taking the seed
+    from torch keeps an augmented epoch a function of the run's seed (and resumable), with or
+    without workers, and leaves the caller's Python/NumPy random streams as they were."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img):
+        import random
+
+        import numpy as np
+
+        seed = int(torch.randint(0, 2**62, ()))
+        state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return self.transform(img)
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
+
+    def __repr__(self) -> str:
+        return f"TorchSeeded({self.transform!r})"
+
+
+def _clamp01(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, 1.0)
+
+
 # --------------------------------------------------------------------------- entry point
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -177,19 +306,96 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (os.path.expanduser(path) if path else None)
 
 
-def build_data(spec: str, resolution: int, *, download: bool = False) -> DataBundle:
-    """Build the train/val datasets for a `--data` spec at `resolution` x `resolution` pixels."""
+def build_data(spec: str, resolution: int, *, augmentation=None, download: bool = False) -> DataBundle:
+    """Build the train/val datasets for a `--data` spec at `resolution` x `resolution` pixels.
+
+    `augmentation` is the recipe's augmentation section, any object with `scale`, `ratio`, `hflip`,
+    `auto_augment` and `re_prob` attributes (None: all auto); see the module docstring."""
     name, path = parse_spec(spec)
     where = f"--data {spec}"
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise NasdslError(f"resolution must be a positive integer, got {resolution!r}", file=where)
     if name == "digits":
-        return _build_digits(spec, resolution)
+        return _build_digits(spec, resolution, augmentation)
     if name == "fake":
-        return _build_fake(spec, resolution)
+        return _build_fake(spec, resolution, augmentation)
     if name in ("cifar10", "cifar100"):
-        return _build_cifar(spec, name, Path(path), resolution, download)
-    return _build_imagefolder(spec, Path(path), resolution)
+        return _build_cifar(spec, name, Path(path), resolution, download, augmentation)
+    return _build_imagefolder(spec, Path(path), resolution, augmentation)
+
+
+def resolve_augmentation(source: str, resolution: int, augmentation=None, *, small: bool = False) -> dict:
+    """The training augmentation for `source` with every 'auto' (None) decided, as a plain dict.
+
+    Keys: crop ('random-resized', 'pad-N', 'affine' or 'none'), scale, ratio, hflip, auto_augment
+    (a timm policy string or None), re_prob. `small`: an image folder of small images."""
+    where = "augmentation"
+    get = (lambda key, default: default) if augmentation is None else \
+        (lambda key, default: getattr(augmentation, key, default))
+    scale, ratio = _pair(get("scale", None), "scale", where), _pair(get("ratio", DEFAULT_RATIO), "ratio", where)
+    hflip, re_prob = _prob(get("hflip", None), "hflip", where), _prob(get("re_prob", 0.0) or 0.0, "re_prob", where)
+    auto = get("auto_augment", None)
+    if auto is not None and (not isinstance(auto, str) or not auto.strip()):
+        raise NasdslError(f"auto_augment must be None, 'rand', 'trivial' or a timm policy string, got {auto!r}",
+                          file=where)
+    auto = AUTO_AUGMENT_ALIASES.get(auto, auto)
+    if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+        raise NasdslError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale}", file=where)
+    if ratio is None or not 0 < ratio[0] <= ratio[1]:
+        raise NasdslError(f"ratio must be (low, high) with 0 < low <= high, got {ratio}", file=where)
+    if source == "imagefolder":
+        crop = "random-resized"
+        scale = scale or ((0.7, 1.0) if small else (0.08, 1.0))
+        hflip = (0.0 if small else 0.5) if hflip is None else hflip
+    else:
+        fallback = {"cifar10": f"pad-{_cifar_pad(resolution)}", "cifar100": f"pad-{_cifar_pad(resolution)}",
+                    "digits": "affine"}.get(source, "none")
+        crop = "random-resized" if scale is not None else fallback
+        hflip = (0.5 if source.startswith("cifar") else 0.0) if hflip is None else hflip
+    return {"crop": crop, "scale": scale, "ratio": ratio, "hflip": hflip, "auto_augment": auto, "re_prob": re_prob}
+
+
+def _pair(value, what: str, where: str) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise NasdslError(f"{what} must be a pair of numbers (low, high), got {value!r}", file=where) from None
+    return (low, high)
+
+
+def _prob(value, what: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise NasdslError(f"{what} must be a probability in [0, 1], got {value!r}", file=where)
+    return float(value)
+
+
+def _plain(aug: dict, flips: bool) -> bool:
+    """Whether the source's own fast tensor pipeline does `aug` (no timm crop, policy or erasing)."""
+    return aug["scale"] is None and not aug["auto_augment"] and not aug["re_prob"] and (flips or not aug["hflip"])
+
+
+def _timm_train(prep: Preprocessing, aug: dict, pre: list | None = None) -> TorchSeeded:
+    """timm's training transform for `aug` after the `pre` steps (which must end in a PIL image).
+
+    No random-resized crop (scale None): timm's crop runs at scale = ratio = 1, which keeps the
+    whole square image. No colour jitter: it is no recipe setting and nasdsl never used it."""
+    import timm.data
+
+    whole = aug["scale"] is None
+    try:
+        tf = timm.data.create_transform(prep.input_size, is_training=True, scale=(1.0, 1.0) if whole else aug["scale"],
+                                        ratio=(1.0, 1.0) if whole else aug["ratio"], hflip=aug["hflip"],
+                                        auto_augment=aug["auto_augment"], re_prob=aug["re_prob"], color_jitter=None,
+                                        interpolation=prep.interpolation, mean=prep.mean, std=prep.std)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        raise NasdslError(f"auto_augment {aug['auto_augment']!r} is not a policy timm knows ({_reason(exc)}); "
+                          f"use 'rand', 'trivial' or a timm string such as 'rand-m9-mstd0.5'",
+                          file="augmentation") from None
+    return TorchSeeded(_v2().Compose([*pre, tf]) if pre else tf)
 
 
 def _known() -> str:
@@ -221,7 +427,7 @@ def _stats(images: torch.Tensor) -> tuple[tuple, tuple]:
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
-def _build_digits(spec: str, resolution: int) -> DataBundle:
+def _build_digits(spec: str, resolution: int, augmentation) -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -234,15 +440,21 @@ def _build_digits(spec: str, resolution: int) -> DataBundle:
     images = _resize_float(images, resolution)
     train_x, val_x = images[idx_train], images[idx_val]
     mean, std = _stats(train_x)
+    prep = Preprocessing((1, resolution, resolution), mean, std)
+    aug = resolve_augmentation("digits", resolution, augmentation)
     normalize = v2.Normalize(mean, std)
-    train_tf = v2.Compose([RandomAffine(degrees=10.0, translate=0.1, scale=0.1), normalize])
+    affine = [RandomAffine(degrees=10.0, translate=0.1, scale=0.1)] if aug["crop"] == "affine" else []
+    if _plain(aug, flips=False):
+        train_tf = v2.Compose(affine + [normalize])
+    else:
+        train_tf = _timm_train(prep, aug, affine + [v2.Lambda(_clamp01), v2.ToPILImage()])
     val_x = normalize(val_x)  # validation: precomputed once, no per-sample work
     return DataBundle(name="digits", spec=spec, train=TensorImageDataset(train_x, labels[idx_train], train_tf),
-                      val=TensorImageDataset(val_x, labels[idx_val]), num_classes=10, in_channels=1,
-                      mean=mean, std=std, resolution=resolution, classes=tuple(str(i) for i in range(10)))
+                      val=TensorImageDataset(val_x, labels[idx_val]), num_classes=10, preprocessing=prep,
+                      classes=tuple(str(i) for i in range(10)), augmentation=aug)
 
 
-def _build_fake(spec: str, resolution: int) -> DataBundle:
+def _build_fake(spec: str, resolution: int, augmentation) -> DataBundle:
     """Class templates (smooth random colour patterns) plus per-image noise: learnable, deterministic."""
     v2 = _v2()
     g = torch.Generator().manual_seed(FAKE_SEED)
@@ -258,10 +470,15 @@ def _build_fake(spec: str, resolution: int) -> DataBundle:
     train_x, train_y = make(FAKE_TRAIN)
     val_x, val_y = make(FAKE_VAL)
     mean, std = _stats(train_x)
+    prep = Preprocessing((FAKE_CHANNELS, resolution, resolution), mean, std)
+    aug = resolve_augmentation("fake", resolution, augmentation)
     normalize = v2.Normalize(mean, std)
-    return DataBundle(name="fake", spec=spec, train=TensorImageDataset(normalize(train_x), train_y),
-                      val=TensorImageDataset(normalize(val_x), val_y), num_classes=FAKE_CLASSES,
-                      in_channels=FAKE_CHANNELS, mean=mean, std=std, resolution=resolution,
+    if _plain(aug, flips=False):  # no augmentation: normalized once, in memory
+        train = TensorImageDataset(normalize(train_x), train_y)
+    else:
+        train = TensorImageDataset(train_x, train_y, _timm_train(prep, aug, [v2.ToPILImage()]))
+    return DataBundle(name="fake", spec=spec, train=train, val=TensorImageDataset(normalize(val_x), val_y),
+                      num_classes=FAKE_CLASSES, preprocessing=prep, augmentation=aug,
                       classes=tuple(f"class{i}" for i in range(FAKE_CLASSES)))
 
 
@@ -272,7 +489,7 @@ def _cifar_class(name: str):
     return CIFAR10 if name == "cifar10" else CIFAR100
 
 
-def _build_cifar(spec: str, name: str, root: Path, resolution: int, download: bool) -> DataBundle:
+def _build_cifar(spec: str, name: str, root: Path, resolution: int, download: bool, augmentation) -> DataBundle:
     where = f"--data {spec}"
     tv = _cifar_class(name)
     title = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
@@ -296,14 +513,25 @@ def _build_cifar(spec: str, name: str, root: Path, resolution: int, download: bo
 
     v2 = _v2()
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    prep = Preprocessing((3, resolution, resolution), mean, std)
+    aug = resolve_augmentation(name, resolution, augmentation)
     resize = [] if resolution == 32 else [v2.Resize(resolution, antialias=True)]
-    pad = max(1, round(4 * resolution / 32))
+    crop = [] if aug["scale"] is not None else [v2.RandomCrop(resolution, padding=_cifar_pad(resolution))]
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train_tf = v2.Compose(resize + [v2.RandomCrop(resolution, padding=pad), v2.RandomHorizontalFlip()] + tail)
+    if _plain(aug, flips=True):
+        flip = [v2.RandomHorizontalFlip(aug["hflip"])] if aug["hflip"] else []
+        train_tf = v2.Compose(resize + crop + flip + tail)
+    else:
+        train_tf = _timm_train(prep, aug, resize + crop + [v2.ToPILImage()])
     val_tf = v2.Compose(resize + tail)
     return DataBundle(name=name, spec=spec, train=TensorImageDataset(train_x, train_y, train_tf),
-                      val=TensorImageDataset(val_x, val_y, val_tf), num_classes=len(classes), in_channels=3,
-                      mean=mean, std=std, resolution=resolution, classes=tuple(classes), path=str(root))
+                      val=TensorImageDataset(val_x, val_y, val_tf), num_classes=len(classes), preprocessing=prep,
+                      classes=tuple(classes), path=str(root), augmentation=aug)
+
+
+def _cifar_pad(resolution: int) -> int:
+    """The usual CIFAR random crop's padding (4 px at 32 px), scaled with the resolution."""
+    return max(1, round(4 * resolution / 32))
 
 
 def _unpickle(path: Path, title: str, where: str):
@@ -391,7 +619,7 @@ def _scan_classes(split_dir: Path, where: str) -> dict[str, list[str]]:
     return found
 
 
-def _build_imagefolder(spec: str, root: Path, resolution: int) -> DataBundle:
+def _build_imagefolder(spec: str, root: Path, resolution: int, augmentation) -> DataBundle:
     where = f"--data {spec}"
     if not root.exists():
         raise NasdslError(f"directory {root} does not exist", file=where)
@@ -413,32 +641,36 @@ def _build_imagefolder(spec: str, root: Path, resolution: int) -> DataBundle:
         raise NasdslError(f"{root}/val/ has class folders that {root}/train/ lacks: {', '.join(extra[:5])}"
                           + (" ..." if len(extra) > 5 else ""), file=where)
 
-    # eager check: decode the first image of every class in both splits
-    modes = []
-    for split, found in (("train", train), ("val", val)):
-        for files in found.values():
-            try:
-                mode = _open_image(files[0], None, draft=resolution).mode
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a data error
-                raise NasdslError(f"cannot read image {files[0]}: {_reason(exc)}", file=where) from None
-            if split == "train":
-                modes.append(mode)
-    gray = all(m in GRAY_MODES for m in modes)
+    firsts = _first_images(train, val, resolution, where)
+    gray = all(m in GRAY_MODES for m, _ in firsts)
     in_channels, mode = (1, "L") if gray else (3, "RGB")
     mean, std = (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD) if gray else (IMAGENET_MEAN, IMAGENET_STD)
-
-    v2 = _v2()
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train_tf = v2.Compose([v2.RandomResizedCrop(resolution, antialias=True), v2.RandomHorizontalFlip()] + tail)
-    val_tf = v2.Compose([v2.Resize(int(round(resolution / IMAGEFOLDER_CROP_PCT)), antialias=True),
-                         v2.CenterCrop(resolution)] + tail)
+    shorter = sorted(min(size) for _, size in firsts)[len(firsts) // 2]
+    prep = Preprocessing((in_channels, resolution, resolution), mean, std, crop_pct=IMAGEFOLDER_CROP_PCT)
+    aug = resolve_augmentation("imagefolder", resolution, augmentation,
+                               small=min(resolution, shorter) < SMALL_IMAGE)
+    train_tf = _timm_train(prep, aug)
+    val_tf = prep.eval_transform()   # timm's: an export evaluated through timm sees the same tensors
     names = list(train)
     index = {c: i for i, c in enumerate(names)}
     train_samples = [(f, index[c]) for c, files in train.items() for f in files]
     val_samples = [(f, index[c]) for c, files in val.items() for f in files]
     return DataBundle(name="imagefolder", spec=spec,
                       train=ImageFileDataset(train_samples, mode, train_tf, where),
-                      val=ImageFileDataset(val_samples, mode, val_tf, where),
-                      num_classes=len(names), in_channels=in_channels, mean=mean, std=std,
-                      resolution=resolution, classes=tuple(names), path=str(root),
-                      crop_pct=IMAGEFOLDER_CROP_PCT)
+                      val=ImageFileDataset(val_samples, mode, val_tf, where), num_classes=len(names),
+                      preprocessing=prep, classes=tuple(names), path=str(root), augmentation=aug)
+
+
+def _first_images(train: dict, val: dict, resolution: int, where: str) -> list[tuple[str, tuple]]:
+    """Eager check: decode the first image of every class in both splits. Returns (mode, size) of the
+    train ones: their modes pick the channels, their sizes whether the folder holds small images."""
+    firsts = []
+    for split, found in (("train", train), ("val", val)):
+        for files in found.values():
+            try:
+                img = _open_image(files[0], None, draft=resolution)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is a data error
+                raise NasdslError(f"cannot read image {files[0]}: {_reason(exc)}", file=where) from None
+            if split == "train":
+                firsts.append((img.mode, img.size))
+    return firsts
