@@ -294,3 +294,195 @@ def test_dataclasses_are_typed():
     d = recipe.to_dict()
     assert d["architecture"]["lambda_a"] == 1e-4 and "origin" not in d
     yaml.safe_dump(d)  # manifest-ready plain data
+
+
+# --------------------------------------------------------------------------- precision, compile, augmentation
+
+NEW_KEYS = """\
+precision: auto
+compile: false
+augmentation:
+  scale: auto
+  ratio: [0.75, 1.3333333]
+  hflip: auto
+  auto_augment: none
+  re_prob: 0
+"""
+
+
+def located(path: Path, message: str, key_line: str) -> None:
+    """The message points at FILE:LINE:COL of the (first) line holding `key_line`'s key."""
+    lines = path.read_text().splitlines()
+    line = next(i for i, l in enumerate(lines, 1) if l.lstrip().startswith(key_line))
+    column = len(lines[line - 1]) - len(lines[line - 1].lstrip()) + 1
+    assert message.startswith(f"{path}:{line}:{column}: "), (message, line, column)
+
+
+def test_new_keys_default_when_left_out(tmp_path):
+    recipe = load_recipe(str(write(tmp_path, MINIMAL)))
+    assert recipe.precision == "auto" and recipe.compile is False
+    aug = recipe.augmentation
+    assert isinstance(aug, AugmentRecipe)
+    assert (aug.scale, aug.ratio, aug.hflip, aug.auto_augment, aug.re_prob) == (None, (0.75, 1.3333333), None, None, 0.0)
+    # spelling the defaults out changes nothing, and the defaults dump back as the words a file uses
+    spelled = load_recipe(str(write(tmp_path, MINIMAL + NEW_KEYS, "spelled.yaml")))
+    assert spelled == recipe
+    assert recipe.to_dict()["augmentation"] == {"scale": "auto", "ratio": [0.75, 1.3333333], "hflip": "auto",
+                                                "auto_augment": "none", "re_prob": 0.0}
+    assert (recipe.to_dict()["precision"], recipe.to_dict()["compile"]) == ("auto", False)
+    # the shipped cpu recipe takes the defaults too
+    cpu = load_recipe("cpu")
+    assert (cpu.precision, cpu.compile, cpu.augmentation) == ("auto", False, AugmentRecipe())
+
+
+@pytest.mark.parametrize("old, new, attribute, expect", [
+    ("precision: auto", "precision: bf16", "precision", "bf16"),
+    ("precision: auto", "precision: fp16", "precision", "fp16"),
+    ("compile: false", "compile: true", "compile", True),
+    ("scale: auto", "scale: [0.08, 1]", "augmentation.scale", (0.08, 1.0)),
+    ("scale: auto", "scale: [0.5, 0.5]", "augmentation.scale", (0.5, 0.5)),
+    ("scale: auto", "scale: ['1e-1', 1]", "augmentation.scale", (0.1, 1.0)),
+    ("ratio: [0.75, 1.3333333]", "ratio: [1, 1]", "augmentation.ratio", (1.0, 1.0)),
+    ("hflip: auto", "hflip: 0", "augmentation.hflip", 0.0),
+    ("hflip: auto", "hflip: 1", "augmentation.hflip", 1.0),
+    ("auto_augment: none", "auto_augment: rand", "augmentation.auto_augment", "rand-m9-mstd0.5"),
+    ("auto_augment: none", "auto_augment: trivial", "augmentation.auto_augment", "trivialaugment"),
+    ("auto_augment: none", "auto_augment: rand-m7-n3-mstd1", "augmentation.auto_augment", "rand-m7-n3-mstd1"),
+    ("auto_augment: none", "auto_augment: augmix-m5-w4", "augmentation.auto_augment", "augmix-m5-w4"),
+    ("re_prob: 0", "re_prob: 0.25", "augmentation.re_prob", 0.25),
+    ("re_prob: 0", "re_prob: 1e-1", "augmentation.re_prob", 0.1),  # YAML 1.1 reads 1e-1 as a string
+])
+def test_new_keys_good_values(tmp_path, old, new, attribute, expect):
+    text = MINIMAL + NEW_KEYS
+    assert old in text
+    recipe = load_recipe(str(write(tmp_path, text.replace(old, new, 1))))
+    value = recipe
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    assert value == expect and type(value) is type(expect)
+    again = recipe_from_dict(json.loads(json.dumps(recipe.to_dict())))  # a manifest round trip
+    assert again == recipe
+
+
+@pytest.mark.parametrize("old, new, expect", [
+    ("precision: auto", "precision: fp8",
+     "precision: 'fp8' is not allowed; choose one of: auto, fp32, bf16, fp16"),
+    ("precision: auto", "precision: bf61", "precision: 'bf61' is not allowed (did you mean 'bf16'?)"),
+    ("compile: false", "compile: 1", "compile: expected true or false, got 1"),
+    ("compile: false", "compile: maybe", "compile: expected true or false, got 'maybe'"),
+    ("scale: auto", "scale: [0, 1]", "augmentation.scale: expected 'auto' or [lo, hi] with 0 < lo <= hi <= 1, "
+                                     "got [0, 1]"),
+    ("scale: auto", "scale: [0.9, 0.5]", "augmentation.scale: expected 'auto' or [lo, hi]"),
+    ("scale: auto", "scale: [0.5, 1.5]", "got [0.5, 1.5]"),
+    ("scale: auto", "scale: [0.5]", "augmentation.scale: expected 'auto' or [lo, hi]"),
+    ("scale: auto", "scale: big", "augmentation.scale: expected 'auto' or [lo, hi] with 0 < lo <= hi <= 1, got 'big'"),
+    ("ratio: [0.75, 1.3333333]", "ratio: [0, 1]", "augmentation.ratio: expected [lo, hi] with 0 < lo <= hi, got [0, 1]"),
+    ("ratio: [0.75, 1.3333333]", "ratio: [2, 1]", "augmentation.ratio: expected [lo, hi] with 0 < lo <= hi"),
+    ("ratio: [0.75, 1.3333333]", "ratio: auto", "augmentation.ratio: expected [lo, hi] with 0 < lo <= hi, got 'auto'"),
+    ("hflip: auto", "hflip: 1.5", "augmentation.hflip: expected 'auto' or a probability in [0, 1], got 1.5"),
+    ("hflip: auto", "hflip: -0.1", "augmentation.hflip: expected 'auto' or a probability in [0, 1], got -0.1"),
+    ("hflip: auto", "hflip: sometimes", "got 'sometimes'"),
+    ("auto_augment: none", "auto_augment: randaugment",
+     "augmentation.auto_augment: 'randaugment' is not allowed; choose one of: none, rand, trivial, or a timm string "
+     "starting with rand-, augmix or trivialaugment"),
+    ("auto_augment: none", "auto_augment: trivail", "'trivail' is not allowed (did you mean 'trivial'?)"),
+    ("auto_augment: none", "auto_augment: 3", "augmentation.auto_augment: 3 is not allowed"),
+    ("re_prob: 0", "re_prob: 1", "augmentation.re_prob: expected a number in [0, 1), got 1"),
+    ("re_prob: 0", "re_prob: -0.5", "augmentation.re_prob: expected a number in [0, 1), got -0.5"),
+    ("hflip: auto", "hflp: auto", "augmentation.hflp: unknown key (did you mean 'hflip'?); known keys in "
+                                  "augmentation: scale, ratio, hflip, auto_augment, re_prob"),
+    ("precision: auto", "precison: auto", "precison: unknown key (did you mean 'precision'?)"),
+    ("augmentation:\n", "augmentation: 3\nold_augmentation:\n", "augmentation: expected a mapping of keys, got int"),
+])
+def test_new_keys_bad_values_are_located(tmp_path, old, new, expect):
+    text = MINIMAL + NEW_KEYS
+    assert old in text
+    path = write(tmp_path, text.replace(old, new, 1))
+    message = error(str(path))
+    assert expect in message
+    located(path, message, new.split(":")[0] + ":")
+
+
+def test_new_keys_overrides():
+    recipe = load_recipe("cpu", {"augmentation.hflip": "0.5", "augmentation.scale": "[0.5,1.0]",
+                                 "augmentation.auto_augment": "rand", "augmentation.re_prob": "0.25",
+                                 "precision": "bf16", "compile": "true"})
+    aug = recipe.augmentation
+    assert (aug.hflip, aug.scale, aug.auto_augment, aug.re_prob) == (0.5, (0.5, 1.0), "rand-m9-mstd0.5", 0.25)
+    assert recipe.precision == "bf16" and recipe.compile is True
+    assert aug.ratio == (0.75, 1.3333333)  # untouched keys keep the file's values
+    section = load_recipe("cpu", {"augmentation": "{hflip: 0, ratio: [1, 2]}"})
+    assert section.augmentation.hflip == 0.0 and section.augmentation.ratio == (1.0, 2.0)
+    assert load_recipe("cpu", {"augmentation.hflip": "auto"}).augmentation.hflip is None
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    ({"augmentation.hflip": "2"}, "--set: augmentation.hflip: expected 'auto' or a probability in [0, 1], got 2"),
+    ({"augmentation.scale": "[1.0, 0.5]"}, "--set: augmentation.scale: expected 'auto' or [lo, hi] with "
+                                           "0 < lo <= hi <= 1, got [1.0, 0.5]"),
+    ({"augmentation.flip": "1"}, "--set: augmentation.flip: unknown key (did you mean 'hflip'?); known keys in "
+                                 "augmentation: scale, ratio, hflip, auto_augment, re_prob"),
+    ({"augmentaton.hflip": "1"}, "--set: augmentaton: unknown key (did you mean 'augmentation'?)"),
+    ({"augmentation.auto_augment": "rnd"}, "--set: augmentation.auto_augment: 'rnd' is not allowed (did you mean "
+                                           "'rand'?)"),
+    ({"augmentation": "{re_prob: 1}"}, "--set: augmentation.re_prob: expected a number in [0, 1), got 1"),
+    ({"augmentation": "0.5"}, "--set: augmentation: is a section; set its keys"),
+    ({"precision": "fp8"}, "--set: precision: 'fp8' is not allowed; choose one of: auto, fp32, bf16, fp16"),
+    ({"compile": "yes please"}, "--set: compile: expected true or false, got 'yes please'"),
+    ({"compile.mode": "max"}, "--set: compile: is a value, not a section"),
+])
+def test_new_keys_bad_overrides(overrides, expect):
+    assert error("cpu", overrides).startswith(expect)
+
+
+# --------------------------------------------------------------------------- the rest of the contract
+
+def test_cross_field_checks_are_located(tmp_path):
+    text = MINIMAL.replace("  bn: frozen\n", "  bn: frozen\n  block_cost: 5.0e+6\n")
+    path = write(tmp_path, text)
+    message = error(str(path))
+    assert "architecture.block_cost: is counted in MACs, so it needs architecture.penalty_weight: flops" in message
+    located(path, message, "block_cost:")
+    flops = text.replace("  bn: frozen\n", "  bn: frozen\n  penalty_weight: flops\n")
+    assert load_recipe(str(write(tmp_path, flops, "f.yaml"))).architecture.block_cost == 5e6
+    assert error("cpu", {"finetune.nesterov": "true", "finetune.momentum": "0"}) == \
+        "--set: finetune.nesterov: needs momentum > 0"
+    path = write(tmp_path, MINIMAL.replace("delta_end: 1.0e4", "delta_end: 0.5"), "d.yaml")
+    located(path, error(str(path)), "delta_end:")
+
+
+def test_missing_keys_are_listed_together(tmp_path):
+    text = MINIMAL.replace("  lr: 0.05\n  schedule", "  schedule", 1).replace("  momentum: 0.9\n", "", 1)
+    path = write(tmp_path, text)
+    message = error(str(path))
+    assert "weights.lr, weights.momentum: missing (required keys)" in message
+    located(path, message, "weights:")  # at the section that lacks them
+
+
+def test_first_error_in_the_file_is_reported(tmp_path):
+    text = MINIMAL.replace("batch_size: 64", "batch_size: 0").replace("lambda_a: 5.0e-4", "lambda_a: -1")
+    assert "batch_size: expected an integer >= 1, got 0" in error(str(write(tmp_path, text)))
+
+
+def test_models_validate_direct_construction():
+    # other modules and tests build sections directly: the same checks apply there
+    stage = StageRecipe(epochs=10, lr="1e-1", schedule="step", momentum=0.9, weight_decay=0, milestones=[5])
+    assert stage.lr == 0.1 and stage.gamma == 0.1 and stage.label_smoothing == 0.0
+    with pytest.raises(ValueError, match="milestones: milestone 10 is not below epochs"):
+        StageRecipe(epochs=10, lr=0.1, schedule="step", momentum=0.9, weight_decay=0, milestones=[10])
+    with pytest.raises(ValueError, match="unknown|extra"):
+        ArchRecipe(epochs=1, lr=0.1, momentum=0.9, lambda_a=0, lamda_a=1)
+    assert AugmentRecipe(hflip=0.5, auto_augment="trivial").auto_augment == "trivialaugment"
+
+
+def test_equality_ignores_origin_but_not_values(tmp_path):
+    cpu = load_recipe("cpu")
+    copy = load_recipe(str(write(tmp_path, (RECIPES_DIR / "cpu.yaml").read_text(), "cpu.yaml")))
+    assert copy == cpu and copy.origin != cpu.origin
+    assert load_recipe("cpu", {"augmentation.re_prob": "0.1"}) != cpu
+    assert load_recipe("cpu", {"compile": "true"}) != cpu
+
+
+def test_recipe_module_does_not_import_torch():
+    code = "import sys, nasdsl.recipe; nasdsl.recipe.load_recipe(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
