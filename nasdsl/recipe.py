@@ -303,14 +303,17 @@ class AugmentRecipe(_Section):
 
     @field_serializer("scale", "hflip")
     def _dump_auto(self, value):
+        """None is written back as 'auto', the word a file uses, so a dump reloads as the same recipe."""
         return "auto" if value is None else list(value) if isinstance(value, tuple) else value
 
     @field_serializer("ratio")
     def _dump_ratio(self, value):
+        """A list, as YAML and JSON give it back, so a manifest compares equal after a round trip."""
         return list(value)
 
     @field_serializer("auto_augment")
     def _dump_auto_augment(self, value):
+        """None is written back as 'none', the word a file uses."""
         return "none" if value is None else value
 
 
@@ -342,6 +345,7 @@ class Recipe(_Section):
 
     @property
     def origin(self) -> str | None:
+        """The file the recipe was read from (for messages); private so it is neither schema nor compared."""
         return self._origin
 
     def __eq__(self, other) -> bool:
@@ -366,6 +370,7 @@ class _Origins:
         self.overridden: set[str] = set()
 
     def error(self, message: str, *paths: str) -> NasdslError:
+        """Blame --set if any of `paths` was overridden, else the first of them written in the file."""
         for p in paths:
             if p in self.overridden:
                 return NasdslError(message, file="--set")
@@ -377,6 +382,7 @@ class _Origins:
 
 
 def _collect_marks(node, prefix: str, marks: dict[str, tuple[int, int]]) -> None:
+    """LINE, COL of every dotted key, from the composed YAML: plain data forgets where keys were."""
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
@@ -516,6 +522,7 @@ def _read(name_or_path: str | None) -> tuple[str, str, str]:
 
 
 def _parse_yaml(text: str, file: str):
+    """(node tree for key positions, plain data); a YAML syntax error becomes a located NasdslError."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

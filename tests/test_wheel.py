@@ -47,6 +47,7 @@ def _copy_sources(dest: Path) -> None:
 
 
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command; on failure the assertion shows its output, which pip otherwise keeps to itself."""
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, **kwargs)
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
