@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from nasdsl.graph.ir import Block, Layer, Network, Op, Shape, Shortcut
-from nasdsl.graph.ops import OPS, is_depthwise
 
 Channels = tuple[int, ...]
 
@@ -36,6 +35,9 @@ class OpPlan:
     source: tuple            # (layer index, "block", block index, op index) | (layer, "shortcut", k) | (layer, "post", k)
     out_index: Channels      # kept output channels, in the source op's numbering
     in_index: Channels       # kept input channels (for dense conv and linear)
+    # the source op's weight tensors and the kept channels indexing each dim (OpKind.slice_weights):
+    # read from the graph here, so slicing needs no guesses from torch module types
+    weights: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,27 +133,11 @@ def _live_after(op: Op, live: set[int], masks) -> set[int]:
     if op.is_gate:
         keep = masks[op.attrs["key"]]
         return {c for c in live if keep[c]}
-    if op.kind in ("conv", "linear"):
-        if is_depthwise(op):
-            return set(live)
-        return set(range(op.out_shape.channels)) if live else set()
-    if op.kind == "flatten":
-        hw = op.in_shape.height * op.in_shape.width
-        return {c * hw + i for c in live for i in range(hw)}
-    if op.kind == "select":
-        return {j for j, c in enumerate(op.attrs["index"]) if c in live}
-    return set(live)  # channelwise
+    return op.spec.channels(op).forward(op, live)
 
 
 def _need_before(op: Op, need: set[int], live_in: set[int]) -> set[int]:
-    if op.kind in ("conv", "linear") and not is_depthwise(op):
-        return set(live_in) if need else set()
-    if op.kind == "flatten":
-        hw = op.in_shape.height * op.in_shape.width
-        return {c // hw for c in need}
-    if op.kind == "select":
-        return {op.attrs["index"][j] for j in need}
-    return set(need)
+    return op.spec.channels(op).backward(op, need, live_in)
 
 
 def _slim_chain(ops: tuple[Op, ...], live_in: set[int], masks, need_out: set[int] | None = None):
@@ -185,32 +171,16 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
         if op.is_gate:
             continue
         cin, cout = keeps[k], keeps[k + 1]
-        attrs = dict(op.attrs)
-        if op.kind in ("conv", "linear"):
-            attrs["out"] = len(cout)
-        if op.kind == "conv" and is_depthwise(op):
-            attrs["groups"] = len(cout)
-        elif op.kind == "conv" and op.attrs["groups"] != 1:
-            raise ValueError(f"cannot slim a grouped conv (groups={op.attrs['groups']}) whose channels changed")
-        if op.kind == "select":
-            pos = {c: i for i, c in enumerate(cin)}
-            attrs["index"] = tuple(pos[op.attrs["index"][j]] for j in cout)
+        attrs = op.spec.slim_attrs(op, cin, cout)
         out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
-        plans.append(OpPlan((*source_prefix, k), cout, cin))
+        plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op)))
     return out_ops, plans
-
-
-# act -> the input ranges on which it is the identity (the activations whose output it leaves as is)
-_IDLE_ON = {"relu": ("relu", "relu6"), "relu6": ("relu6",), "identity": ("relu", "relu6", "hswish", None)}
 
 
 def _range_after(ops, in_range: str | None) -> str | None:
     """The activation whose output range a tensor is in after `ops`, given the one it was in."""
     for op in ops:
-        if op.kind == "act":
-            in_range = in_range if op.attrs["fn"] == "identity" else op.attrs["fn"]
-        elif not OPS[op.kind].keeps_values:
-            in_range = None
+        in_range = op.spec.range_after(op.attrs, in_range)
     return in_range
 
 
@@ -218,7 +188,7 @@ def _drop_idle_activations(post: tuple, plan: list, in_range: str | None) -> tup
     """The layer-closing ops without the activations that cannot change their input: relu on the
     output of a relu. Once a residual layer's blocks are gone, that is what makes it an identity."""
     kept = [(op, pl) for op, pl in zip(post, plan)
-            if not (op.kind == "act" and in_range in _IDLE_ON.get(op.attrs["fn"], ()))]
+            if not op.spec.idle_on(op.attrs, in_range)]
     return tuple(op for op, _ in kept), [pl for _, pl in kept]
 
 
@@ -257,7 +227,7 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
             union |= {sc_index[c] for c in sc_out} if sc_index else set(sc_out)
         if not union:
             raise ValueError(f"layer {layer.name} lost every channel")
-        if layer.post and any(op.kind not in ("act", "dropout") for op in layer.post):
+        if layer.post and not all(op.spec.elementwise for op in layer.post):
             raise ValueError(f"layer {layer.name}: only activations and dropout can follow the sum")
         out_layout = tuple(sorted(union))
         pos = {c: i for i, c in enumerate(out_layout)}
@@ -280,10 +250,11 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
             shortcut = Shortcut(tuple(sc_ops), place(channels))
         width = len(out_layout)
         post = tuple(Op(op.kind, op.attrs, _shape(op.in_shape, width), _shape(op.out_shape, width)) for op in layer.post)
-        post_plan = [OpPlan((li, "post", k), out_layout, out_layout) for k in range(len(post))]
+        post_plan = [OpPlan((li, "post", k), out_layout, out_layout, op.spec.slice_weights(op))
+                     for k, op in enumerate(layer.post)]
         in_shape, out_shape = _shape(layer.in_shape, len(layout)), _shape(layer.out_shape, width)
         if not blocks:  # every block vanished: what is left is the shortcut (and the ops after it)
-            if all(OPS[op.kind].keeps_values for op in shortcut.ops):
+            if all(op.spec.keeps_values for op in shortcut.ops):
                 post, post_plan = _drop_idle_activations(post, post_plan, in_range)
             if not shortcut.ops and not post:
                 notes.append(f"layer {layer.name}: every block was pruned; the layer is an identity and was removed")
@@ -302,17 +273,18 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
 
 
 # ---- weights -----------------------------------------------------------------------------------
-def _slice(module_state: dict[str, torch.Tensor], plan: OpPlan, kind: str, depthwise: bool) -> dict:
-    out_idx = torch.tensor(plan.out_index, dtype=torch.long)
-    in_idx = torch.tensor(plan.in_index, dtype=torch.long)
+def _slice(module_state: dict[str, torch.Tensor], plan: OpPlan) -> dict:
+    """One op's tensors cut to its kept channels, each dim as the catalogue says (OpPlan.weights)."""
+    index = {"out": torch.tensor(plan.out_index, dtype=torch.long),
+             "in": torch.tensor(plan.in_index, dtype=torch.long)}
     result = {}
     for name, t in module_state.items():
         if name == "num_batches_tracked" or t.dim() == 0:
             result[name] = t.clone()
-        elif name == "weight" and kind in ("conv", "linear") and not depthwise:
-            result[name] = t.index_select(0, out_idx).index_select(1, in_idx).clone()
-        else:  # bias, depthwise weight, BN vectors: one entry per output channel
-            result[name] = t.index_select(0, out_idx).clone()
+            continue
+        for dim, role in enumerate(plan.weights.get(name, ("out",))):  # unnamed: one entry per output
+            t = t.index_select(dim, index[role])
+        result[name] = t.clone()
     return result
 
 
@@ -334,8 +306,6 @@ def slim_state_dict(derivation: Derivation, supernet, slim_model) -> dict[str, t
             sname, smod = (src["blocks"][rest[0]][rest[1]] if where == "block" else src[where][rest[0]])
             if not list(smod.state_dict()):
                 continue
-            depthwise = isinstance(smod, torch.nn.Conv2d) and smod.groups > 1
-            kind = "conv" if isinstance(smod, torch.nn.Conv2d) else "linear" if isinstance(smod, torch.nn.Linear) else "other"
-            for k, v in _slice(smod.state_dict(), op_plan, kind, depthwise).items():
+            for k, v in _slice(smod.state_dict(), op_plan).items():
                 state[f"{dname}.{k}"] = v
     return state

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 from nasdsl.graph.ir import Block, Layer, Network, Op
-from nasdsl.graph.ops import OPS, is_depthwise
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class Cost:
 
 
 def op_cost(op: Op) -> Cost:
-    kind = OPS[op.kind]
+    kind = op.spec
     return Cost(kind.params(op.attrs, op.in_shape, op.out_shape), kind.macs(op.attrs, op.in_shape, op.out_shape))
 
 
@@ -40,18 +39,17 @@ def network_cost(net: Network) -> Cost:
 
 
 def gate_channel_flops(net: Network) -> dict[str, float]:
-    """MACs per channel of each gate group: its share of the convs and linears of its block that
-    touch it, back to the dense conv that computes it and on to the dense conv that reads it
-    (depthwise convs on the way count too). A block's last gate also feeds the next layer, but that
-    read is shared with the shortcut and the other blocks (the channel stays while any of them
-    writes it), so it is left out."""
+    """MACs per channel of each gate group: its share of the ops of its block that touch it (the
+    convs and linears: ops with MACs), back to the dense op that computes it and on to the dense op
+    that reads it (depthwise convs on the way count too; `ChannelMap.dense` says which ops mix
+    channels). A block's last gate also feeds the next layer, but that read is shared with the
+    shortcut and the other blocks (the channel stays while any of them writes it), so it is left out."""
     def share(ops) -> int:  # MACs from the start of `ops` up to and including the first dense op
         macs = 0
         for op in ops:
-            if op.kind in ("conv", "linear"):
-                macs += op_cost(op).flops
-                if not is_depthwise(op):
-                    break
+            macs += op_cost(op).flops
+            if op.spec.channels(op).dense:
+                break
         return macs
 
     costs = {}

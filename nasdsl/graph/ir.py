@@ -63,8 +63,14 @@ class Op:
         return id(self)
 
     @property
+    def spec(self):
+        """The op's catalogue entry (ops.OPS): what every stage knows about its kind."""
+        from nasdsl.graph.ops import OPS  # ops.py imports Shape from this module
+        return OPS[self.kind]
+
+    @property
     def is_gate(self) -> bool:
-        return self.kind == "gate"
+        return self.spec.is_gate
 
 
 @dataclass(frozen=True)

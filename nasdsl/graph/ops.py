@@ -1,14 +1,22 @@
-"""The primitive op catalogue: shape inference, parameters and MACs of each op kind.
+"""The primitive op catalogue: everything the torch-free stages know about an op kind.
 
-Pure data, no torch. Every stage (compiler, accounting, derivation, the torch builder) agrees on
-op kinds through this table, so adding an op means adding one entry here and one torch builder.
+Pure data, no torch. Every stage (compiler, accounting, derivation, printer, weight slicing) asks
+this table about an op instead of comparing kind strings, as torch.fx keeps one closed set of node
+kinds: adding an op means adding one `OpKind` entry here, one torch builder
+(nasdsl.supernet.network.build_op) and, to call it from a `.space` file, one language builtin.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from nasdsl.graph import spacetext
 from nasdsl.graph.ir import Shape
+
+if TYPE_CHECKING:
+    from nasdsl.graph.ir import Op
+
+Channels = tuple[int, ...]
 
 
 class ShapeError(ValueError):
@@ -16,17 +24,97 @@ class ShapeError(ValueError):
 
 
 @dataclass(frozen=True)
+class ChannelMap:
+    """How derivation carries channel sets through an op: which output channels can be non-zero
+    given the live input channels (`forward`), and which input channels the op reads to produce
+    the needed output channels (`backward`, given the live inputs). Channel numbers are the op's
+    own (0 .. channels-1 of its input and output tensors)."""
+    forward: Callable[["Op", set[int]], set[int]]
+    backward: Callable[["Op", set[int], set[int]], set[int]]
+    # every output channel reads every input channel (conv, linear): a gate group's MAC share ends
+    # at the first such op, and its weights are indexed by kept inputs as well as kept outputs
+    dense: bool = False
+
+
+def _flat_forward(op, live):
+    hw = op.in_shape.height * op.in_shape.width
+    return {c * hw + i for c in live for i in range(hw)}
+
+
+def _flat_backward(op, need, live_in):
+    hw = op.in_shape.height * op.in_shape.width
+    return {c // hw for c in need}
+
+
+CHANNELWISE = ChannelMap(lambda op, live: set(live), lambda op, need, live_in: set(need))
+DENSE = ChannelMap(lambda op, live: set(range(op.out_shape.channels)) if live else set(),
+                   lambda op, need, live_in: set(live_in) if need else set(), dense=True)
+FLATTEN = ChannelMap(_flat_forward, _flat_backward)
+SELECT = ChannelMap(lambda op, live: {j for j, c in enumerate(op.attrs["index"]) if c in live},
+                    lambda op, need, live_in: {op.attrs["index"][j] for j in need})
+
+
+def _zero(a, i, o) -> int:
+    return 0
+
+
+def _channelwise(op) -> ChannelMap:
+    return CHANNELWISE
+
+
+def _same_attrs(op, cin: Channels, cout: Channels) -> dict:
+    return dict(op.attrs)
+
+
+def _no_weights(op) -> dict[str, tuple[str, ...]]:
+    return {}
+
+
+def _bare(op, gated: bool) -> str:
+    return op.kind
+
+
+def _never_idle(attrs: dict, in_range: str | None) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
 class OpKind:
+    """One op kind. Callables take the op's attrs and shapes, or the `Op` itself when they need both."""
     name: str
     infer: Callable[[dict, Shape], Shape]
-    params: Callable[[dict, Shape, Shape], int] = lambda a, i, o: 0
-    macs: Callable[[dict, Shape, Shape], int] = lambda a, i, o: 0
-    # channelwise ops map channel c of the input to channel c of the output and nothing else;
-    # derivation relies on this to carry channel sets through them.
-    channelwise: bool = True
+    params: Callable[[dict, Shape, Shape], int] = _zero
+    macs: Callable[[dict, Shape, Shape], int] = _zero
+    # how derivation carries channel sets through the op (a conv answers per op: depthwise or dense)
+    channels: Callable[["Op"], ChannelMap] = _channelwise
+    # the op's attrs once derivation keeps input channels `cin` and output channels `cout`
+    slim_attrs: Callable[["Op", Channels, Channels], dict] = _same_attrs
+    # its weight tensors and, per dim, which kept channels index it: "out" or "in"; a tensor it
+    # does not name is a vector with one entry per output channel, a scalar is copied as is
+    slice_weights: Callable[["Op"], dict[str, tuple[str, ...]]] = _no_weights
+    # its `.space` text; `gated`: a gate follows that the op's builtin adds by default
+    print: Callable[["Op", bool], str] = _bare
     # every output value is one of the input values (a view, a subset, a maximum): a tensor keeps
     # its range through the op, so a ReLU after it on a ReLU's output changes nothing
     keeps_values: bool = False
+    # the activation whose output range the op's output is in, given the input's; None: the
+    # input's range when keeps_values, else no known range
+    out_range: Callable[[dict, str | None], str | None] | None = None
+    # the op is the identity on inputs in this activation's range (relu on relu's output)
+    idle_on: Callable[[dict, str | None], bool] = _never_idle
+    # the same weightless function of each value alone (activation, dropout): it can follow a
+    # layer's sum at any width, so derivation rebuilds it for the kept channels
+    elementwise: bool = False
+    # the architecture gate derivation reads masks from; channelwise, no weights
+    is_gate: bool = False
+    # its builtin adds a gate after it by default (bn): the printer leaves that gate implicit
+    absorbs_gate: bool = False
+
+    def range_after(self, attrs: dict, in_range: str | None) -> str | None:
+        """The activation range a tensor is in after this op (see `out_range`)."""
+        if self.out_range is not None:
+            return self.out_range(attrs, in_range)
+        return in_range if self.keeps_values else None
 
 
 def _need_map(shape: Shape, what: str) -> None:
@@ -99,30 +187,112 @@ def _select_infer(a: dict, s: Shape) -> Shape:
     return Shape(len(index), s.size)
 
 
-OPS: dict[str, OpKind] = {k.name: k for k in (
-    OpKind("conv", _conv_infer, _conv_params, _conv_macs, channelwise=False),
-    OpKind("bn", _same, lambda a, i, o: 2 * i.channels),
-    OpKind("act", _same),
-    OpKind("gate", _same),
-    OpKind("dropout", _same, keeps_values=True),  # at inference, where derivation's equivalence holds
-    OpKind("maxpool", _pool_infer, keeps_values=True),
-    OpKind("avgpool", _pool_infer),
-    OpKind("gap", _gap_infer),
-    OpKind("subsample", _subsample_infer, keeps_values=True),
-    OpKind("flatten", _flatten_infer, channelwise=False, keeps_values=True),
-    # keeps the listed input channels, in order (derivation emits it where a depthwise conv loses
-    # channels of a tensor that other consumers still need)
-    OpKind("select", _select_infer, channelwise=False, keeps_values=True),
-    OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
-           lambda a, i, o: o.channels * i.channels, channelwise=False),
-)}
-
-ACTIVATIONS = ("relu", "relu6", "hswish", "identity")
-
-
 def is_depthwise(op) -> bool:
     """A conv whose every group is one channel in and one out: channelwise for derivation."""
     return op.kind == "conv" and op.attrs["groups"] == op.in_shape.channels == op.out_shape.channels
+
+
+def _conv_channels(op) -> ChannelMap:
+    return CHANNELWISE if is_depthwise(op) else DENSE
+
+
+def _conv_slim(op, cin: Channels, cout: Channels) -> dict:
+    """Depthwise convs keep one group per kept channel; other grouped convs cannot be cut."""
+    attrs = dict(op.attrs, out=len(cout))
+    if is_depthwise(op):
+        attrs["groups"] = len(cout)
+    elif op.attrs["groups"] != 1:
+        raise ValueError(f"cannot slim a grouped conv (groups={op.attrs['groups']}) whose channels changed")
+    return attrs
+
+
+def _conv_weights(op) -> dict[str, tuple[str, ...]]:
+    weight = ("out",) if is_depthwise(op) else ("out", "in")
+    return {"weight": weight, "bias": ("out",)}
+
+
+def _conv_print(op, gated: bool) -> str:
+    a = op.attrs
+    extra = {}
+    if a["stride"] != 1:
+        extra["stride"] = a["stride"]
+    if a["padding"] != a["k"] // 2:
+        extra["padding"] = a["padding"]
+    if a["bias"]:
+        extra["bias"] = True
+    if is_depthwise(op):
+        return spacetext.call("dwconv", k=a["k"], **extra)
+    if a["groups"] != 1:
+        extra = {"groups": a["groups"], **extra}
+    return spacetext.call("conv", (op.out_shape.channels,), k=a["k"], **extra)
+
+
+_BN_DEFAULTS = {"eps": 1e-5, "momentum": 0.1}
+
+
+def _bn_print(op, gated: bool) -> str:
+    extra = {k: op.attrs[k] for k in ("eps", "momentum") if op.attrs[k] != _BN_DEFAULTS[k]}
+    if not gated:
+        extra["gate"] = False
+    return spacetext.call("bn", **extra)
+
+
+def _pool_print(op, gated: bool) -> str:
+    a = op.attrs
+    extra = {"padding": a["padding"]} if a["padding"] else {}
+    return spacetext.call(op.kind, k=a["k"], stride=a["stride"], **extra)
+
+
+def _select_slim(op, cin: Channels, cout: Channels) -> dict:
+    """The kept outputs' sources, renumbered among the kept inputs."""
+    pos = {c: i for i, c in enumerate(cin)}
+    return dict(op.attrs, index=tuple(pos[op.attrs["index"][j]] for j in cout))
+
+
+# act -> the input ranges on which it is the identity (the activations whose output it leaves as is)
+_IDLE_ON = {"relu": ("relu", "relu6"), "relu6": ("relu6",), "identity": ("relu", "relu6", "hswish", None)}
+
+
+def _act_range(attrs: dict, in_range: str | None) -> str | None:
+    return in_range if attrs["fn"] == "identity" else attrs["fn"]
+
+
+def _out_attr(op, cin: Channels, cout: Channels) -> dict:
+    return dict(op.attrs, out=len(cout))
+
+
+_BN_WEIGHTS = {name: ("out",) for name in ("weight", "bias", "running_mean", "running_var")}
+_LINEAR_WEIGHTS = {"weight": ("out", "in"), "bias": ("out",)}
+
+OPS: dict[str, OpKind] = {k.name: k for k in (
+    OpKind("conv", _conv_infer, _conv_params, _conv_macs, channels=_conv_channels, slim_attrs=_conv_slim,
+           slice_weights=_conv_weights, print=_conv_print),
+    OpKind("bn", _same, lambda a, i, o: 2 * i.channels, slice_weights=lambda op: _BN_WEIGHTS, print=_bn_print,
+           absorbs_gate=True),
+    OpKind("act", _same, print=lambda op, gated: op.attrs["fn"], out_range=_act_range,
+           idle_on=lambda a, in_range: in_range in _IDLE_ON.get(a["fn"], ()), elementwise=True),
+    OpKind("gate", _same, is_gate=True),
+    # at inference, where derivation's equivalence holds
+    OpKind("dropout", _same, print=lambda op, gated: spacetext.call("dropout", (op.attrs["p"],)),
+           keeps_values=True, elementwise=True),
+    OpKind("maxpool", _pool_infer, print=_pool_print, keeps_values=True),
+    OpKind("avgpool", _pool_infer, print=_pool_print),
+    OpKind("gap", _gap_infer),
+    OpKind("subsample", _subsample_infer, print=lambda op, gated: spacetext.call("subsample", (op.attrs["stride"],)),
+           keeps_values=True),
+    OpKind("flatten", _flatten_infer, channels=lambda op: FLATTEN, keeps_values=True),
+    # keeps the listed input channels, in order (derivation emits it where a depthwise conv loses
+    # channels of a tensor that other consumers still need)
+    OpKind("select", _select_infer, channels=lambda op: SELECT, slim_attrs=_select_slim,
+           print=lambda op, gated: f"select({spacetext.index(op.attrs['index'])})", keeps_values=True),
+    OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
+           lambda a, i, o: o.channels * i.channels, channels=lambda op: DENSE, slim_attrs=_out_attr,
+           slice_weights=lambda op: _LINEAR_WEIGHTS,
+           print=lambda op, gated: spacetext.call("linear", (op.out_shape.channels,),
+                                                  **({} if op.attrs["bias"] else {"bias": False}))),
+)}
+
+ACTIVATIONS = ("relu", "relu6", "hswish", "identity")
 
 
 def infer(kind: str, attrs: dict, shape: Shape) -> Shape:

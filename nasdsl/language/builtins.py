@@ -176,6 +176,9 @@ class Builtin:
     lower: Callable[[Lowering, dict], Parts]
     composite: bool = False
     doc: str = ""
+    # a layer of these blocks at stride 1 gets `residual=auto`'s shortcut when its shapes allow
+    # (MBConv's inverted residual); the compiler asks this instead of naming the block
+    auto_residual: bool = False
 
     @property
     def has_stride(self) -> bool:
@@ -212,7 +215,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("dropout", (Arg("p", "prob", 0.5),), lambda lo, a: Parts([lo.op("dropout", p=a["p"])])),
     Builtin("mbconv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("e", "float", 6),
                        Arg("stride", "stride", 1), Arg("act", "enum", "relu6", choices=ACTIVATIONS),
-                       Arg("mid", "channels"), _EPS, _GATE), _mbconv, composite=True,
+                       Arg("mid", "channels"), _EPS, _GATE), _mbconv, composite=True, auto_residual=True,
             doc="inverted residual: 1x1 expand, kxk depthwise, 1x1 project; residual when stride 1 and in == out"),
     Builtin("basic", (Arg("out", "channels", required=True), Arg("stride", "stride", 1), _SHORTCUT, _ACT,
                       Arg("mid", "channels"), _EPS, _GATE), _basic, composite=True,

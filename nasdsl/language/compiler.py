@@ -457,9 +457,10 @@ class Compiler:
         self.block_names.update((b.name, name) for b in blocks)
         out_shape = first.out_shape
         shortcut, post = parts0.shortcut, tuple(parts0.post)
-        all_mbconv = all(b.kind == "mbconv" and b.args.get("stride") == 1 for b in blocks)
+        auto_residual = all(b.kind in BUILTINS and BUILTINS[b.kind].auto_residual and b.args.get("stride") == 1
+                         for b in blocks)
         if shortcut is None and (opts["residual"] == "on" or
-                                 (opts["residual"] == "auto" and all_mbconv and in_shape == out_shape)):
+                                 (opts["residual"] == "auto" and auto_residual and in_shape == out_shape)):
             if in_shape != out_shape:
                 option = next((a for a in stmt.options if a.name == "residual"), None)
                 raise self.error(f"residual add of unequal shapes: the layer's input is {_describe(in_shape)}, "
