@@ -22,9 +22,17 @@ from nasdsl.export.exporter import export_model
 from nasdsl.graph.ir import Op, Shape, Shortcut
 from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import NasNet
+from nasdsl.train.data import Preprocessing, build_data
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def prep(network, mean=MEAN, std=STD, **kw) -> Preprocessing:
+    """The preprocessing of a 3-channel network's input (as a data source would make it)."""
+    shape = network.input_shape
+    return Preprocessing((shape.channels, *shape.size), mean, std, **kw)
+
 
 TINY = """
 space tiny(input=3, resolution=32, classes=10)
@@ -84,7 +92,8 @@ def _indexed_network():
 
 def _export(tmp: Path, network, name: str, seed: int, **kw):
     model = _randomize(NasNet(network.to_config()), seed)
-    out = export_model(network, model.state_dict(), tmp / name, name, mean=MEAN, std=STD, **kw)
+    kw.setdefault("preprocessing", prep(network))
+    out = export_model(network, model.state_dict(), tmp / name, name, **kw)
     return out, model
 
 
@@ -345,7 +354,7 @@ def test_bad_name(tmp_path, name):
     net = compile_source(TINY)
     state = NasNet(net.to_config()).state_dict()
     with pytest.raises(NasdslError) as err:
-        export_model(net, state, tmp_path / "out", name, mean=MEAN, std=STD)
+        export_model(net, state, tmp_path / "out", name, preprocessing=prep(net))
     assert "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())
 
@@ -354,9 +363,15 @@ def test_bad_inputs(tmp_path):
     net = compile_source(TINY)
     state = NasNet(net.to_config()).state_dict()
     with pytest.raises(NasdslError, match="mean"):
-        export_model(net, state, tmp_path / "out", "ok_name", mean=(0.5, 0.5), std=STD)
+        export_model(net, state, tmp_path / "out", "ok_name", preprocessing=prep(net, mean=(0.5, 0.5)))
+    with pytest.raises(NasdslError, match="input_size"):
+        export_model(net, state, tmp_path / "out", "ok_name",
+                     preprocessing=Preprocessing((3, 16, 16), MEAN, STD))
+    with pytest.raises(NasdslError, match="preprocessing must be"):
+        export_model(net, state, tmp_path / "out", "ok_name", preprocessing={"mean": MEAN})
     with pytest.raises(NasdslError, match="state dict does not fit"):
-        export_model(net, {k: v for k, v in list(state.items())[1:]}, tmp_path / "out", "ok_name", mean=MEAN, std=STD)
+        export_model(net, {k: v for k, v in list(state.items())[1:]}, tmp_path / "out", "ok_name",
+                     preprocessing=prep(net))
     assert not any(tmp_path.iterdir())
 
 
@@ -396,14 +411,14 @@ def test_overwrite_and_atomicity(tmp_path, monkeypatch):
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     with pytest.raises(NasdslError, match="refusing to overwrite") as err:
-        export_model(net, model.state_dict(), target, "tiny_a", mean=MEAN, std=STD)
+        export_model(net, model.state_dict(), target, "tiny_a", preprocessing=prep(net))
     assert "\n" not in str(err.value)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
     (target / "notes.txt").unlink()          # an empty folder is fine
-    export_model(net, model.state_dict(), target, "tiny_a", mean=MEAN, std=STD, space_text="space a()")
+    export_model(net, model.state_dict(), target, "tiny_a", preprocessing=prep(net), space_text="space a()")
     model_b = _randomize(NasNet(net.to_config()), 6)
-    export_model(net, model_b.state_dict(), target, "tiny_b", mean=MEAN, std=STD)   # replaces an export
+    export_model(net, model_b.state_dict(), target, "tiny_b", preprocessing=prep(net))   # replaces an export
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tiny_b.py"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -413,7 +428,7 @@ def test_overwrite_and_atomicity(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     monkeypatch.setattr(exporter, "_save_weights", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        export_model(net, model.state_dict(), target, "tiny_c", mean=MEAN, std=STD)
+        export_model(net, model.state_dict(), target, "tiny_c", preprocessing=prep(net))
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -431,7 +446,7 @@ def test_onnx_dynamo_fallback_and_mismatch(tmp_path, monkeypatch):
         return real(model, file, input_size, kind)
 
     monkeypatch.setattr(exporter, "_run_onnx_export", no_torchscript)
-    out = export_model(net, model.state_dict(), tmp_path / "dyn", "tiny_dyn", mean=MEAN, std=STD, onnx=True)
+    out = export_model(net, model.state_dict(), tmp_path / "dyn", "tiny_dyn", preprocessing=prep(net), onnx=True)
     info = json.loads((out / "config.json").read_text())["nasdsl"]["onnx"]
     assert info["exporter"] == "dynamo" and info["file"] == "tiny_dyn.onnx" and info["max_abs_diff"] <= 1e-4
     assert (out / "tiny_dyn.onnx").is_file()
@@ -439,7 +454,7 @@ def test_onnx_dynamo_fallback_and_mismatch(tmp_path, monkeypatch):
     monkeypatch.setattr(exporter, "_run_onnx_export", real)
     monkeypatch.setattr(exporter, "ONNX_TOLERANCE", -1.0)
     with pytest.raises(NasdslError, match="ONNX export failed: torchscript exporter: max .* dynamo exporter: max"):
-        export_model(net, model.state_dict(), tmp_path / "bad", "tiny_onnx", mean=MEAN, std=STD, onnx=True)
+        export_model(net, model.state_dict(), tmp_path / "bad", "tiny_onnx", preprocessing=prep(net), onnx=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn"]
 
 
@@ -457,3 +472,91 @@ def test_import_nasdsl_is_light():
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- preprocessing carried into the export
+
+SMALL = """
+space {name}(input={channels}, resolution={resolution}, classes={classes})
+layer stem = conv(4, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+
+
+def _export_for(data, tmp: Path, name: str) -> tuple[Path, torch.nn.Module]:
+    """A small random network for `data`'s input, exported with the bundle's preprocessing, loaded back
+    through timm (its module registered, pretrained weights from the folder)."""
+    import timm
+    from nasdsl.export.timm import register
+
+    net = compile_source(SMALL.format(name=name, channels=data.in_channels, resolution=data.resolution,
+                                      classes=data.num_classes))
+    model = _randomize(NasNet(net.to_config()), 11)
+    out = export_model(net, model.state_dict(), tmp / name, name, preprocessing=data.preprocessing)
+    return out, timm.create_model(register(out), pretrained=True).eval()
+
+
+def test_export_of_uncropped_data_advertises_no_crop(tmp_path):
+    """digits and CIFAR are measured on whole images: timm must not resize-and-crop them (crop_pct 1.0)."""
+    import timm.data
+    from test_data import write_cifar10
+
+    cifar = write_cifar10(tmp_path / "c10")
+    for spec, res, name in (("digits", 16, "nasdsl_digits_prep"), (f"cifar10:{cifar}", 32, "nasdsl_cifar_prep")):
+        data = build_data(spec, res)
+        out, m = _export_for(data, tmp_path, name)
+        cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+        assert {k: cfg[k] for k in data.preprocessing.to_dict()} == data.preprocessing.to_dict()
+        assert cfg["crop_pct"] == 1.0
+        assert {k: m.pretrained_cfg[k] for k in data.preprocessing.to_timm_cfg()} == data.preprocessing.to_timm_cfg()
+        resolved = timm.data.resolve_data_config({}, model=m)
+        assert resolved["crop_pct"] == 1.0 and resolved["input_size"] == data.preprocessing.input_size
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_timm_eval_transform_reproduces_validation(tmp_path, mode):
+    """Through the export alone, timm's standard eval transform gives each val image exactly the
+    tensor nasdsl measured top-1 on (non-square images, RGB and grayscale)."""
+    import timm.data
+    from PIL import Image
+    from test_data import write_folder
+
+    data = build_data(f"imagefolder:{write_folder(tmp_path / 'imgs', (31, 23), mode)}", 20)
+    assert data.in_channels == (3 if mode == "RGB" else 1)
+    out, m = _export_for(data, tmp_path, f"nasdsl_folder_{mode.lower()}")
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=m))
+    assert len(data.val) == 8
+    for i, (path, _) in enumerate(data.val.samples):
+        ours = data.val[i][0]
+        theirs = transform(Image.open(path).convert(mode))
+        assert theirs.shape == ours.shape == data.preprocessing.input_size
+        assert torch.allclose(theirs, ours, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        m(torch.stack([data.val[i][0] for i in range(2)]))
+
+
+def test_export_run_keeps_preprocessing(tmp_path):
+    """A re-export carries the saved preprocessing; an old digits run's 0.875 crop is put right."""
+    from nasdsl.export.exporter import export_run
+    from nasdsl.graph.printer import to_space
+
+    data = build_data(f"imagefolder:{_folder(tmp_path)}", 20)
+    net = compile_source(SMALL.format(name="again", channels=3, resolution=20, classes=2))
+    state = _randomize(NasNet(net.to_config()), 3).state_dict()
+    export_model(net, state, tmp_path / "first", "nasdsl_first", preprocessing=data.preprocessing,
+                 space_text=to_space(net))
+    again = export_run(tmp_path / "first", tmp_path / "again", "nasdsl_again")
+    cfg = json.loads((again / "config.json").read_text())["pretrained_cfg"]
+    assert Preprocessing.from_timm_cfg(cfg) == data.preprocessing and cfg["crop_pct"] == 0.875
+
+    run = tmp_path / "old_run"
+    old = Preprocessing((3, 20, 20), MEAN, STD, crop_pct=0.875)   # what every export used to say
+    export_model(net, state, run / "model", "nasdsl_old", preprocessing=old, space_text=to_space(net))
+    (run / "manifest.json").write_text(json.dumps({"data": "fake"}))
+    fixed = export_run(run, tmp_path / "fixed", "nasdsl_fixed")
+    assert json.loads((fixed / "config.json").read_text())["pretrained_cfg"]["crop_pct"] == 1.0
+
+
+def _folder(tmp: Path) -> Path:
+    from test_data import write_folder
+    return write_folder(tmp / "imgs", (26, 20), "RGB", per_class=1)

@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import keyword
-import math
 import os
 import re
 import shutil
@@ -29,10 +28,14 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nasdsl import __version__
 from nasdsl.errors import NasdslError
 from nasdsl.export.load import CONFIG, FORMAT, MARKER, WEIGHTS
+
+if TYPE_CHECKING:
+    from nasdsl.train.data import Preprocessing
 
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 18
@@ -41,21 +44,20 @@ _PROTECTED_MODULES = {"torch", "torchvision", "timm", "nasdsl", "safetensors", "
                       "onnxruntime", "huggingface_hub", "PIL", "yaml", "lark", "networkx"}
 
 
-def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, mean: tuple, std: tuple,
-                 space_text: str | None = None, onnx: bool = False, interpolation: str = "bilinear",
-                 crop_pct: float = 0.875) -> Path:
+def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, preprocessing: Preprocessing,
+                 space_text: str | None = None, onnx: bool = False) -> Path:
     """Write the export folder `out_dir` for `network` (a graph IR Network) with `state_dict`.
 
-    `state_dict` is the slim NasNet's (`NasNet(network.to_config())`), loaded strictly. `mean`/`std`
-    are the input normalisation, one value per input channel. Returns `out_dir`.
+    `state_dict` is the slim NasNet's (`NasNet(network.to_config())`), loaded strictly.
+    `preprocessing` is the data's (DataBundle.preprocessing): the pretrained_cfg in the module's
+    default_cfgs and in config.json carries exactly its `to_timm_cfg()`, so timm's eval transform
+    feeds the model what nasdsl measured it on. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     _check_name(name)
     _check_target(out_dir)
     input_size = _input_size(network)
-    mean, std = _norm(mean, "mean", input_size[0]), _norm(std, "std", input_size[0])
-    if std and min(std) <= 0:
-        raise NasdslError(f"std must be positive, got {std}")
+    _check_preprocessing(preprocessing, input_size)
     if onnx:
         _require_onnx()
 
@@ -64,13 +66,8 @@ def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, m
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     first_conv = _first_convs(arch)
     pretrained_cfg = {
-        "input_size": input_size,
+        **preprocessing.to_timm_cfg(),
         "fixed_input_size": False,
-        "interpolation": interpolation,
-        "crop_pct": crop_pct,
-        "crop_mode": "center",
-        "mean": mean,
-        "std": std,
         "num_classes": model.num_classes,
         "pool_size": _pool_size(network, model.feature_layers),
         "first_conv": first_conv[0] if len(first_conv) == 1 else (tuple(first_conv) or None),
@@ -148,14 +145,16 @@ def _input_size(network) -> tuple:
     return (shape.channels, *shape.size)
 
 
-def _norm(values, what: str, channels: int) -> tuple:
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise NasdslError(f"{what} must be a sequence of numbers, got {values!r}") from None
-    if len(out) != channels or not all(math.isfinite(v) for v in out):
-        raise NasdslError(f"{what} needs {channels} finite values (one per input channel), got {values!r}")
-    return out
+def _check_preprocessing(preprocessing, input_size: tuple) -> None:
+    """The preprocessing must be a Preprocessing (it checks its own values) for this network's input."""
+    from nasdsl.train.data import Preprocessing
+
+    if not isinstance(preprocessing, Preprocessing):
+        raise NasdslError("preprocessing must be a nasdsl.train.data.Preprocessing, "
+                          f"got {type(preprocessing).__name__}")
+    if tuple(preprocessing.input_size) != tuple(input_size):
+        raise NasdslError(f"preprocessing input_size {preprocessing.input_size} does not fit the network's input "
+                          f"{tuple(input_size)}")
 
 
 def _require_onnx() -> None:
@@ -420,7 +419,7 @@ def export_run(path: str | Path, out_dir: str | Path, name: str, *, onnx: bool =
     """Re-export the derived model of a run (or of another export) under a new name.
 
     The architecture comes back from the folder's .space file (the printer's round trip), the
-    weights from its model.safetensors, the preprocessing from its pretrained_cfg.
+    weights from its model.safetensors, the preprocessing from its pretrained_cfg (`_saved_preprocessing`).
     """
     from nasdsl.export.load import WEIGHTS, export_folder, read_config, read_weights
     from nasdsl.language.compiler import compile_file
@@ -431,7 +430,26 @@ def export_run(path: str | Path, out_dir: str | Path, name: str, *, onnx: bool =
     if not space.is_file():
         raise NasdslError("the export has no .space file to rebuild its architecture from", file=str(folder))
     network = compile_file(space)
-    pc = cfg["pretrained_cfg"]
-    return export_model(network, read_weights(folder / WEIGHTS), out_dir, name, mean=tuple(pc["mean"]),
-                        std=tuple(pc["std"]), space_text=space.read_text(), onnx=onnx,
-                        interpolation=pc.get("interpolation", "bilinear"), crop_pct=pc.get("crop_pct", 0.875))
+    return export_model(network, read_weights(folder / WEIGHTS), out_dir, name,
+                        preprocessing=_saved_preprocessing(Path(path), folder, cfg["pretrained_cfg"]),
+                        space_text=space.read_text(), onnx=onnx)
+
+
+def _saved_preprocessing(path: Path, folder: Path, pretrained_cfg: dict):
+    """The Preprocessing an export saved in its pretrained_cfg.
+
+    Exports written before nasdsl had one advertised crop_pct 0.875 for every source; digits, fake
+    and CIFAR were always measured uncropped, so where a run folder's manifest.json names such data
+    the crop is put right (1.0)."""
+    from dataclasses import replace
+
+    from nasdsl.train.data import Preprocessing
+
+    prep = Preprocessing.from_timm_cfg(pretrained_cfg, where=str(folder / CONFIG))
+    try:
+        spec = json.loads((path / "manifest.json").read_text()).get("data") if folder != path else None
+    except (OSError, ValueError, AttributeError):
+        spec = None
+    if isinstance(spec, str) and spec.partition(":")[0].strip().lower() in ("digits", "fake", "cifar10", "cifar100"):
+        prep = replace(prep, crop_pct=1.0)
+    return prep

@@ -491,7 +491,7 @@ class Search:
         network = self.derivation.network
         folder = self.job.out / "model"
         export_model(network, self.model.state_dict(), folder, _identifier(self.network.name),
-                     mean=tuple(self.data.mean), std=tuple(self.data.std), space_text=to_space(network))
+                     preprocessing=self.data.preprocessing, space_text=to_space(network))
 
     def summary(self) -> dict:
         results = self.state["results"]
