@@ -78,6 +78,14 @@ def _never_idle(attrs: dict, in_range: str | None) -> bool:
     return False
 
 
+def _no(attrs: dict) -> bool:
+    return False
+
+
+def _yes(attrs: dict) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class OpKind:
     """One op kind. Callables take the op's attrs and shapes, or the `Op` itself when they need both."""
@@ -102,6 +110,9 @@ class OpKind:
     out_range: Callable[[dict, str | None], str | None] | None = None
     # the op is the identity on inputs in this activation's range (relu on relu's output)
     idle_on: Callable[[dict, str | None], bool] = _never_idle
+    # its output is always a new tensor, never its input or a view of it: ops after it may work
+    # in place (takes attrs; the torch builder's op configs carry them too)
+    allocates: Callable[[dict], bool] = _no
     # the same weightless function of each value alone (activation, dropout): it can follow a
     # layer's sum at any width, so derivation rebuilds it for the kept channels
     elementwise: bool = False
@@ -266,28 +277,30 @@ _LINEAR_WEIGHTS = {"weight": ("out", "in"), "bias": ("out",)}
 
 OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("conv", _conv_infer, _conv_params, _conv_macs, channels=_conv_channels, slim_attrs=_conv_slim,
-           slice_weights=_conv_weights, print=_conv_print),
-    OpKind("bn", _same, lambda a, i, o: 2 * i.channels, slice_weights=lambda op: _BN_WEIGHTS, print=_bn_print,
-           absorbs_gate=True),
+           slice_weights=_conv_weights, print=_conv_print, allocates=_yes),
+    OpKind("bn", _same, lambda a, i, o: 2 * i.channels, slice_weights=lambda op: dict(_BN_WEIGHTS), print=_bn_print,
+           absorbs_gate=True, allocates=_yes),
     OpKind("act", _same, print=lambda op, gated: op.attrs["fn"], out_range=_act_range,
-           idle_on=lambda a, in_range: in_range in _IDLE_ON.get(a["fn"], ()), elementwise=True),
+           idle_on=lambda a, in_range: in_range in _IDLE_ON.get(a["fn"], ()), elementwise=True,
+           allocates=lambda a: a["fn"] != "identity"),
     OpKind("gate", _same, is_gate=True),
     # at inference, where derivation's equivalence holds
     OpKind("dropout", _same, print=lambda op, gated: spacetext.call("dropout", (op.attrs["p"],)),
            keeps_values=True, elementwise=True),
-    OpKind("maxpool", _pool_infer, print=_pool_print, keeps_values=True),
-    OpKind("avgpool", _pool_infer, print=_pool_print),
-    OpKind("gap", _gap_infer),
+    OpKind("maxpool", _pool_infer, print=_pool_print, keeps_values=True, allocates=_yes),
+    OpKind("avgpool", _pool_infer, print=_pool_print, allocates=_yes),
+    OpKind("gap", _gap_infer, allocates=_yes),
     OpKind("subsample", _subsample_infer, print=lambda op, gated: spacetext.call("subsample", (op.attrs["stride"],)),
            keeps_values=True),
     OpKind("flatten", _flatten_infer, channels=lambda op: FLATTEN, keeps_values=True),
     # keeps the listed input channels, in order (derivation emits it where a depthwise conv loses
     # channels of a tensor that other consumers still need)
     OpKind("select", _select_infer, channels=lambda op: SELECT, slim_attrs=_select_slim,
-           print=lambda op, gated: f"select({spacetext.index(op.attrs['index'])})", keeps_values=True),
+           print=lambda op, gated: f"select({spacetext.index(op.attrs['index'])})", keeps_values=True,
+           allocates=_yes),
     OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
            lambda a, i, o: o.channels * i.channels, channels=lambda op: DENSE, slim_attrs=_out_attr,
-           slice_weights=lambda op: _LINEAR_WEIGHTS,
+           slice_weights=lambda op: dict(_LINEAR_WEIGHTS), allocates=_yes,
            print=lambda op, gated: spacetext.call("linear", (op.out_shape.channels,),
                                                   **({} if op.attrs["bias"] else {"bias": False}))),
 )}
