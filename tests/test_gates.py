@@ -1,4 +1,4 @@
-"""The SS gate (DNAL section III): its maths in each mode, its fusion into the BN before it, where
+"""The SS gate (DNAL section III): its maths in each mode, the gated BN it is fused into, where
 each placement puts it, Eq. 5 on a multi-block layer, the Eq. 4 penalty and its gradient, the
 delta and learning-rate schedules, and that a gate is one vectorised op whatever its width."""
 from __future__ import annotations
@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from nasdsl.language.compiler import compile_source
 from nasdsl.recipe import ArchRecipe, StageRecipe
 from nasdsl.train.schedule import delta, learning_rate
-from nasdsl.supernet.build import GateSet, build_supernet, place_gates
-from nasdsl.supernet.gates import GatedBatchNorm1d, GatedBatchNorm2d, GateState, SSGate, fuse_gates_into_bn
+from nasdsl.supernet.build import GateSet, Supernet, build_supernet, place_gates
+from nasdsl.supernet.gates import GateState, SSGate, gate_batchnorm, gated
+from nasdsl.supernet.network import NasNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,13 +26,18 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def affine(bn: nn.Module, name: str) -> torch.Tensor:
+    """A BN's own weight or bias: of a gated BN, the parameter before the gate scales it."""
+    return bn.parametrizations[name].original if parametrize.is_parametrized(bn, name) else getattr(bn, name)
+
+
 def randomize_bn(bn: nn.Module, g: torch.Generator) -> None:
     """Non-trivial running statistics and affine parameters, so a BN check means something."""
     with torch.no_grad():
         bn.running_mean.normal_(0, 0.5, generator=g)
         bn.running_var.uniform_(0.5, 2.0, generator=g)
-        bn.weight.uniform_(0.5, 1.5, generator=g)
-        bn.bias.normal_(0, 0.5, generator=g)
+        affine(bn, "weight").uniform_(0.5, 1.5, generator=g)
+        affine(bn, "bias").normal_(0, 0.5, generator=g)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> None:
@@ -89,54 +96,57 @@ def test_hard_gate_approaches_soft_as_delta_grows():
     torch.testing.assert_close(soft, gate.factor(), rtol=0, atol=1e-8)
 
 
-# ---- fusion into the BN ---------------------------------------------------------------------------
-def _fused_pair(bn: nn.Module, channels: int, state: GateState, seed: int):
-    """(fused BN, its gate, an unfused reference BN) with the same parameters and statistics."""
+# ---- the gated BN ----------------------------------------------------------------------------------
+def _gated_pair(bn: nn.Module, channels: int, state: GateState, seed: int):
+    """(Sequential(gated BN, its fused gate), the gate, a plain reference BN) with the same
+    parameters and statistics."""
     g = gen(seed)
     randomize_bn(bn, g)
     reference = copy.deepcopy(bn)
-    gate = SSGate(channels, "k", state)
+    gate = SSGate(channels, "k", state, fused=True)
     with torch.no_grad():
         gate.s.normal_(0, 1, generator=g)
-    seq = nn.Sequential(bn, gate)
-    assert fuse_gates_into_bn(seq) == 1
-    return seq, gate, reference
+    return nn.Sequential(gate_batchnorm(bn, gate), gate), gate, reference
 
 
 @pytest.mark.parametrize("mode", ["disabled", "soft", "hard"])
 @pytest.mark.parametrize("flat", [False, True], ids=["bn2d", "bn1d"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
-def test_fused_gate_equals_bn_then_multiply(mode, flat, momentum):
+def test_gated_bn_equals_bn_then_multiply(mode, flat, momentum):
+    """The gated BN and its fused gate compute what a plain BN followed by an unfused gate does:
+    outputs, statistics and the gradients to s and to the BN's own affine."""
     channels = 6
     bn = nn.BatchNorm1d(channels, momentum=momentum) if flat else nn.BatchNorm2d(channels, momentum=momentum)
     state = GateState(mode, 1.7)
-    seq, gate, reference = _fused_pair(bn, channels, state, seed=1)
-    assert type(seq[0]) is (GatedBatchNorm1d if flat else GatedBatchNorm2d) and gate.fused
-    assert seq[0].gate is gate and "gate" not in dict(seq[0].named_children())  # not registered twice
-
-    def unfused(x):
-        y = reference(x)
-        f = gate.factor()
-        return y if f is None else y * f.view(1, -1, *([1] * (x.dim() - 2)))
+    seq, gate, reference = _gated_pair(bn, channels, state, seed=1)
+    assert isinstance(seq[0], nn.BatchNorm1d if flat else nn.BatchNorm2d) and gated(seq[0]) is gate
+    assert gated(reference) is None and gate.fused
+    # the gate is registered once, after the BN; the BN's state dict is a plain BN's
+    assert list(seq[0].state_dict()) == list(reference.state_dict())
+    assert [n for n, _ in seq.named_parameters()] == ["0.parametrizations.weight.original",
+                                                      "0.parametrizations.bias.original", "1.s"]
+    unfused = nn.Sequential(reference, SSGate(channels, "k", state))
+    unfused[1].s = gate.s  # the same parameter: the same gate, applied after the BN
 
     g = gen(2)
     shape = (8, channels) if flat else (4, channels, 5, 5)
+    weight, bias = affine(seq[0], "weight"), affine(seq[0], "bias")
     for train in (True, True, True, False):  # three steps that update the statistics, then eval
         seq.train(train)
-        reference.train(train)
+        unfused.train(train)
         x = torch.randn(*shape, generator=g) * 2 + 0.5
-        gate.s.grad = None
         out, expected = seq(x), unfused(x)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-        # gradients w.r.t. the gate and the BN's own parameters agree too
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
         w = torch.randn(*shape, generator=g)
-        grads = torch.autograd.grad((out * w).sum(), [seq[0].weight, seq[0].bias, gate.s], allow_unused=True)
+        grads = torch.autograd.grad((out * w).sum(), [weight, bias, gate.s], allow_unused=True)
         ref_grads = torch.autograd.grad((expected * w).sum(), [reference.weight, reference.bias, gate.s],
                                         allow_unused=True)
         for a, b in zip(grads[:2], ref_grads[:2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         if mode == "soft":
             torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-5, atol=1e-6)
+        else:  # disabled: the identity; hard: a step function
+            assert grads[2] is None and ref_grads[2] is None
         # the statistics follow the un-gated batch, exactly as the plain BN's do
         torch.testing.assert_close(seq[0].running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(seq[0].running_var, reference.running_var, rtol=1e-6, atol=1e-7)
@@ -144,35 +154,82 @@ def test_fused_gate_equals_bn_then_multiply(mode, flat, momentum):
     assert int(reference.num_batches_tracked) == 3
 
 
-def test_fused_supernet_equals_unfused_supernet():
-    """The whole default supernet (gates fused) computes what the explicit Conv-BN-SS-ReLU chain does."""
+def test_gated_bn_state_dict_loads_both_ways():
+    """A gated BN saves and loads under a plain BN's keys, so either loads the other's state."""
+    state = GateState("soft", 2.0)
+    seq, gate, reference = _gated_pair(nn.BatchNorm2d(5), 5, state, seed=11)
+    plain = nn.BatchNorm2d(5)
+    plain.load_state_dict(seq[0].state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value)
+    fresh = nn.Sequential(gate_batchnorm(nn.BatchNorm2d(5), SSGate(5, "k", state, fused=True)), nn.Identity())
+    fresh[0].load_state_dict(reference.state_dict())  # strict: no key missing, none unexpected
+    torch.testing.assert_close(affine(fresh[0], "weight"), reference.weight)
+    with pytest.raises(ValueError, match="not marked fused"):
+        gate_batchnorm(nn.BatchNorm2d(5), SSGate(5, "k", state))
+
+
+def _unfused_supernet(net):
+    """The reference: a plain NasNet whose gates multiply after their BN (none fused)."""
+    state = GateState()
+    gates = {}
+
+    def factory(channels, key):
+        gates[key] = SSGate(channels, key, state)
+        return gates[key]
+    return NasNet(net.to_config(), gate_factory=factory), GateSet(state, list(gates.values()))
+
+
+def test_supernet_equals_unfused_supernet():
+    """The whole default supernet (gated BNs) computes what the explicit Conv-BN-SS-ReLU chain
+    does, in every mode, in training and in eval, gradients included; its state dict has the plain
+    NasNet's keys, in order, plus the gates'."""
     net = compile_source(SPACE, "t.space")
-    fused = build_supernet(net)
+    model = build_supernet(net)
+    assert isinstance(model, Supernet) and isinstance(model.gate_set, GateSet)
     after_bn = [g for g in net.gates() if g.key.endswith((".bn", ".mid", ".out"))]  # all but v's bare gate
-    assert sum(isinstance(m, (GatedBatchNorm1d, GatedBatchNorm2d)) for m in fused.modules()) == len(after_bn) == 4
-    plain = build_supernet(net)
-    for m in plain.modules():  # undo the fusion: plain BNs and gates that multiply
-        if isinstance(m, (GatedBatchNorm1d, GatedBatchNorm2d)):
-            m.__class__ = nn.BatchNorm1d if isinstance(m, nn.BatchNorm1d) else nn.BatchNorm2d
-            m.gate.fused = False
-            del m.gate
-    randomize(fused)
-    plain.load_state_dict(fused.state_dict())
+    assert sum(gated(m) is not None for m in model.modules()) == len(after_bn) == 4
+    reference, ref_gates = _unfused_supernet(net)
+    plain_keys = list(NasNet(net.to_config()).state_dict())
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert [k for k in model.state_dict() if not k.endswith(".s")] == plain_keys
+    assert [k for k in model.state_dict() if k.endswith(".s")] == [f"{name}.s" for name, m in model.named_modules()
+                                                                   if isinstance(m, SSGate)]
+    randomize(model)
+    reference.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for g in fused.gate_set.gates:
+        for g in model.gate_set.gates:
             g.s.normal_(0, 1, generator=gen(3))
-    plain.gate_set.load(fused.gate_set.values())
+    ref_gates.load(model.gate_set.values())
     x = torch.randn(4, 3, 8, 8, generator=gen(4))
+    params = dict(model.named_parameters())
+    ref_params = dict(reference.named_parameters())
     for mode in ("disabled", "soft", "hard"):
-        for gs in (fused.gate_set, plain.gate_set):
+        for gs in (model.gate_set, ref_gates):
             gs.set_mode(mode)
             gs.set_delta(2.0)
         for train in (True, False):
-            fused.train(train)
-            plain.train(train)
-            torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
-    for a, b in zip(fused.buffers(), plain.buffers()):
+            model.train(train)
+            reference.train(train)
+            out, expected = model(x), reference(x)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            grads = torch.autograd.grad(out.square().sum(), list(params.values()), allow_unused=True)
+            ref_grads = torch.autograd.grad(expected.square().sum(), list(ref_params.values()), allow_unused=True)
+            for name, a, b in zip(ref_params, grads, ref_grads):
+                assert (a is None) == (b is None), name
+                if a is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(model.buffers(), reference.buffers()):
         torch.testing.assert_close(a, b)
+
+
+def test_supernet_deepcopy_keeps_its_gates_wired():
+    model = build_supernet(compile_source(DEPTH, "depth.space"), depth_gates=True)
+    twin = copy.deepcopy(model)
+    gates = {id(g) for g in twin.gate_set.gates + twin.gate_set.depth_gates}
+    assert gates == {id(m) for m in twin.modules() if isinstance(m, SSGate)}
+    assert all(id(gated(m)) in gates for m in twin.modules() if gated(m) is not None)
+    assert all(g.depth_gate is None or id(g.depth_gate) in gates for g in twin.gate_set.gates)
 
 
 # ---- placements ------------------------------------------------------------------------------------
@@ -193,13 +250,13 @@ def _ops(model, net, layer):
 
 
 def _kinds(mods):
-    names = {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.BatchNorm1d: "bn", GatedBatchNorm2d: "bn+gate",
-             GatedBatchNorm1d: "bn+gate", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Linear: "linear",
-             nn.Flatten: "flatten"}
+    names = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Linear: "linear", nn.Flatten: "flatten"}
     out = []
     for m in mods:
         if isinstance(m, SSGate):
             out.append("(fused)" if m.fused else "gate")
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            out.append("bn" if gated(m) is None else "bn+gate")
         else:
             out.append(names[type(m)])
     return out
@@ -275,9 +332,10 @@ layer classifier = gap > linear(classes)
 
 
 def _bn_eval(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
+    """The BN in eval, with its own affine (not the gate's share of a gated BN's)."""
     view = (1, -1, 1, 1)
     return (y - bn.running_mean.view(view)) / torch.sqrt(bn.running_var.view(view) + bn.eps) \
-        * bn.weight.view(view) + bn.bias.view(view)
+        * affine(bn, "weight").view(view) + affine(bn, "bias").view(view)
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -300,7 +358,7 @@ def test_eq5_multi_block_layer(mode):
             expected = h.clone() if residual else torch.zeros(2, 8, 6, 6)
             for block in layer.blocks:
                 conv, bn, gate, act = block.ops
-                assert isinstance(gate, SSGate) and bn.gate is gate
+                assert isinstance(gate, SSGate) and gated(bn) is gate
                 s = gate.s.view(1, -1, 1, 1)
                 p = torch.sigmoid(2.0 * s) if mode == "soft" else (s > 0).float()
                 expected += F.relu(_bn_eval(bn, F.conv2d(h, conv.weight, None, 1, conv.padding)) * p)
@@ -467,16 +525,29 @@ def test_gate_is_one_vectorised_op_whatever_its_width(mode):
         state = GateState(mode, 5.0)
         gate = SSGate(channels, "k", state)
         x = torch.randn(2, channels, 2, 2)
-        bn = nn.Sequential(nn.BatchNorm2d(channels), SSGate(channels, "k2", state)).eval()
-        fuse_gates_into_bn(bn)
-        holder = nn.Module()
-        holder.a, holder.b = gate, bn[1]
-        gs = GateSet(holder, state)
+        fused = SSGate(channels, "k2", state, fused=True)
+        bn = nn.Sequential(gate_batchnorm(nn.BatchNorm2d(channels), fused), fused).eval()
+        gs = GateSet(state, [gate, fused])
         with torch.no_grad():
             counts[channels] = (_aten_ops(lambda: gate(x)), _aten_ops(lambda: bn(x)),
                                 _aten_ops(lambda: gs.penalty("scaled")))
     assert counts[10] == counts[10_000], counts
     assert all(c <= 30 for c in counts[10_000]), counts
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["bn2d", "bn1d"])
+def test_disabled_gated_bn_costs_nothing(flat):
+    """Disabled, a gated BN runs exactly the ops of a plain BN, and its fused gate none at all."""
+    state = GateState("disabled")
+    plain = nn.BatchNorm1d(8) if flat else nn.BatchNorm2d(8)
+    gate = SSGate(8, "k", state, fused=True)
+    seq = nn.Sequential(gate_batchnorm(copy.deepcopy(plain), gate), gate)
+    x = torch.randn(4, 8) if flat else torch.randn(4, 8, 3, 3)
+    for train in (True, False):
+        plain.train(train)
+        seq.train(train)
+        assert _aten_ops(lambda: seq(x)) == _aten_ops(lambda: plain(x))
+        assert _aten_ops(lambda: gate(x)) == 0
 
 
 # ---- depth gates ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Graph IR -> gated supernet: every gate op of the graph becomes an SSGate."""
+"""Graph IR -> gated supernet: every gate op of the graph becomes an SSGate, built into the
+Supernet (a NasNet) as it is constructed; `GateSet` controls them all."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from nasdsl.graph.ir import Block, Layer, Network, Op
-from nasdsl.supernet.gates import MODES, GateState, SSGate, fuse_gates_into_bn
+from nasdsl.supernet.gates import MODES, GateState, SSGate, gate_batchnorm
 from nasdsl.supernet.network import NasNet
 
 PLACEMENTS = ("after_bn", "before_bn", "after_act")
@@ -47,19 +48,16 @@ def place_gates(net: Network, placement: str) -> Network:
 
 class GateSet:
     """The supernet's gates in graph order, with the shared mode and delta: the channel groups in
-    `gates`, and in `depth_gates` the one-channel gates of blocks that may vanish (if any)."""
+    `gates`, and in `depth_gates` the one-channel gates of blocks that may vanish (if any), each
+    given with the keys of its block's channel groups (`blocks_of`)."""
 
-    def __init__(self, model: nn.Module, state: GateState):
+    def __init__(self, state: GateState, gates: list[SSGate],
+                 depth: list[tuple[SSGate, list[str]]] = ()):
         self.state = state
-        holders = [m for m in model.modules() if isinstance(getattr(m, "depth_gate", None), SSGate)
-                   and not isinstance(m, SSGate)]  # the blocks that carry a depth gate
-        self.depth_gates: list[SSGate] = [m.depth_gate for m in holders]
-        depth_ids = {id(d) for d in self.depth_gates}
-        self.gates: list[SSGate] = [m for m in model.modules() if isinstance(m, SSGate) and id(m) not in depth_ids]
+        self.gates: list[SSGate] = list(gates)
+        self.depth_gates: list[SSGate] = [d for d, _ in depth]
         self.by_key = {g.key: g for g in self.gates}
-        # depth gate key -> the channel groups of its block
-        self.blocks_of = {m.depth_gate.key: [g.key for g in m.modules() if isinstance(g, SSGate)
-                                             and id(g) not in depth_ids] for m in holders}
+        self.blocks_of: dict[str, list[str]] = {d.key: list(keys) for d, keys in depth}  # depth key -> groups
         self.channel_weights: torch.Tensor | None = None  # per channel, in flat_s order; None: all 1
         self.depth_weights = torch.zeros(len(self.depth_gates))  # per depth gate (see `weigh`)
         # per channel, 0 (no depth gate) or 1 + the index of the depth gate of its block
@@ -153,26 +151,72 @@ class GateSet:
                 self.by_key[key].s.copy_(s)
 
 
-def build_supernet(net: Network, placement: str = "after_bn", depth_gates: bool = False) -> NasNet:
-    """A NasNet with SS gates where the graph has gate ops; `model.gate_set` controls them.
+class Supernet(NasNet):
+    """A NasNet with an SS gate at every gate op of the graph, built as such.
+
+    The gates, and with `depth_gates` the depth gates, are made from the graph first: which gate
+    follows a BN (fused into it), and which blocks may vanish (in a residual layer, or beside other
+    blocks: the last gate of each then also carries its block's depth gate) are properties of the
+    graph. NasNet's builder takes them through `gate_factory`; each BN followed by a fused gate is
+    then made a gated BN (`gate_batchnorm`) and each depth gate is registered on its block, before
+    `gate_set` is set, so a Supernet never exists half-gated. network.py stays free of gates: it is
+    shipped as the exported model's code."""
+
+    gate_set: GateSet
+
+    def __init__(self, net: Network, placement: str = "after_bn", depth_gates: bool = False):
+        placed = place_gates(net, placement)
+        state = GateState()
+        vanishing = _vanishing_blocks(placed) if depth_gates else []
+        depth = {block.name: SSGate(1, f"{block.name}:depth", state) for _, block in vanishing}
+        gates = _channel_gates(placed, state, depth, fuse=placement == "after_bn")
+        super().__init__(placed.to_config(), gate_factory=lambda channels, key: gates[key])
+        for layer, module in zip(placed.layers, self.layers):
+            for block, block_module in zip(layer.blocks, module.blocks):
+                if block.name in depth:  # registered on its block: its state-dict key is `...blocks.j.depth_gate.s`
+                    block_module.add_module("depth_gate", depth[block.name])
+        for chain in self._chains():
+            for (_, before), (_, gate) in zip(chain, chain[1:]):
+                if isinstance(gate, SSGate) and gate.fused:
+                    gate_batchnorm(before, gate)
+        self.gate_set = GateSet(state, list(gates.values()),
+                                [(depth[block.name], [op.attrs["key"] for op in block.ops if op.is_gate])
+                                 for _, block in vanishing])
+
+    def _chains(self) -> list[list[tuple[str, nn.Module]]]:
+        """Every op chain (block, shortcut, post, head), as (name, module) pairs in order."""
+        return [chain for layer in self.op_modules()
+                for chain in layer["blocks"] + [layer["shortcut"], layer["post"]]]
+
+
+def _vanishing_blocks(net: Network) -> list[tuple[Layer, Block]]:
+    """The gated blocks that may vanish: those of a residual layer, or beside other blocks (a lone
+    block without a shortcut cannot go: nothing would carry the layer's input on)."""
+    return [(layer, block) for layer, block in net.blocks()
+            if (layer.shortcut is not None or len(layer.blocks) > 1) and any(op.is_gate for op in block.ops)]
+
+
+def _channel_gates(placed: Network, state: GateState, depth: dict[str, SSGate],
+                   fuse: bool) -> dict[str, SSGate]:
+    """key -> the gate of each gate op, in graph order: `fused` where it directly follows a BN
+    (and `fuse`), carrying its block's depth gate where it is that block's last gate."""
+    gates = {}
+    for _, block in placed.blocks():
+        keyed = [(i, op) for i, op in enumerate(block.ops) if op.is_gate]
+        for n, (i, op) in enumerate(keyed):
+            after_bn = fuse and i > 0 and block.ops[i - 1].kind == "bn"
+            last = n == len(keyed) - 1
+            gates[op.attrs["key"]] = SSGate(op.in_shape.channels, op.attrs["key"], state, fused=after_bn,
+                                            depth_gate=depth.get(block.name) if last else None)
+    return gates
+
+
+def build_supernet(net: Network, placement: str = "after_bn", depth_gates: bool = False) -> Supernet:
+    """A Supernet with SS gates where the graph has gate ops; `model.gate_set` controls them.
 
     With `depth_gates`, every gated block that may vanish (in a residual layer, or beside other
     blocks) also gets a depth gate on its output group (see gates.py)."""
-    state = GateState()
-    model = NasNet(place_gates(net, placement).to_config(), gate_factory=lambda c, key: SSGate(c, key, state))
-    if depth_gates:
-        for layer, module in zip(net.layers, model.layers):
-            if layer.shortcut is None and len(layer.blocks) < 2:
-                continue
-            for block, block_module in zip(layer.blocks, module.blocks):
-                gates = [m for m in block_module.modules() if isinstance(m, SSGate)]
-                if gates:
-                    block_module.depth_gate = SSGate(1, f"{block.name}:depth", state)
-                    gates[-1].attach_depth_gate(block_module.depth_gate)
-    if placement == "after_bn":
-        fuse_gates_into_bn(model)
-    model.gate_set = GateSet(model, state)
-    return model
+    return Supernet(net, placement, depth_gates)
 
 
 def is_gate_param(name: str) -> bool:
