@@ -1,13 +1,18 @@
 """nasdsl: a search-space language and the DNAL supernet search.
 
-Pipeline, one package per stage: language -> graph -> supernet -> search -> derive -> export.
+Stages, each importing only those before it: language -> graph -> supernet -> search / derive ->
+export; nasdsl.train (the training loop and data) serves the stages, and nasdsl.pipeline (a run)
+and the command line sit above them all. The public API: `nasdsl.compile(space, **settings)`,
+`nasdsl.build(network)`, `nasdsl.load(run_or_export_folder)`.
 """
-__version__ = "0.1.0"
+from nasdsl._version import __version__
+
+_API = ("compile", "build", "load")
 
 
 def __getattr__(name):
-    """`nasdsl.load` imports torch only when used: `import nasdsl` stays light."""
-    if name == "load":
-        from nasdsl.export.load import load
-        return load
+    """The API imports torch only when used: `import nasdsl` stays light."""
+    if name in _API:
+        from nasdsl import api
+        return getattr(api, name)
     raise AttributeError(f"module 'nasdsl' has no attribute {name!r}")

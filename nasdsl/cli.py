@@ -104,38 +104,47 @@ def _print_show(info: dict, as_json: bool) -> None:
           f"search space 10^{info['log10_space_size']:.1f}")
 
 
-RECIPE_KEYS = ("name", "data", "resolution", "batch_size", "workers", "seed", "gate_placement", "strategy")
-
-
-def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """`--set` in `search` reaches both files: dotted keys and recipe fields go to the recipe,
-    every other name is a parameter of the .space file."""
-    recipe, space = {}, {}
-    for k, v in pairs.items():
-        (recipe if "." in k or k in RECIPE_KEYS else space)[k] = v
-    return recipe, space
-
-
 def cmd_search(args) -> int:
     from pathlib import Path
 
-    from nasdsl.search.dnal import SearchJob, search
-    from nasdsl.recipe import load_recipe
+    from nasdsl.pipeline.plan import RunRequest, make_plan
 
-    recipe_sets, space_sets = split_sets(parse_sets(args.set))
-    if args.seed is not None:
-        recipe_sets["seed"] = str(args.seed)
-    recipe = load_recipe(args.recipe, recipe_sets)
-    space = Path(args.space)
-    if not space.is_file():
-        raise NasdslError("no such space file", file=args.space)
-    out = Path(args.out) if args.out else Path("runs") / space.stem
-    job = SearchJob(space=space, recipe=recipe, data=args.data or recipe.data, out=out, space_overrides=space_sets,
-                    device=args.device, resume=args.resume, download=args.download, progress=not args.quiet)
-    summary = search(job)
-    if summary is not None and not args.quiet and _is_main_process():
-        _print_summary(summary, out)
+    request = RunRequest(space=Path(args.space), recipe=args.recipe, sets=parse_sets(args.set), data=args.data,
+                         out=Path(args.out) if args.out else None, seed=args.seed, device=args.device,
+                         resume=args.resume, download=args.download, name=args.name,
+                         progress=not (args.quiet or args.dry_run))
+    plan = make_plan(request, join_world=not args.dry_run)
+    if args.dry_run:
+        _print_plan(plan.describe(), args.json)
+        return 0
+    for note in plan.notes:
+        if not args.quiet and _is_main_process():
+            print(f"note: {note}")
+    from nasdsl.pipeline.runner import Pipeline
+
+    summary = Pipeline(plan).execute()
+    if not args.quiet and _is_main_process():
+        _print_summary(summary, plan.out)
     return 0
+
+
+def _print_plan(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info))
+        return
+    print(f"plan for {info['space']} ({info['network']}): recipe {info['recipe']}, data {info['data']}, "
+          f"{info['device']} x{info['world_size']}, {info['precision']}")
+    print(f"  supernet  {human(info['flops'])} FLOPs, {human(info['params'])} params, {info['gates']:,} gated channels")
+    for s in info["stages"]:
+        print(f"  stage     {s['name']:<13} {s['epochs']:>4} epochs x {s['steps_per_epoch']} steps")
+    pre = info["preprocessing"]
+    print(f"  input     {'x'.join(map(str, pre['input_size']))}, mean {pre['mean']}, std {pre['std']}, "
+          f"crop_pct {pre['crop_pct']}, {pre['interpolation']}")
+    if info.get("augmentation"):
+        print(f"  augment   " + ", ".join(f"{k} {v}" for k, v in info["augmentation"].items()))
+    print(f"  writes    {info['out']}/ (export name {info['export_name']})")
+    for note in info["notes"]:
+        print(f"  note: {note}")
 
 
 def _is_main_process() -> bool:
@@ -167,7 +176,7 @@ def cmd_eval(args) -> int:
 
     from nasdsl.export.load import load
     from nasdsl.train.data import build_data
-    from nasdsl.search.dnal import resolve_device
+    from nasdsl.train.precision import resolve_device
     from nasdsl.train.evaluate import accuracy
 
     model = load(args.path)
@@ -196,6 +205,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from nasdsl.recipe import available_recipes
+
+    try:
+        from nasdsl.recipe import describe_recipes
+        rows = describe_recipes()
+    except ImportError:
+        rows = [(name, "") for name in available_recipes()]
+    width = max(len(name) for name, _ in rows)
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}".rstrip())
+    return 0
+
+
 def cmd_export(args) -> int:
     from nasdsl.export.exporter import export_run
 
@@ -207,6 +230,7 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nasdsl", description="Supernet architecture search with a search-space language.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("check", help="validate .space files (exit 0 if all are valid, 2 otherwise)")
@@ -233,8 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
+    r.add_argument("--name", help="the exported model's timm name (default: the space's name, or NAME_nasdsl "
+                                  "when that is a timm model or a Python module)")
+    r.add_argument("--dry-run", action="store_true", help="check every input, print the plan and exit")
+    r.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")
     r.set_defaults(func=cmd_search)
+
+    rc = sub.add_parser("recipes", help="list the shipped recipes (--recipe NAME)")
+    rc.set_defaults(func=cmd_recipes)
 
     e = sub.add_parser("eval", help="accuracy of a derived model (a run or an export folder)")
     e.add_argument("path", metavar="PATH")
@@ -263,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug, not a user error: one line unless --debug
+        if args.debug:
+            raise
+        print(f"nasdsl {args.command}: internal error, please report it: {type(exc).__name__}: {exc} "
+              f"(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

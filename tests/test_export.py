@@ -462,7 +462,7 @@ def test_import_nasdsl_is_light():
     script = textwrap.dedent("""
         import sys, nasdsl
         assert "torch" not in sys.modules, "import nasdsl imported torch"
-        assert callable(nasdsl.load) and nasdsl.load.__module__ == "nasdsl.export.load"
+        assert callable(nasdsl.load) and nasdsl.load.__module__ == "nasdsl.api"
         try:
             nasdsl.nothing
         except AttributeError:

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nasdsl.search.dnal import Search, SearchJob, settle_gates
-from nasdsl.recipe import load_recipe
+from nasdsl.pipeline.plan import RunRequest, make_plan
+from nasdsl.pipeline.runner import Pipeline
+from nasdsl.search.dnal import settle_gates
 
 TINY = """
 space tiny(input=3, resolution=8, classes=10)
@@ -112,21 +113,21 @@ def test_eval_and_export(finished_run, tmp_path):
     assert (out / "tiny_searched.py").is_file() and (out / "model.safetensors").is_file()
 
 
-def job(space, out, **recipe_sets) -> SearchJob:
+def job(space, out, **recipe_sets) -> Pipeline:
     sets = dict(s.split("=") for s in SETTINGS)
     sets.update({k: str(v) for k, v in recipe_sets.items()})
-    return SearchJob(space=space, recipe=load_recipe(None, sets), data="fake", out=out, progress=False)
+    return Pipeline(make_plan(RunRequest(space=space, sets=sets, data="fake", out=out, progress=False)))
 
 
 @pytest.mark.parametrize("bn", ["frozen", "train"])
 def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path, bn):
-    search = Search(job(space, tmp_path / "run", **{"architecture.bn": bn}))
+    search = job(space, tmp_path / "run", **{"architecture.bn": bn})
     search.setup()
-    search.stage_weights()
+    search.weights()
     gate_keys = {k for k in search.model.state_dict() if k.endswith(".s")}
     params = {k for k, _ in search.model.named_parameters()}
     before = {k: v.clone() for k, v in search.model.state_dict().items() if k not in gate_keys}
-    search.stage_architecture()
+    search.architecture()
     after = search.model.state_dict()
     for k, v in before.items():  # conv, BN affine, classifier; BN statistics too when frozen
         if bn == "frozen" or k in params:
@@ -134,20 +135,20 @@ def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path, bn):
     s = search.model.gate_set.flat_s().detach().double()
     g = torch.sigmoid(1e4 * s)
     assert bool(((g < 1e-6) | (g > 1 - 1e-6)).all())
-    assert not any("not yet binary" in note for note in search.state["notes"])  # the optimizer did it alone
+    assert not any("not yet binary" in note for note in search.state.notes)  # the optimizer did it alone
     assert search.model.gate_set.state.mode == "hard"
 
 
 def test_flops_penalty_weighs_gates_by_their_macs(space, tmp_path):
     from nasdsl.graph.accounting import gate_channel_flops
 
-    search = Search(job(space, tmp_path / "run", **{"architecture.penalty_weight": "flops"}))
+    search = job(space, tmp_path / "run", **{"architecture.penalty_weight": "flops"})
     search.setup()
     gs = search.model.gate_set
-    costs = gate_channel_flops(search.network)
+    costs = gate_channel_flops(search.plan.network)
     per_channel = torch.cat([torch.full((g.s.numel(),), costs[g.key]) for g in gs.gates])
     torch.testing.assert_close(gs.channel_weights, per_channel / per_channel.mean())
-    plain = Search(job(space, tmp_path / "plain"))
+    plain = job(space, tmp_path / "plain")
     plain.setup()
     assert plain.model.gate_set.channel_weights is None
 

@@ -6,6 +6,7 @@ checkout, shows that users who `pip install nasdsl` get the recipes too.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,3 +70,16 @@ def test_wheel_install_ships_the_recipes(tmp_path):
     env["PYTHONPATH"] = str(site)
     result = _run(sys.executable, "-c", CHECK, str(site), ",".join(shipped), cwd=elsewhere, env=env)
     assert result.stdout.split() == ["ok", str(len(shipped))]
+    # the command line of the installed wheel, from outside the checkout: a dry run, then a short
+    # search with the default recipe (a copy of the shipped space; the checkout's spaces/ is not used)
+    space = elsewhere / "proxyless.space"
+    shutil.copy(ROOT / "spaces" / "proxyless.space", space)
+    env["OMP_NUM_THREADS"] = "1"
+    cli = [sys.executable, "-c", "import sys, nasdsl.cli; assert nasdsl.cli.__file__.startswith(sys.argv[1]); "
+                                 "sys.argv[1:2] = []; sys.exit(nasdsl.cli.main())", str(site)]
+    plan = json.loads(_run(*cli, "search", "proxyless.space", "--dry-run", "--json", cwd=elsewhere, env=env).stdout)
+    assert plan["recipe"] == "cpu" and plan["data"] == "digits"
+    _run(*cli, "search", "proxyless.space", "-q", "--set", "width=0.25", "--set", "weights.epochs=1",
+         "--set", "architecture.epochs=1", "--set", "finetune.epochs=1", cwd=elsewhere, env=env)
+    summary = json.loads((elsewhere / "runs" / "proxyless" / "summary.json").read_text())
+    assert summary["derived"]["top1"] > 0 and (elsewhere / "runs" / "proxyless" / "model" / "config.json").is_file()

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nasdsl import __version__
+from nasdsl._version import __version__
 from nasdsl.errors import NasdslError
 from nasdsl.export.load import CONFIG, FORMAT, MARKER, WEIGHTS
 
@@ -54,7 +54,7 @@ def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, p
     feeds the model what nasdsl measured it on. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
-    _check_name(name)
+    check_export_name(name)
     _check_target(out_dir)
     input_size = _input_size(network)
     _check_preprocessing(preprocessing, input_size)
@@ -105,7 +105,8 @@ def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, p
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def _check_name(name) -> None:
+def check_export_name(name) -> None:
+    """Raise a NasdslError when `name` cannot name an export (the run's plan checks it before training)."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise NasdslError(f"export name {name!r} is not a Python identifier (letters, digits, _; "
                           f"not starting with a digit): it names the model module and its timm entrypoint")

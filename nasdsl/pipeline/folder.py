@@ -5,7 +5,6 @@ temporary file, fsync, rename), so a killed run never leaves a half-written file
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -41,13 +40,9 @@ def write_json(path: Path, data) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
-def space_hash(text: str, overrides: dict) -> str:
-    h = hashlib.sha256(text.encode())
-    h.update(json.dumps(sorted(overrides.items())).encode())
-    return h.hexdigest()
+class RunFolder:
+    """A run's folder: what rank 0 writes there and how a resumed run reads it back."""
 
-
-class Run:
     def __init__(self, folder: Path, is_main: bool):
         self.folder = Path(folder)
         self.is_main = is_main
@@ -60,12 +55,12 @@ class Run:
         import lark
         import timm
 
-        import nasdsl
+        from nasdsl._version import __version__
 
         manifest = {
             "command": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": {"nasdsl": nasdsl.__version__, "python": platform.python_version(),
+            "versions": {"nasdsl": __version__, "python": platform.python_version(),
                          "torch": torch.__version__, "timm": timm.__version__, "lark": lark.__version__},
             "host": platform.node(),
             **info,
@@ -121,10 +116,11 @@ class Run:
         if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise NasdslError(f"corrupt checkpoint ({type(exc).__name__}); delete it to start over",
-                              file=str(path)) from None
+            # weights_only: tensors and plain data only; a checkpoint never runs pickled code
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt (or foreign) file
+            raise NasdslError(f"corrupt checkpoint ({type(exc).__name__}: not tensors and plain data); delete it "
+                              f"to start over", file=str(path)) from None
 
     def close(self) -> None:
         if self._tb:

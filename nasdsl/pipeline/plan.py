@@ -1,0 +1,199 @@
+"""The plan step: every input of a run checked, and the whole run worked out, before anything is
+written or trained.
+
+A search that fails after its stages (an export name timm already uses, a file that is not UTF-8,
+a batch larger than the data) costs the whole run; `make_plan` turns each such problem into one
+located line now. `nasdsl search ... --dry-run` prints the plan and stops there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nasdsl.errors import NasdslError
+from nasdsl.graph.accounting import summary as graph_summary
+from nasdsl.graph.ir import Network
+from nasdsl.language.compiler import compile_source
+from nasdsl.language.source import read_source
+from nasdsl.recipe import Recipe, load_recipe
+from nasdsl.train import distributed as dist_utils
+from nasdsl.train.data import DataBundle, build_data
+from nasdsl.train.loop import steps_per_epoch
+from nasdsl.train.precision import resolve_device, resolve_precision
+
+#: recipe keys that `--set` may name without a section (every other undotted name is a space parameter)
+RECIPE_KEYS = ("name", "data", "resolution", "batch_size", "workers", "seed", "gate_placement", "strategy",
+               "precision", "compile")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the user asked for, as typed on the command line (or passed to the Python API)."""
+    space: Path
+    recipe: str | None = None
+    sets: dict[str, str] = field(default_factory=dict)   # --set NAME=VALUE: recipe keys and space parameters
+    data: str | None = None
+    out: Path | None = None
+    seed: int | None = None
+    device: str = "auto"
+    resume: bool = False
+    download: bool = False
+    name: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    epochs: int
+    steps_per_epoch: int
+
+
+@dataclass
+class Plan:
+    """A checked run: the compiled space, the recipe, the data, where it runs and what it writes."""
+    request: RunRequest
+    space_text: str
+    overrides: dict[str, str]     # the space's parameters: --set values and the data's header
+    network: Network
+    recipe: Recipe
+    data: DataBundle
+    device: torch.device
+    world: dist_utils.World
+    precision: str
+    out: Path
+    export_name: str
+    stages: list[StagePlan]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def space_hash(self) -> str:
+        h = hashlib.sha256(self.space_text.encode())
+        h.update(json.dumps(sorted(self.overrides.items())).encode())
+        return h.hexdigest()
+
+    def stage(self, name: str) -> StagePlan:
+        return next(s for s in self.stages if s.name == name)
+
+    def describe(self) -> dict:
+        """The `--dry-run --json` contract."""
+        info = graph_summary(self.network)
+        return {"space": str(self.request.space), "network": self.network.name, "recipe": self.recipe.name,
+                "data": self.data.spec, "out": str(self.out), "device": str(self.device),
+                "world_size": self.world.size, "precision": self.precision,
+                "stages": [{"name": s.name, "epochs": s.epochs, "steps_per_epoch": s.steps_per_epoch}
+                           for s in self.stages],
+                "flops": info["flops"], "params": info["params"], "gates": info["gates"],
+                "export_name": self.export_name, "preprocessing": self.data.preprocessing.to_dict(),
+                "augmentation": dict(self.data.augmentation), "notes": list(self.notes)}
+
+
+def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`--set` reaches both files: dotted keys and recipe fields go to the recipe, every other name
+    is a parameter of the .space file."""
+    recipe, space = {}, {}
+    for k, v in pairs.items():
+        (recipe if "." in k or k in RECIPE_KEYS else space)[k] = v
+    return recipe, space
+
+
+def stage_names(recipe: Recipe) -> list[str]:
+    return ["joint", "finetune"] if recipe.strategy == "joint" else ["weights", "architecture", "finetune"]
+
+
+def stage_epochs(recipe: Recipe, stage: str) -> int:
+    return {"weights": recipe.weights.epochs, "joint": recipe.weights.epochs,
+            "architecture": recipe.architecture.epochs, "finetune": recipe.finetune.epochs}[stage]
+
+
+def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
+    """Check every input in the order a user fixes them (recipe, space, data, device, names, folder)
+    and work out the run; raises a NasdslError on the first problem. Writes nothing."""
+    recipe_sets, space_sets = split_sets(request.sets)
+    if request.seed is not None:
+        recipe_sets["seed"] = str(request.seed)
+    recipe = load_recipe(request.recipe, recipe_sets)
+    space = Path(request.space)
+    if not space.is_file():
+        raise NasdslError("no such space file", file=str(space))
+    text = read_source(space)
+    data = _build_data(request, recipe)
+    overrides = {**space_sets, "input": str(data.in_channels), "resolution": str(recipe.resolution),
+                 "classes": str(data.num_classes)}
+    network = compile_source(text, str(space), overrides)
+    device = resolve_device(request.device)
+    precision = resolve_precision(recipe.precision, device)
+    world = dist_utils.init(device) if join_world else dist_utils.World()
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    steps = steps_per_epoch(len(data.train), recipe.batch_size, world.size)
+    if steps == 0:
+        raise NasdslError(f"the training set ({len(data.train)} samples over {world.size} process(es)) is "
+                          f"smaller than one batch ({recipe.batch_size})", file="batch_size")
+    stages = [StagePlan(s, stage_epochs(recipe, s), steps) for s in stage_names(recipe)]
+    notes: list[str] = []
+    export_name = choose_export_name(request.name, network.name, notes)
+    out = Path(request.out) if request.out else Path("runs") / space.stem
+    plan = Plan(request, text, overrides, network, recipe, data, device, world, precision, out, export_name,
+                stages, notes)
+    check_run_folder(plan)
+    return plan
+
+
+def _build_data(request: RunRequest, recipe: Recipe) -> DataBundle:
+    return build_data(request.data or recipe.data, recipe.resolution, augmentation=recipe.augmentation,
+                      download=request.download)
+
+
+def identifier(name: str) -> str:
+    ident = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return ident if ident and not ident[0].isdigit() else f"net_{ident}"
+
+
+def choose_export_name(asked: str | None, space_name: str, notes: list[str]) -> str:
+    """`--name` if given (an error if it cannot name a timm model); else the space's name, or, when
+    that clashes with a timm model or a Python module, the same with `_nasdsl` appended (noted)."""
+    from nasdsl.export.exporter import check_export_name
+
+    if asked is not None:
+        try:
+            check_export_name(asked)
+        except NasdslError as exc:
+            raise NasdslError(exc.message, file="--name") from None
+        return asked
+    name = identifier(space_name)
+    try:
+        check_export_name(name)
+        return name
+    except NasdslError as exc:
+        reason = exc.message.split("; pick another")[0]
+    safe = f"{name}_nasdsl"
+    check_export_name(safe)
+    notes.append(f"the export is named {safe}: {reason} (--name chooses another)")
+    return safe
+
+
+def check_run_folder(plan: Plan) -> None:
+    """A run folder is never overwritten; `--resume` continues only the same space, settings and recipe."""
+    folder, resume = plan.out, plan.request.resume
+    exists = folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+    if exists and not folder.is_dir():
+        raise NasdslError("the run folder is a file", file=str(folder))
+    if exists and not resume:
+        raise NasdslError("the run folder already exists; pass --resume to continue it or --out to "
+                          "choose another folder", file=str(folder))
+    if not (exists and resume):
+        return
+    from nasdsl.pipeline.folder import RunFolder
+
+    manifest = RunFolder(folder, True).read_manifest()
+    if manifest.get("space_hash") != plan.space_hash:
+        raise NasdslError("this run searched a different space (or different --set values); "
+                          "resume it with the same space and settings", file=str(folder))
+    if manifest.get("recipe") != plan.recipe.to_dict():
+        raise NasdslError("this run used a different recipe; resume it with the same recipe and --set",
+                          file=str(folder))

@@ -1,0 +1,278 @@
+"""A run from its plan to its summary: the stages in order, a checkpoint after every epoch, resume,
+the results, the plots and the exported model. This is the one place that imports across stages.
+
+    plan = make_plan(RunRequest(space=Path("spaces/proxyless.space")))
+    summary = Pipeline(plan).execute()
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nasdsl.derive.derive import Derivation, derive, slim_state_dict
+from nasdsl.errors import NasdslError
+from nasdsl.graph.accounting import network_cost
+from nasdsl.graph.ir import Network
+from nasdsl.pipeline.folder import RunFolder, atomic_write, write_json
+from nasdsl.pipeline.plan import Plan
+from nasdsl.pipeline.state import Measured, RunState
+from nasdsl.search import dnal
+from nasdsl.supernet.build import build_supernet, place_gates
+from nasdsl.supernet.network import NasNet
+from nasdsl.train import distributed as dist_utils
+from nasdsl.train.loop import Epochs, StageHooks, Trainer, fit, recalibrate_bn, seed_all
+from nasdsl.train.precision import Precision
+
+
+class Pipeline:
+    def __init__(self, plan: Plan):
+        self.plan, self.recipe = plan, plan.recipe
+        r = plan.recipe
+        self.trainer = Trainer(plan.device, plan.world, Precision(plan.precision, plan.device.type), r.batch_size,
+                               r.workers, r.seed, progress=plan.request.progress, compile=r.compile)
+        self.folder = RunFolder(plan.out, plan.world.is_main)
+        self.names = [s.name for s in plan.stages]
+        self.state = RunState(stage=self.names[0])
+        self.model: nn.Module | None = None
+        self.derivation: Derivation | None = None
+        self.optimizer_state: dict | None = None  # from a checkpoint, for the stage it was saved in
+
+    # ---- the run ---------------------------------------------------------------------------
+    def execute(self) -> dict:
+        self.setup()
+        try:
+            for stage in self.names[self.names.index(self.state.stage):]:
+                self.state.stage = stage
+                {"weights": self.weights, "architecture": self.architecture, "joint": self.joint,
+                 "finetune": self.finetune}[stage]()
+        finally:
+            self.folder.close()
+        summary = self.summary()
+        if self.plan.world.is_main:
+            write_json(self.plan.out / "summary.json", summary)
+            self.plots()
+        dist_utils.shutdown(self.plan.world)
+        return summary
+
+    def setup(self) -> None:
+        """Create the run folder (or restore its last checkpoint on --resume) and the supernet."""
+        checkpoint = self.folder.load_checkpoint() if self.plan.request.resume else None
+        if checkpoint is None:
+            self.create_folder()
+        seed_all(self.recipe.seed)
+        arch = self.recipe.architecture
+        self.model = self.trainer.place(build_supernet(self.plan.network, self.recipe.gate_placement,
+                                                       depth_gates=arch.block_cost > 0))
+        dnal.weigh_gates(self.model, self.plan.network, arch)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+            self.folder.truncate_metrics(self.kept_metric)
+
+    def create_folder(self) -> None:
+        plan = self.plan
+        if plan.world.is_main:
+            plan.out.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier(plan.world)
+        self.folder.write_manifest(space=str(plan.request.space), space_hash=plan.space_hash,
+                                   space_overrides=plan.overrides, recipe=self.recipe.to_dict(),
+                                   seed=self.recipe.seed, data=plan.data.spec, device=str(plan.device),
+                                   world_size=plan.world.size, precision=plan.precision,
+                                   export_name=plan.export_name)
+
+    def kept_metric(self, record: dict) -> bool:
+        order, stage = self.names.index, self.state.stage
+        if record.get("stage") not in self.names:
+            return True
+        return order(record["stage"]) < order(stage) or (record["stage"] == stage and record["epoch"] < self.state.epoch)
+
+    def restore(self, checkpoint: dict) -> None:
+        try:
+            self.state = RunState.from_plain(checkpoint["state"])
+        except (KeyError, TypeError):
+            raise NasdslError("this checkpoint was written by an older nasdsl; start the run again in a new "
+                              "folder", file=str(self.plan.out / "checkpoint.pt")) from None
+        if self.state.stage == "finetune":
+            self.derivation = self.derive(self.state.gates)
+            self.model = self.trainer.place(NasNet(self.derivation.network.to_config()))
+        self.model.load_state_dict(checkpoint["model"])
+        gate_set = getattr(self.model, "gate_set", None)
+        if gate_set is not None and checkpoint.get("gate_state"):
+            gate_set.set_mode(checkpoint["gate_state"]["mode"])
+            gate_set.set_delta(checkpoint["gate_state"]["delta"])
+        self.optimizer_state = checkpoint.get("optimizer")
+
+    def save(self, optimizer) -> None:
+        gate_set = getattr(self.model, "gate_set", None)
+        self.folder.save_checkpoint({
+            "state": self.state.to_plain(),
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "gate_state": {"mode": gate_set.state.mode, "delta": gate_set.state.delta} if gate_set else None,
+        })
+
+    def train(self, stage: str, optimizer: torch.optim.Optimizer, lr_cfg, hooks: StageHooks | None = None,
+              bn_frozen: bool = False) -> None:
+        """Run (or resume) one stage's epochs with the shared loop, logging and checkpointing each."""
+        if self.optimizer_state is not None and self.state.epoch > 0:
+            optimizer.load_state_dict(self.optimizer_state)
+        self.optimizer_state = None
+        epochs = Epochs(stage, self.names.index(stage), self.plan.stage(stage).epochs, self.state.epoch,
+                        self.plan.data.train, self.plan.data.val, lr_cfg, bn_frozen,
+                        self.state.stage_seconds.get(stage, 0.0))
+        before = sum(s.epochs for s in self.plan.stages[: self.names.index(stage)])
+
+        def end_of_epoch(epoch: int, record: dict) -> None:
+            self.folder.log({**record, "global_epoch": before + epoch})
+            self.state.epoch = epoch + 1
+            self.state.stage_seconds[stage] = record["seconds"]
+            self.save(optimizer)
+
+        self.state.stage_seconds[stage] = fit(self.trainer, self.model, optimizer, epochs, hooks or StageHooks(),
+                                              end_of_epoch)
+
+    def sgd(self, groups, cfg) -> torch.optim.Optimizer:
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=getattr(cfg, "nesterov", False) and cfg.momentum > 0)
+
+    # ---- the stages ------------------------------------------------------------------------
+    def weights(self) -> None:
+        cfg = self.recipe.weights
+        self.train("weights", self.sgd(dnal.train_weights_only(self.model), cfg), cfg)
+        self.model.gate_set.set_mode("disabled")
+        if self.state.baseline is None:
+            self.state.baseline = self.measure(self.plan.network)
+        self.advance("weights")
+
+    def architecture(self) -> None:
+        cfg, fresh = self.recipe.architecture, self.state.epoch == 0
+        params = dnal.train_gates_only(self.model, fresh)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if fresh and cfg.bn == "recalibrated":
+            self.model.gate_set.set_delta(cfg.delta_start)
+            recalibrate_bn(self.trainer, self.model, self.plan.data.train, self.names.index("architecture"))
+        self.train("architecture", optimizer, cfg, self.gate_hooks(cfg.epochs), bn_frozen=cfg.bn == "frozen")
+        self.searched()
+        self.advance("architecture")
+
+    def joint(self) -> None:
+        wcfg, acfg = self.recipe.weights, self.recipe.architecture
+        weights, gates = dnal.train_jointly(self.model, self.state.epoch == 0)
+        optimizer = self.sgd([{"params": weights}, {"params": gates, "weight_decay": acfg.weight_decay,
+                                                    "lr_scale": acfg.lr / wcfg.lr}], wcfg)
+        self.train("joint", optimizer, wcfg, self.gate_hooks(wcfg.epochs))
+        if self.state.baseline is None:
+            self.model.gate_set.set_mode("disabled")
+            self.state.baseline = self.measure(self.plan.network)
+        self.searched()
+        self.advance("joint")
+
+    def gate_hooks(self, epochs: int) -> dnal.GateHooks:
+        snapshots = self.state.histograms if self.plan.world.is_main else None
+        return dnal.GateHooks(self.model.gate_set, self.recipe.architecture, epochs, snapshots)
+
+    def finetune(self) -> None:
+        """Stage 3: the physically slim network, gates gone, every weight trained again."""
+        cfg = self.recipe.finetune
+        if hasattr(self.model, "gate_set"):
+            if self.derivation is None:  # resumed right after the architecture stage
+                self.searched()
+            slim = self.trainer.place(NasNet(self.derivation.network.to_config()))
+            slim.load_state_dict(slim_state_dict(self.derivation, self.model, slim))
+            self.model = slim
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.train("finetune", self.sgd(list(self.model.parameters()), cfg), cfg)
+        self.state.derived = self.measure(self.derivation.network)
+        if self.plan.world.is_main:
+            self.save_model()
+
+    def advance(self, stage: str) -> None:
+        i = self.names.index(stage)
+        if i + 1 < len(self.names):
+            self.state.stage, self.state.epoch = self.names[i + 1], 0
+            self.save(None)
+
+    # ---- search results ----------------------------------------------------------------------
+    def searched_graph(self) -> Network:
+        """The graph the supernet was built from: its op positions are what `slim_state_dict` reads."""
+        return place_gates(self.plan.network, self.recipe.gate_placement)
+
+    def derive(self, gates: dict[str, torch.Tensor]) -> Derivation:
+        return derive(self.searched_graph(), {k: v > 0 for k, v in gates.items()}, gates,
+                      self.recipe.architecture.channel_multiple)
+
+    def searched(self) -> None:
+        """After the gates are learned: make the ranks agree, settle the gates, derive, evaluate."""
+        gate_set, arch = self.model.gate_set, self.recipe.architecture
+        # DDP keeps the gates equal; measure it before making rank 0's copy everyone's
+        vector = nn.utils.parameters_to_vector(gate_set.parameters())  # depth gates too
+        self.state.gate_divergence = dist_utils.max_divergence(self.plan.world, vector)
+        dist_utils.broadcast_(self.plan.world, gate_set.parameters())
+        self.state.depth_closed += gate_set.fold_depth_gates()
+        derivation = self.derive(gate_set.values())
+        settled, stranded = dnal.settle_gates(gate_set.values(), derivation.masks, arch.delta_end)
+        dnal.harden(gate_set, settled)
+        self.derivation = derivation
+        self.state.gates = {k: v.detach().cpu() for k, v in settled.items()}
+        self.state.notes = list(derivation.notes)
+        if self.state.depth_closed:
+            self.state.notes.insert(0, f"{self.state.depth_closed} block(s) closed by their depth gate "
+                                       f"(architecture.block_cost)")
+        if stranded:
+            self.state.notes.append(dnal.stranded_note(stranded, arch.delta_end))
+        for note in self.state.notes:
+            self.say(f"note: {note}")
+        if self.state.searched is None:
+            self.state.searched = self.measure(derivation.network)
+        if self.plan.world.is_main:
+            self.save_gates()
+
+    def measure(self, network: Network) -> Measured:
+        cost = network_cost(network)
+        return Measured(cost.flops, cost.params, self.trainer.evaluate(self.model, self.plan.data.val))
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if self.plan.world.is_main and self.plan.request.progress:
+            print(text, flush=True)
+
+    def save_gates(self) -> None:
+        from safetensors.torch import save
+
+        tensors = {k: v.contiguous() for k, v in self.state.gates.items()}
+        atomic_write(self.plan.out / "gates.safetensors", lambda f: f.write(save(tensors)))
+
+    def save_model(self) -> None:
+        from nasdsl.export.exporter import export_model
+        from nasdsl.graph.printer import to_space
+
+        network, data = self.derivation.network, self.plan.data
+        export_model(network, self.model.state_dict(), self.plan.out / "model", self.plan.export_name,
+                     preprocessing=data.preprocessing, space_text=to_space(network))
+
+    def summary(self) -> dict:
+        s, plan = self.state, self.plan
+        measured = {k: (vars(v) if v is not None else None) for k, v in
+                    (("baseline", s.baseline), ("searched", s.searched), ("derived", s.derived))}
+        out = {"space": str(plan.request.space), "recipe": self.recipe.to_dict(), "data": plan.data.spec,
+               **measured,
+               "gates": dnal.gate_counts(s.gates, self.recipe.architecture.delta_end),
+               "stages": {st.name: {"epochs": st.epochs, "seconds": round(s.stage_seconds.get(st.name, 0.0), 2)}
+                          for st in plan.stages},
+               "notes": list(s.notes), "export_name": plan.export_name, "precision": plan.precision,
+               "preprocessing": plan.data.preprocessing.to_dict(),
+               "distributed": {"world_size": plan.world.size, "gate_divergence_before_sync": s.gate_divergence}}
+        base, derived = s.baseline, s.derived or s.searched
+        if base and derived:
+            out["reduction"] = {"flops": base.flops / max(derived.flops, 1),
+                                "params": base.params / max(derived.params, 1)}
+        return out
+
+    def plots(self) -> None:
+        from nasdsl.pipeline.plots import plot_gate_distribution, plot_kept_channels
+
+        if self.state.histograms:
+            plot_gate_distribution(self.state.histograms, self.plan.out / "gate_distribution.png")
+        if self.derivation is not None:
+            plot_kept_channels(self.plan.network, self.derivation.masks, self.plan.out / "kept_channels.png")
+

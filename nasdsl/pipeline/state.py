@@ -1,0 +1,46 @@
+"""The typed state of a run: where it is and what it has measured, checkpointed after every epoch.
+
+It converts to and from plain data (numbers, strings, lists, dicts and tensors) so a checkpoint
+loads with `torch.load(weights_only=True)`, which never runs pickled code.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Measured:
+    """A network's cost and accuracy."""
+    flops: int
+    params: int
+    top1: float
+
+
+@dataclass
+class RunState:
+    stage: str                                   # the stage running (or next to run)
+    epoch: int = 0                               # epochs of `stage` already done
+    baseline: Measured | None = None             # the supernet after stage 1, gates disabled
+    searched: Measured | None = None             # the supernet with the settled hard gates
+    derived: Measured | None = None              # the slim network after finetuning
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    histograms: list[dict] = field(default_factory=list)  # gate distribution snapshots of stage 2
+    notes: list[str] = field(default_factory=list)         # what derivation changed, for the summary
+    gates: dict[str, torch.Tensor] | None = None  # the settled gate values, once searched
+    depth_closed: int = 0                         # blocks closed by their depth gate
+    gate_divergence: float = 0.0                  # largest gate difference between DDP ranks
+
+    def to_plain(self) -> dict:
+        out = asdict(self)
+        out["gates"] = self.gates  # tensors as they are (asdict would deep-copy them anyway)
+        return out
+
+    @classmethod
+    def from_plain(cls, data: dict) -> "RunState":
+        data = dict(data)
+        for key in ("baseline", "searched", "derived"):
+            if data.get(key) is not None:
+                data[key] = Measured(**data[key])
+        return cls(**data)

@@ -1,0 +1,193 @@
+"""The run pipeline: the plan step catches every input problem before anything is written or trained,
+`--dry-run` prints the plan, every shipped space runs, checkpoints never run pickled code, internal
+errors are one line, mixed precision, and the public Python API."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nasdsl
+from nasdsl import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "spaces").glob("*.space"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = """
+space tiny(input=3, resolution=8, classes=10)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer choice = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer down = conv(16, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+SHORT = ["--set", "resolution=8", "--set", "batch_size=32", "--set", "weights.epochs=1",
+         "--set", "architecture.epochs=1", "--set", "finetune.epochs=1"]
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nasdsl", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=900, cwd=cwd)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny.space"
+    path.write_text(TINY)
+    return path
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[0]
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("space", SPACES, ids=lambda p: p.stem)
+def test_dry_run_of_every_shipped_space(space, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("search", space, "--data", "fake", "--set", "resolution=32", "--out", out, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert [s["name"] for s in plan["stages"]] == ["weights", "architecture", "finetune"]
+    assert all(s["epochs"] >= 0 and s["steps_per_epoch"] == 4 for s in plan["stages"])  # 256 fake images / 64
+    shown = json.loads(run_cli("show", space, "--set", "resolution=32", "--set", "input=3", "--set",
+                               "classes=10", "--json").stdout)
+    assert (plan["flops"], plan["params"], plan["gates"]) == (shown["flops"], shown["params"], shown["gates"])
+    assert plan["preprocessing"]["input_size"] == [3, 32, 32] and plan["preprocessing"]["crop_pct"] == 1.0
+    assert plan["export_name"].isidentifier()
+    assert not out.exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("space", ["vgg16", "resnet50"])
+def test_space_named_like_a_timm_model_gets_a_safe_export_name(space, tmp_path):
+    proc = run_cli("search", ROOT / "spaces" / f"{space}.space", "--data", "fake", "--set", "resolution=32",
+                   "--dry-run", "--json")
+    plan = json.loads(proc.stdout)
+    assert plan["export_name"] == f"{space}_nasdsl"
+    assert any("timm" in note and f"{space}_nasdsl" in note for note in plan["notes"])
+
+
+def test_a_clashing_name_asked_for_is_an_error_before_training(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("search", tiny, "--data", "fake", "--out", out, "--name", "resnet18", *SHORT)
+    assert one_line_error(proc).startswith("--name: export name 'resnet18' is one of timm's own models")
+    assert not out.exists()
+
+
+def test_space_file_that_is_not_utf8_is_located_by_search(tmp_path):
+    bad = tmp_path / "bad.space"
+    bad.write_bytes(b"space bad(input=3, resolution=8, classes=10)\nlayer x = conv(8, k=3) # caf\xe9\n")
+    out = tmp_path / "run"
+    line = one_line_error(run_cli("search", bad, "--data", "fake", "--out", out))
+    assert line.startswith(f"{bad}:2:") and "not UTF-8" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["--set", "batch_size=1000"], "batch_size: the training set (256 samples over 1 process(es)) is smaller"),
+    (["--set", "precision=fp16"], "precision: fp16 training needs a CUDA device"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "--device: "),
+    (["--set", "augmentation.scale=[0.9,0.2]"], "--set: augmentation.scale"),
+])
+def test_impossible_settings_fail_before_anything_is_written(tiny, tmp_path, setting, message):
+    out = tmp_path / "run"
+    line = one_line_error(run_cli("search", tiny, "--data", "fake", "--out", out, *setting))
+    assert line.startswith(message), line
+    assert not out.exists()
+
+
+def test_precision_auto_is_fp32_on_cpu(tiny):
+    plan = json.loads(run_cli("search", tiny, "--data", "fake", "--device", "cpu", "--dry-run", "--json").stdout)
+    assert plan["precision"] == "fp32" and plan["device"] == "cpu"
+
+
+def test_dry_run_text_names_the_stages_and_the_export(tiny):
+    proc = run_cli("search", tiny, "--data", "fake", *SHORT, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "weights" in proc.stdout and "1 epochs x 8 steps" in proc.stdout and "export name tiny" in proc.stdout
+
+
+# ---- runs --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_vgg16_space_searches_and_exports_a_model_timm_loads(tmp_path):
+    """The review's first failure: all three stages trained, then the export name 'vgg16' (timm's own)
+    stopped the run with no summary and no model."""
+    out = tmp_path / "run"
+    proc = run_cli("search", ROOT / "spaces" / "vgg16.space", "--data", "fake", "--out", out, "-q",
+                   "--set", "resolution=32", "--set", "weights.epochs=1", "--set", "architecture.epochs=1",
+                   "--set", "finetune.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["export_name"] == "vgg16_nasdsl" and summary["derived"]["flops"] > 0
+    load = ("import sys, timm, torch; sys.path.insert(0, sys.argv[1]); import vgg16_nasdsl; "
+            "m = timm.create_model('vgg16_nasdsl', pretrained=True).eval(); "
+            "assert 'nasdsl' not in sys.modules; print(m(torch.randn(2, 3, 32, 32)).shape[1])")
+    check = subprocess.run([sys.executable, "-c", load, str(out / "model")], capture_output=True, text=True,
+                           env=ENV, timeout=300, cwd=tmp_path)
+    assert check.returncode == 0 and check.stdout.strip() == "10", check.stderr[-2000:]
+
+
+def test_bf16_autocast_run_keeps_fp32_gates(tiny, tmp_path):
+    from nasdsl.pipeline.plan import RunRequest, make_plan
+    from nasdsl.pipeline.runner import Pipeline
+
+    sets = {"resolution": "8", "batch_size": "32", "weights.epochs": "1", "architecture.epochs": "1",
+            "finetune.epochs": "1", "precision": "bf16"}
+    pipeline = Pipeline(make_plan(RunRequest(space=tiny, sets=sets, data="fake", out=tmp_path / "run",
+                                             progress=False)))
+    summary = pipeline.execute()
+    assert summary["precision"] == "bf16" and summary["derived"]["top1"] >= 0
+    gates = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["gates"]
+    assert all(t.dtype == torch.float32 for t in gates.values())
+
+
+def test_checkpoint_never_runs_pickled_code(tiny, tmp_path):
+    """The review's fifth failure: checkpoints were read with weights_only=False, running pickled code."""
+    out = tmp_path / "run"
+    assert run_cli("search", tiny, "--data", "fake", "--out", out, "-q", *SHORT).returncode == 0
+    marker = tmp_path / "pwned"
+    evil = f"import pickle, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n" \
+           f"pickle.dump({{'state': E()}}, open({str(out / 'checkpoint.pt')!r}, 'wb'))\n"
+    subprocess.run([sys.executable, "-c", evil], check=True)
+    line = one_line_error(run_cli("search", tiny, "--data", "fake", "--out", out, "--resume", *SHORT))
+    assert "checkpoint.pt: corrupt checkpoint" in line
+    assert not marker.exists()
+
+
+# ---- the command line and the API --------------------------------------------------------------------
+def test_internal_error_is_one_line_unless_debug(monkeypatch, capsys, tiny):
+    def broken(request, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("nasdsl.pipeline.plan.make_plan", broken)
+    assert cli.main(["search", str(tiny)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RuntimeError: boom" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["--debug", "search", str(tiny)])
+
+
+def test_recipes_command_lists_the_shipped_recipes(capsys):
+    from nasdsl.recipe import available_recipes
+
+    assert cli.main(["recipes"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == available_recipes() and "cpu" in listed
+
+
+def test_public_api_compiles_builds_and_loads(tmp_path):
+    from nasdsl.graph.accounting import network_cost
+
+    network = nasdsl.compile(ROOT / "spaces" / "resnet56_cifar.space", depth=3, resolution=32)
+    model = nasdsl.build(network)
+    assert sum(p.numel() for p in model.parameters()) == network_cost(network).params
+    assert not hasattr(model, "gate_set")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, network.num_classes)
+    with pytest.raises(nasdsl.errors.NasdslError):
+        nasdsl.load(tmp_path / "nothing")
