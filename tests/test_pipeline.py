@@ -191,3 +191,52 @@ def test_public_api_compiles_builds_and_loads(tmp_path):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, network.num_classes)
     with pytest.raises(nasdsl.errors.NasdslError):
         nasdsl.load(tmp_path / "nothing")
+
+
+REPRODUCE = """
+import sys, timm, torch
+from pathlib import Path
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+sys.path.insert(0, sys.argv[1])
+import tiny
+model = timm.create_model("tiny", pretrained=True).eval()
+transform = create_transform(**resolve_data_config({}, model=model))
+val = Path(sys.argv[2]) / "val"
+correct = total = 0
+for label, folder in enumerate(sorted(p for p in val.iterdir() if p.is_dir())):
+    for file in sorted(folder.iterdir()):
+        x = transform(Image.open(file).convert("RGB")).unsqueeze(0)
+        correct += int(model(x).argmax(1).item() == label)
+        total += 1
+assert "nasdsl" not in sys.modules
+print(correct / total)
+"""
+
+
+@pytest.mark.slow
+def test_timm_eval_transform_reproduces_the_reported_top1_on_an_imagefolder(tiny, tmp_path):
+    """timm's standard eval transform, applied to an export of an imagefolder run, gives the top-1
+    nasdsl reported (non-square images of several sizes, so resize and centre crop both matter)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "folder"
+    for split, per_class in (("train", 24), ("val", 12)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                h, w = 20 + 4 * (i % 4), 28 + 3 * (i % 3)
+                img = torch.rand(h, w, 3, generator=g) * 0.6
+                img[..., c] += 0.4 * torch.rand(1, generator=g)
+                Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(root / split / f"c{c}" / f"{i}.png")
+    out = tmp_path / "run"
+    proc = run_cli("search", tiny, "--data", f"imagefolder:{root}", "--out", out, "-q", "--set", "batch_size=16",
+                   "--set", "resolution=16", "--set", "weights.epochs=2", "--set", "architecture.epochs=1",
+                   "--set", "finetune.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = json.loads((out / "summary.json").read_text())["derived"]["top1"]
+    check = subprocess.run([sys.executable, "-c", REPRODUCE, str(out / "model"), str(root)], capture_output=True,
+                           text=True, env=ENV, timeout=300, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert abs(float(check.stdout) - reported) <= 0.005
