@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 METRICS = ("flops", "params")
 SUFFIXES = {"k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
 NEAR = 0.9            # a fit lands in [NEAR x target, target] whenever a network there exists
+CLOSE = 0.995         # a fit this close to the target stops searching for a closer one
 FILL_ROUNDS = 4       # overshooting channels `_fill` skips before it settles below NEAR x target
 _SYNTAX = "METRIC=VALUE[,VALUE...], e.g. flops=50%, flops=5M or params=1.2M"
 _NUMBER = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z%]*)$")
@@ -271,17 +272,25 @@ class _Family:
         return self.derive(self.flat_mask(k))
 
 
-def _bisect(family: _Family, mask_of, lo: int, hi: int, target: int, fits) -> tuple[int, tuple]:
-    """The largest k in [lo, hi) found by bisection whose mask `mask_of(k)` fits, given that k = lo
-    fits (`fits`: its derivation and cost) and k = hi does not. Cost grows with k nearly
-    monotonically (repair and rounding make small exceptions); every k returned was derived."""
-    while hi - lo > 1:
+def _bisect(family: _Family, mask_of, lo: int, hi: int, target: int, fits, hi_cost: int) -> tuple[int, tuple]:
+    """The largest k in [lo, hi) whose mask `mask_of(k)` fits, given that k = lo fits (`fits`: its
+    derivation and cost) and k = hi does not (it costs `hi_cost`), or an earlier k that costs at
+    least CLOSE x target. Steps alternate between interpolating the cost linearly in k (aimed a
+    little below the target: the cost of a ranked prefix is nearly a sum of per-channel costs, so
+    this lands close in a few derives) and halving (never worse than twice plain bisection where
+    repair or rounding make the cost jump). Every k returned was derived and fits."""
+    lo_cost, step = fits[1], 0
+    while hi - lo > 1 and lo_cost < CLOSE * target:
         mid = (lo + hi) // 2
+        if step % 2 == 0 and hi_cost > lo_cost:
+            aim = (1 + CLOSE) / 2 * target
+            mid = min(max(lo + round((aim - lo_cost) / (hi_cost - lo_cost) * (hi - lo)), lo + 1), hi - 1)
+        step += 1
         result = family.derive(mask_of(mid))
         if result[1] <= target:
-            lo, fits = mid, result
+            lo, fits, lo_cost = mid, result, result[1]
         else:
-            hi = mid
+            hi, hi_cost = mid, result[1]
     return lo, fits
 
 
@@ -307,7 +316,7 @@ def _fill(family: _Family, mask, fits, target: int, skipped, rounds: int = FILL_
         full = family.derive(mask_of(cands.numel()))
         if full[1] <= target:
             return mask_of(cands.numel()), full
-        k, fits = _bisect(family, mask_of, 0, cands.numel(), target, fits)
+        k, fits = _bisect(family, mask_of, 0, cands.numel(), target, fits, full[1])
         mask = mask_of(k)
         skipped = skipped.clone()
         skipped[cands[k]] = True
@@ -337,9 +346,10 @@ def fit_to_budget(net: Network, values: dict[str, "torch.Tensor"], metric: str, 
     if fits[1] > target:
         bottom = family.at(0)
         if bottom[1] <= target:
-            k, fits = _bisect(family, family.flat_mask, 0, start, target, bottom)
+            k, fits = _bisect(family, family.flat_mask, 0, start, target, bottom, fits[1])
             mask = family.flat_mask(k)
-            skipped[family.order[k]] = True  # its step overshoots: the fill starts after it
+            # below NEAR x target (the fill's case), the bisection ended on k + 1 overshooting
+            skipped[family.order[k]] = True
         else:
             mask, fits = _smallest_mask(family, target)
     mask, fits = _fill(family, mask, fits, target, skipped)
