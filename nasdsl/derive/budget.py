@@ -185,8 +185,8 @@ def smallest_derivation(net: Network, metric: str, channel_multiple: int = 1) ->
     from nasdsl.graph.accounting import layer_cost
 
     _cost(net, metric)  # checks the metric
-    repairable = {layer.name: layer for layer in net.layers
-                  if layer.shortcut is None and layer.blocks and all(any(op.is_gate for op in b.ops) for b in layer.blocks)}
+    repairable = {layer.name: layer for layer in net.layers if layer.shortcut is None and layer.blocks
+                  and all(any(op.is_gate for op in b.ops) for b in layer.blocks)}
     best: dict[str, tuple[int, int]] = {}  # layer -> (its cost, block index)
     for j in range(max((len(layer.blocks) for layer in repairable.values()), default=1)):
         pick = {name: j for name, layer in repairable.items() if j < len(layer.blocks)}
