@@ -246,7 +246,6 @@ class _Family:
         self.s = torch.cat([values[k].detach().float().cpu().reshape(-1) for k in self.keys])
         self.order = score.argsort(descending=True, stable=True)
         self.start = int((self.s > 0).sum())
-        self.calls = 0
 
     def flat_mask(self, k: int) -> "torch.Tensor":
         import torch
@@ -263,7 +262,6 @@ class _Family:
 
     def derive(self, flat_mask) -> tuple["Derivation", int]:
         from nasdsl.derive.derive import derive
-        self.calls += 1
         values = {k: v.cpu() for k, v in self.gate_values(flat_mask).items()}
         derivation = derive(self.net, {k: v > 0 for k, v in values.items()}, values, self.multiple)
         return derivation, _cost(derivation.network, self.metric)
