@@ -111,7 +111,7 @@ def cmd_search(args) -> int:
 
     request = RunRequest(space=Path(args.space), recipe=args.recipe, sets=parse_sets(args.set), data=args.data,
                          out=Path(args.out) if args.out else None, seed=args.seed, device=args.device,
-                         resume=args.resume, download=args.download, name=args.name,
+                         resume=args.resume, download=args.download, name=args.name, budget=args.budget,
                          progress=not (args.quiet or args.dry_run))
     plan = make_plan(request, join_world=not args.dry_run)
     if args.dry_run:
@@ -136,7 +136,10 @@ def _print_plan(info: dict, as_json: bool) -> None:
           f"{info['device']} x{info['world_size']}, {info['precision']}")
     print(f"  supernet  {human(info['flops'])} FLOPs, {human(info['params'])} params, {info['gates']:,} gated channels")
     for s in info["stages"]:
-        print(f"  stage     {s['name']:<13} {s['epochs']:>4} epochs x {s['steps_per_epoch']} steps")
+        budget = f"   ({s['budget']})" if "budget" in s else ""
+        print(f"  stage     {s['name']:<13} {s['epochs']:>4} epochs x {s['steps_per_epoch']} steps{budget}")
+    steps = sum(s["epochs"] * s["steps_per_epoch"] for s in info["stages"])
+    print(f"  total     {sum(s['epochs'] for s in info['stages'])} epochs, {steps:,} steps")
     pre = info["preprocessing"]
     print(f"  input     {'x'.join(map(str, pre['input_size']))}, mean {pre['mean']}, std {pre['std']}, "
           f"crop_pct {pre['crop_pct']}, {pre['interpolation']}")
@@ -166,6 +169,14 @@ def _print_summary(summary: dict, out) -> None:
         print(f"  reduction {summary['reduction']['flops']:.2f}x FLOPs, {summary['reduction']['params']:.2f}x params")
     for note in summary.get("notes", []):
         print(f"  note: {note}")
+    if len(summary.get("models", [])) > 1:
+        from nasdsl.pipeline.budgets import table
+
+        print("\n".join(["", "budgets:", *table(summary)]))
+    if "budget" in summary:
+        b = summary["budget"]
+        print(f"  budget    {b['text']}: achieved {b['achieved']:,} ({100 * b['achieved'] / max(b['target'], 1):.1f}% "
+              f"of the target {b['target']:,})")
 
 
 def cmd_eval(args) -> int:
@@ -259,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
     r.add_argument("--name", help="the exported model's timm name (default: the space's name, or NAME_nasdsl "
                                   "when that is a timm model or a Python module)")
+    r.add_argument("--budget", metavar="METRIC=VALUE", help="what the derived network may cost: flops=50%%, "
+                   "flops=5M, params=1.2M; several (flops=50%%,25%%) search once per budget from one weights stage")
     r.add_argument("--dry-run", action="store_true", help="check every input, print the plan and exit")
     r.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")

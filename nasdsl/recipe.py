@@ -22,7 +22,7 @@ import copy
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, get_args
+from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
@@ -257,7 +257,9 @@ class ArchRecipe(_Section):
     (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
     gate counts 1; flops: the MACs its channel costs), bn (frozen | recalibrated | train), channel_multiple
     (derived widths keep a multiple of this), block_cost (MACs a removable block costs beyond its
-    channels; 0: no depth gates; needs penalty_weight flops)."""
+    channels; 0: no depth gates; needs penalty_weight flops), budget (what the derived network may cost:
+    `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone decides;
+    parsed and checked against the space by the plan step, `--budget` sets it)."""
     epochs: Int0
     lr: PositiveFloat
     momentum: UnitFloat
@@ -271,6 +273,7 @@ class ArchRecipe(_Section):
     bn: BnModeChoice = "frozen"
     channel_multiple: Int1 = 1
     block_cost: NonNegativeFloat = 0.0
+    budget: Optional[str] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ArchRecipe:

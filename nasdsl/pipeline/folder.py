@@ -36,6 +36,24 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def save_tensors(path: Path, tensors: dict) -> None:
+    """A state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda f: f.write(save(plain)))
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - missing or corrupt: the run cannot go on from it
+        raise NasdslError(f"cannot read the saved tensors ({type(exc).__name__}); start the run again",
+                          file=str(path)) from None
+
+
 def write_json(path: Path, data) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 

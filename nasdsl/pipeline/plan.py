@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 
 from nasdsl.errors import NasdslError
+from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
+from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.accounting import summary as graph_summary
 from nasdsl.graph.ir import Network
 from nasdsl.language.compiler import compile_source
 from nasdsl.language.source import read_source
 from nasdsl.recipe import Recipe, load_recipe
+from nasdsl.supernet.build import place_gates
 from nasdsl.train import distributed as dist_utils
 from nasdsl.train.data import DataBundle, build_data
 from nasdsl.train.loop import steps_per_epoch
@@ -43,6 +46,7 @@ class RunRequest:
     resume: bool = False
     download: bool = False
     name: str | None = None
+    budget: str | None = None      # --budget: the same as --set architecture.budget=...
     progress: bool = True
 
 
@@ -69,6 +73,8 @@ class Plan:
     export_name: str
     stages: list[StagePlan]
     notes: list[str] = field(default_factory=list)
+    budgets: list[Budget] = field(default_factory=list)   # architecture.budget, parsed
+    targets: list[int] = field(default_factory=list)      # each budget in MACs or parameters
 
     @property
     def space_hash(self) -> str:
@@ -79,17 +85,31 @@ class Plan:
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)
 
+    def schedule(self) -> list[dict]:
+        """The stages in the order they run: with several budgets, the weights stage once, then the
+        architecture stage and finetuning once per budget."""
+        rows = []
+        for budget in self.budgets or [None]:
+            for s in self.stages:
+                if s.name in ("weights", "joint") and rows:
+                    continue
+                row = {"name": s.name, "epochs": s.epochs, "steps_per_epoch": s.steps_per_epoch}
+                if budget is not None and s.name not in ("weights", "joint"):
+                    row["budget"] = str(budget)
+                rows.append(row)
+        return rows
+
     def describe(self) -> dict:
         """The `--dry-run --json` contract."""
         info = graph_summary(self.network)
         return {"space": str(self.request.space), "network": self.network.name, "recipe": self.recipe.name,
                 "data": self.data.spec, "out": str(self.out), "device": str(self.device),
                 "world_size": self.world.size, "precision": self.precision,
-                "stages": [{"name": s.name, "epochs": s.epochs, "steps_per_epoch": s.steps_per_epoch}
-                           for s in self.stages],
+                "stages": self.schedule(),
                 "flops": info["flops"], "params": info["params"], "gates": info["gates"],
                 "export_name": self.export_name, "preprocessing": self.data.preprocessing.to_dict(),
-                "augmentation": dict(self.data.augmentation), "notes": list(self.notes)}
+                "augmentation": dict(self.data.augmentation), "notes": list(self.notes),
+                "budgets": [{"metric": b.metric, "target": t, "text": str(b)} for b, t in zip(self.budgets, self.targets)]}
 
 
 def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -116,6 +136,8 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     recipe_sets, space_sets = split_sets(request.sets)
     if request.seed is not None:
         recipe_sets["seed"] = str(request.seed)
+    if request.budget is not None:
+        recipe_sets["architecture.budget"] = request.budget
     recipe = load_recipe(request.recipe, recipe_sets)
     space = Path(request.space)
     if not space.is_file():
@@ -138,10 +160,37 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     notes: list[str] = []
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / space.stem
+    budgets, targets = plan_budgets(recipe, network)
     plan = Plan(request, text, overrides, network, recipe, data, device, world, precision, out, export_name,
-                stages, notes)
+                stages, notes, budgets, targets)
     check_run_folder(plan)
     return plan
+
+
+def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[int]]:
+    """The recipe's budgets and their targets in MACs or parameters; a budget below the cheapest
+    network the space can derive (stem, classifier, the channel each layer must keep) is an error now."""
+    text = recipe.architecture.budget
+    if not text:
+        return [], []
+    budgets = parse_budget(text)
+    if recipe.strategy == "joint":
+        raise NasdslError("budgets steer the architecture stage; strategy joint has none (use sequential)",
+                          file="--budget")
+    full, graph = network_cost(network), place_gates(network, recipe.gate_placement)
+    targets = []
+    for budget in budgets:
+        target = budget.absolute(getattr(full, budget.metric))
+        floor = smallest_cost(graph, budget.metric, recipe.architecture.channel_multiple)
+        if target < floor:
+            raise NasdslError(f"{budget} cannot be met: the smallest network this space derives costs "
+                              f"{floor:,} {UNITS[budget.metric]} (the stem, the classifier and the channel every "
+                              f"layer must keep)", file="--budget")
+        targets.append(target)
+    return budgets, targets
+
+
+UNITS = {"flops": "MACs", "params": "parameters"}
 
 
 def _build_data(request: RunRequest, recipe: Recipe) -> DataBundle:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dataclasses import replace
+
+from nasdsl.derive.budget import fit_to_budget
 from nasdsl.derive.derive import Derivation, derive, slim_state_dict
 from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.ir import Network
-from nasdsl.pipeline.folder import RunFolder, atomic_write, write_json
+from nasdsl.pipeline import budgets
+from nasdsl.pipeline.folder import RunFolder, load_tensors, save_tensors, write_json
 from nasdsl.pipeline.plan import Plan
 from nasdsl.pipeline.state import Measured, RunState
 from nasdsl.search import dnal
@@ -22,6 +26,9 @@ from nasdsl.supernet.network import NasNet
 from nasdsl.train import distributed as dist_utils
 from nasdsl.train.loop import Epochs, StageHooks, Trainer, fit, recalibrate_bn, seed_all
 from nasdsl.train.precision import Precision
+
+DONE = "done"                      # the stage after the last one
+STAGE1 = "supernet_weights.safetensors"  # the weights stage's result, which every budget starts from
 
 
 class Pipeline:
@@ -41,10 +48,9 @@ class Pipeline:
     def execute(self) -> dict:
         self.setup()
         try:
-            for stage in self.names[self.names.index(self.state.stage):]:
-                self.state.stage = stage
+            while self.state.stage != DONE:
                 {"weights": self.weights, "architecture": self.architecture, "joint": self.joint,
-                 "finetune": self.finetune}[stage]()
+                 "finetune": self.finetune}[self.state.stage]()
         finally:
             self.folder.close()
         summary = self.summary()
@@ -60,13 +66,17 @@ class Pipeline:
         if checkpoint is None:
             self.create_folder()
         seed_all(self.recipe.seed)
-        arch = self.recipe.architecture
-        self.model = self.trainer.place(build_supernet(self.plan.network, self.recipe.gate_placement,
-                                                       depth_gates=arch.block_cost > 0))
-        dnal.weigh_gates(self.model, self.plan.network, arch)
+        self.model = self.supernet()
         if checkpoint is not None:
             self.restore(checkpoint)
             self.folder.truncate_metrics(self.kept_metric)
+
+    def supernet(self) -> nn.Module:
+        arch = self.recipe.architecture
+        model = self.trainer.place(build_supernet(self.plan.network, self.recipe.gate_placement,
+                                                  depth_gates=arch.block_cost > 0))
+        dnal.weigh_gates(model, self.plan.network, arch)
+        return model
 
     def create_folder(self) -> None:
         plan = self.plan
@@ -79,11 +89,16 @@ class Pipeline:
                                    world_size=plan.world.size, precision=plan.precision,
                                    export_name=plan.export_name)
 
+    def position(self, stage: str, epoch: int, budget: int = 0) -> tuple:
+        """Where in the run an epoch lies: the weights stage, then each budget's stages in order."""
+        order = self.names.index(stage)
+        return (0, 0, order, epoch) if stage in ("weights", "joint") else (1, budget, order, epoch)
+
     def kept_metric(self, record: dict) -> bool:
-        order, stage = self.names.index, self.state.stage
         if record.get("stage") not in self.names:
             return True
-        return order(record["stage"]) < order(stage) or (record["stage"] == stage and record["epoch"] < self.state.epoch)
+        done = self.position(self.state.stage, self.state.epoch, self.state.budget)
+        return self.position(record["stage"], record["epoch"], record.get("budget", 0)) < done
 
     def restore(self, checkpoint: dict) -> None:
         try:
@@ -91,7 +106,7 @@ class Pipeline:
         except (KeyError, TypeError):
             raise NasdslError("this checkpoint was written by an older nasdsl; start the run again in a new "
                               "folder", file=str(self.plan.out / "checkpoint.pt")) from None
-        if self.state.stage == "finetune":
+        if self.state.stage in ("finetune", DONE):
             self.derivation = self.derive(self.state.gates)
             self.model = self.trainer.place(NasNet(self.derivation.network.to_config()))
         self.model.load_state_dict(checkpoint["model"])
@@ -121,8 +136,15 @@ class Pipeline:
                         self.state.stage_seconds.get(stage, 0.0))
         before = sum(s.epochs for s in self.plan.stages[: self.names.index(stage)])
 
+        if stage in ("architecture", "finetune"):
+            before += self.state.budget * sum(s.epochs for s in self.plan.stages if s.name in ("architecture",
+                                                                                               "finetune"))
+        budget = {"budget": self.state.budget} if len(self.plan.budgets) > 1 else {}
+
         def end_of_epoch(epoch: int, record: dict) -> None:
-            self.folder.log({**record, "global_epoch": before + epoch})
+            self.folder.log({"stage": stage, "epoch": epoch, "global_epoch": before + epoch, **budget, **record})
+            if isinstance(hooks, dnal.BudgetHooks):
+                self.state.budget_lambda = hooks.lam
             self.state.epoch = epoch + 1
             self.state.stage_seconds[stage] = record["seconds"]
             self.save(optimizer)
@@ -141,6 +163,8 @@ class Pipeline:
         self.model.gate_set.set_mode("disabled")
         if self.state.baseline is None:
             self.state.baseline = self.measure(self.plan.network)
+        if len(self.plan.budgets) > 1 and self.plan.world.is_main:  # every budget's search starts from them
+            save_tensors(self.plan.out / STAGE1, self.model.state_dict())
         self.advance("weights")
 
     def architecture(self) -> None:
@@ -168,7 +192,16 @@ class Pipeline:
 
     def gate_hooks(self, epochs: int) -> dnal.GateHooks:
         snapshots = self.state.histograms if self.plan.world.is_main else None
-        return dnal.GateHooks(self.model.gate_set, self.recipe.architecture, epochs, snapshots)
+        gate_set, arch = self.model.gate_set, self.recipe.architecture
+        if not self.plan.budgets or self.state.stage != "architecture":
+            return dnal.GateHooks(gate_set, arch, epochs, snapshots)
+        budget = self.plan.budgets[self.state.budget]
+
+        def measure(values: dict[str, torch.Tensor]) -> int:
+            return getattr(network_cost(self.derive(values).network), budget.metric)
+
+        return dnal.BudgetHooks(gate_set, arch, epochs, snapshots, target=self.plan.targets[self.state.budget],
+                                measure=measure, lam=self.state.budget_lambda)
 
     def finetune(self) -> None:
         """Stage 3: the physically slim network, gates gone, every weight trained again."""
@@ -185,6 +218,21 @@ class Pipeline:
         self.state.derived = self.measure(self.derivation.network)
         if self.plan.world.is_main:
             self.save_model()
+        self.next_model()
+
+    def next_model(self) -> None:
+        """After a budget's finetuning: its summary entry, then the next budget from the stage-1 weights."""
+        if self.plan.budgets:
+            self.state.models.append(budgets.model_entry(self.plan, self.state))
+        if self.state.budget + 1 >= max(1, len(self.plan.budgets)):
+            self.state.stage = DONE
+            return
+        self.state.next_budget()
+        self.say(f"budget {self.state.budget + 1} of {len(self.plan.budgets)}: {self.plan.budgets[self.state.budget]}")
+        self.model = self.supernet()
+        self.model.load_state_dict(load_tensors(self.plan.out / STAGE1))
+        self.derivation = None
+        self.save(None)
 
     def advance(self, stage: str) -> None:
         i = self.names.index(stage)
@@ -209,8 +257,12 @@ class Pipeline:
         self.state.gate_divergence = dist_utils.max_divergence(self.plan.world, vector)
         dist_utils.broadcast_(self.plan.world, gate_set.parameters())
         self.state.depth_closed += gate_set.fold_depth_gates()
-        derivation = self.derive(gate_set.values())
-        settled, stranded = dnal.settle_gates(gate_set.values(), derivation.masks, arch.delta_end)
+        values = gate_set.values()
+        if self.plan.budgets:
+            values, derivation = self.fit_budget(values)
+        else:
+            derivation = self.derive(values)
+        settled, stranded = dnal.settle_gates(values, derivation.masks, arch.delta_end)
         dnal.harden(gate_set, settled)
         self.derivation = derivation
         self.state.gates = {k: v.detach().cpu() for k, v in settled.items()}
@@ -227,6 +279,16 @@ class Pipeline:
         if self.plan.world.is_main:
             self.save_gates()
 
+    def fit_budget(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Derivation]:
+        """The guarantee: close (or reopen) the channels that give least (most) per unit of cost until
+        the derived network costs at most the target, and at least 90% of it."""
+        budget, target = self.plan.budgets[self.state.budget], self.plan.targets[self.state.budget]
+        values, derivation, closed, reopened = fit_to_budget(
+            self.searched_graph(), values, budget.metric, target, self.recipe.architecture.channel_multiple)
+        self.state.achieved = getattr(network_cost(derivation.network), budget.metric)
+        return values, replace(derivation, notes=[*derivation.notes,
+                                                  budgets.fit_note(budget, target, self.state.achieved, closed, reopened)])
+
     def measure(self, network: Network) -> Measured:
         cost = network_cost(network)
         return Measured(cost.flops, cost.params, self.trainer.evaluate(self.model, self.plan.data.val))
@@ -237,42 +299,51 @@ class Pipeline:
             print(text, flush=True)
 
     def save_gates(self) -> None:
-        from safetensors.torch import save
-
-        tensors = {k: v.contiguous() for k, v in self.state.gates.items()}
-        atomic_write(self.plan.out / "gates.safetensors", lambda f: f.write(save(tensors)))
+        save_tensors(self.plan.out / budgets.gates_file(self.plan, self.state.budget), self.state.gates)
 
     def save_model(self) -> None:
         from nasdsl.export.exporter import export_model
         from nasdsl.graph.printer import to_space
 
         network, data = self.derivation.network, self.plan.data
-        export_model(network, self.model.state_dict(), self.plan.out / "model", self.plan.export_name,
-                     preprocessing=data.preprocessing, space_text=to_space(network))
+        export_model(network, self.model.state_dict(), self.plan.out / budgets.model_dir(self.plan, self.state.budget),
+                     self.plan.export_name, preprocessing=data.preprocessing, space_text=to_space(network))
+        self.plot_search()
 
     def summary(self) -> dict:
         s, plan = self.state, self.plan
-        measured = {k: (vars(v) if v is not None else None) for k, v in
-                    (("baseline", s.baseline), ("searched", s.searched), ("derived", s.derived))}
         out = {"space": str(plan.request.space), "recipe": self.recipe.to_dict(), "data": plan.data.spec,
-               **measured,
-               "gates": dnal.gate_counts(s.gates, self.recipe.architecture.delta_end),
+               "baseline": vars(s.baseline) if s.baseline else None,
+               "searched": vars(s.searched) if s.searched else None,
+               "derived": vars(s.derived) if s.derived else None,
+               "gates": dnal.gate_counts(s.gates, self.recipe.architecture.delta_end), "notes": list(s.notes),
                "stages": {st.name: {"epochs": st.epochs, "seconds": round(s.stage_seconds.get(st.name, 0.0), 2)}
                           for st in plan.stages},
-               "notes": list(s.notes), "export_name": plan.export_name, "precision": plan.precision,
+               "export_name": plan.export_name, "precision": plan.precision,
                "preprocessing": plan.data.preprocessing.to_dict(),
                "distributed": {"world_size": plan.world.size, "gate_divergence_before_sync": s.gate_divergence}}
-        base, derived = s.baseline, s.derived or s.searched
+        if plan.budgets:
+            first = s.models[0]  # the top-level fields are the first budget's
+            out.update(searched=first["searched"], derived=first["derived"], gates=first["gates"],
+                       notes=first["notes"], budget=first["budget"], models=s.models)
+            for stage in ("architecture", "finetune"):
+                out["stages"][stage]["seconds"] = first["seconds"][stage]
+        base, derived = out["baseline"], out["derived"] or out["searched"]
         if base and derived:
-            out["reduction"] = {"flops": base.flops / max(derived.flops, 1),
-                                "params": base.params / max(derived.params, 1)}
+            out["reduction"] = {"flops": base["flops"] / max(derived["flops"], 1),
+                                "params": base["params"] / max(derived["params"], 1)}
         return out
 
-    def plots(self) -> None:
+    def plot_search(self) -> None:
+        """This search's figures: the gate distribution as delta grew and the channels kept."""
         from nasdsl.pipeline.plots import plot_gate_distribution, plot_kept_channels
 
+        end = budgets.suffix(self.plan, self.state.budget)
         if self.state.histograms:
-            plot_gate_distribution(self.state.histograms, self.plan.out / "gate_distribution.png")
+            plot_gate_distribution(self.state.histograms, self.plan.out / f"gate_distribution{end}.png")
         if self.derivation is not None:
-            plot_kept_channels(self.plan.network, self.derivation.masks, self.plan.out / "kept_channels.png")
+            plot_kept_channels(self.plan.network, self.derivation.masks, self.plan.out / f"kept_channels{end}.png")
 
+    def plots(self) -> None:
+        if len(self.plan.budgets) > 1:
+            budgets.plot_pareto(self.summary(), self.plan.out / "pareto.png")

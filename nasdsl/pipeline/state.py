@@ -31,6 +31,19 @@ class RunState:
     gates: dict[str, torch.Tensor] | None = None  # the settled gate values, once searched
     depth_closed: int = 0                         # blocks closed by their depth gate
     gate_divergence: float = 0.0                  # largest gate difference between DDP ranks
+    budget: int = 0                               # which of the plan's budgets is being searched
+    budget_lambda: float | None = None            # the steered penalty weight at the last epoch's end
+    achieved: int | None = None                   # the derived network's cost in the budget's metric
+    models: list[dict] = field(default_factory=list)  # the finished budgets' summary entries
+
+    def next_budget(self) -> None:
+        """Forget what the last budget's search found; the weights stage's results stay."""
+        self.budget += 1
+        self.stage, self.epoch = "architecture", 0
+        self.searched = self.derived = self.gates = self.budget_lambda = self.achieved = None
+        self.histograms, self.notes, self.depth_closed = [], [], 0
+        for stage in ("architecture", "finetune"):
+            self.stage_seconds.pop(stage, None)
 
     def to_plain(self) -> dict:
         out = asdict(self)

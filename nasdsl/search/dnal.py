@@ -100,6 +100,54 @@ class GateHooks(StageHooks):
                 "penalty": float(self.gate_set.penalty(self.arch.penalty).detach())}
 
 
+class BudgetHooks(GateHooks):
+    """GateHooks whose penalty weight is steered so that the hard-masked network ends at a budget.
+
+    Every `every` steps the exact cost of the network the gates select now (s > 0), derived and
+    counted by `measure`, is compared with the target, and lambda moves by dual ascent in log space:
+    log lambda += rate * clip((cost - target) / target, -1, 1). Too expensive raises the price of a
+    channel, too cheap lowers it; lambda_a is only the starting value. The derivation that follows
+    the stage closes or reopens the last few channels to fit exactly (nasdsl.derive.budget).
+    """
+
+    def __init__(self, gate_set, arch, epochs: int, histograms: list[dict] | None, *, target: float,
+                 measure, rate: float = 0.1, every: int = 1, lam: float | None = None):
+        super().__init__(gate_set, arch, epochs, histograms)
+        self.target, self.measure, self.rate, self.every = float(target), measure, rate, every
+        self.lam = float(arch.lambda_a if lam is None else lam)
+        self.cost: float | None = None
+
+    def before_step(self, step: int, steps: int) -> None:
+        super().before_step(step, steps)
+        if step % self.every == 0:
+            self.cost = float(self.measure(selected_values(self.gate_set)))
+            error = max(-1.0, min(1.0, (self.cost - self.target) / self.target))
+            self.lam = min(max(self.lam * math.exp(self.rate * error), LAMBDA_MIN), LAMBDA_MAX)
+
+    def penalty(self) -> torch.Tensor:
+        return self.lam * self.gate_set.penalty(self.arch.penalty)
+
+    def postfix(self) -> dict:
+        return {**super().postfix(), "lambda": f"{self.lam:.3g}", "cost/target": f"{(self.cost or 0) / self.target:.2f}"}
+
+    def epoch_metrics(self) -> dict:
+        return {**super().epoch_metrics(), "lambda": self.lam, "cost": self.cost, "target": self.target}
+
+
+LAMBDA_MIN, LAMBDA_MAX = 1e-12, 1e3
+
+
+def selected_values(gate_set) -> dict[str, torch.Tensor]:
+    """The channel gates' values with every block whose depth gate is closed closed too: what the
+    hard gates select now, in the form derivation reads (the gates themselves are left as they are)."""
+    values = gate_set.values()
+    for depth in gate_set.depth_gates:
+        if float(depth.s) <= 0:
+            for key in gate_set.blocks_of[depth.key]:
+                values[key] = -values[key].abs()
+    return values
+
+
 def histogram(gate_set) -> dict:
     g = torch.sigmoid(gate_set.state.delta * gate_set.flat_s().detach().cpu())
     return {"delta": gate_set.state.delta, "counts": torch.histc(g, bins=10, min=0.0, max=1.0).tolist()}
