@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nasdsl.derive.budget import (NEAR, Budget, fit_to_budget, gate_channel_params, parse_budget,
+from nasdsl.derive.budget import (NEAR, Budget, fit_to_budget, parse_budget,
                                   smallest_cost)
 from nasdsl.derive.derive import derive
 from nasdsl.errors import NasdslError
-from nasdsl.graph.accounting import network_cost
+from nasdsl.graph.accounting import gate_channel_cost, network_cost
 from nasdsl.language.compiler import compile_file
 from nasdsl.search.dnal import settle_gates
 from nasdsl.supernet.build import place_gates
@@ -220,6 +220,6 @@ def test_smallest_cost(name):
 def test_gate_channel_params():
     """Every gated channel of a conv space carries some parameters (its conv filter and BN)."""
     net = space("resnet56_cifar")
-    per_channel = gate_channel_params(net)
+    per_channel = gate_channel_cost(net, "params")
     assert set(per_channel) == {g.key for g in net.gates()}
     assert all(v > 0 for v in per_channel.values())

@@ -90,7 +90,8 @@ def test_space_file_that_is_not_utf8_is_located_by_search(tmp_path):
 
 
 @pytest.mark.parametrize("setting, message", [
-    (["--set", "batch_size=1000"], "batch_size: the training set (256 samples over 1 process(es)) is smaller"),
+    (["--set", "weights.warmup_epochs=99"], "--set: weights.warmup_epochs: 99 is more than weights.epochs"),
+    (["--budget", "flops=0.1%"], "--budget: flops <= 0.1% cannot be met"),
     (["--set", "precision=fp16"], "precision: fp16 training needs a CUDA device"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "--device: "),
     (["--set", "augmentation.scale=[0.9,0.2]"], "--set: augmentation.scale"),

@@ -22,7 +22,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from nasdsl.errors import NasdslError, did_you_mean
-from nasdsl.graph.accounting import gate_channel_flops, network_cost, op_cost
+from nasdsl.graph.accounting import gate_channel_cost, network_cost
 from nasdsl.graph.ir import Network
 
 if TYPE_CHECKING:
@@ -131,31 +131,6 @@ def _cost(net: Network, metric: str) -> int:
     return getattr(network_cost(net), metric)
 
 
-def gate_channel_params(net: Network) -> dict[str, float]:
-    """Parameters per channel of each gate group: the params analogue of
-    `accounting.gate_channel_flops` (the ops from the dense op that computes the channel to the
-    dense op that reads it, BN affine and depthwise weights on the way), for ranking channels."""
-    def share(ops) -> int:
-        params = 0
-        for op in ops:
-            params += op_cost(op).params
-            if op.spec.channels(op).dense:
-                break
-        return params
-
-    costs = {}
-    for _, block in net.blocks():
-        for i, gate in enumerate(block.ops):
-            if gate.is_gate:
-                costs[gate.attrs["key"]] = (share(reversed(block.ops[:i])) + share(block.ops[i + 1:])) \
-                    / gate.in_shape.channels
-    return costs
-
-
-def _channel_cost(net: Network, metric: str) -> dict[str, float]:
-    return gate_channel_flops(net) if metric == "flops" else gate_channel_params(net)
-
-
 # ---- the smallest derivable network ------------------------------------------------------------
 def _closed(net: Network) -> dict[str, "torch.Tensor"]:
     import torch
@@ -214,7 +189,7 @@ def _scores(net: Network, values: dict[str, "torch.Tensor"], metric: str) -> tup
     channel (s > 0) scores s / cost, what it gives per unit of cost, so the cheapest way to shed
     cost closes the lowest scores; a closed one scores s x cost (<= 0: behind every kept channel),
     so the first to reopen is nearly open (s near 0) and cheap. Costs are per channel of the group
-    (`gate_channel_flops` or `gate_channel_params`), scaled to a mean of 1 and floored, so a free
+    (`accounting.gate_channel_cost`), scaled to a mean of 1 and floored, so a free
     channel is never divided by zero."""
     import torch
 
@@ -222,7 +197,7 @@ def _scores(net: Network, values: dict[str, "torch.Tensor"], metric: str) -> tup
     missing = [k for k in keys if k not in values]
     if missing:
         raise ValueError(f"no gate values for {len(missing)} group(s) of the graph, e.g. {missing[0]!r}")
-    per_channel = _channel_cost(net, metric)
+    per_channel = gate_channel_cost(net, metric)
     s = torch.cat([values[k].detach().float().cpu().reshape(-1) for k in keys])
     cost = torch.cat([torch.full((values[k].numel(),), float(per_channel[k])) for k in keys])
     cost = (cost / cost.mean().clamp_min(1e-12)).clamp_min(1e-6) if cost.numel() else cost

@@ -38,19 +38,19 @@ def network_cost(net: Network) -> Cost:
     return sum((layer_cost(layer) for layer in net.layers), Cost())
 
 
-def gate_channel_flops(net: Network) -> dict[str, float]:
-    """MACs per channel of each gate group: its share of the ops of its block that touch it (the
-    convs and linears: ops with MACs), back to the dense op that computes it and on to the dense op
-    that reads it (depthwise convs on the way count too; `ChannelMap.dense` says which ops mix
-    channels). A block's last gate also feeds the next layer, but that read is shared with the
+def gate_channel_cost(net: Network, metric: str = "flops") -> dict[str, float]:
+    """MACs ("flops") or parameters ("params") per channel of each gate group: its share of the ops
+    of its block that touch it, back to the dense op that computes it and on to the dense op that
+    reads it (depthwise convs and BN affines on the way count too; `ChannelMap.dense` says which ops
+    mix channels). A block's last gate also feeds the next layer, but that read is shared with the
     shortcut and the other blocks (the channel stays while any of them writes it), so it is left out."""
-    def share(ops) -> int:  # MACs from the start of `ops` up to and including the first dense op
-        macs = 0
+    def share(ops) -> int:  # the cost from the start of `ops` up to and including the first dense op
+        total = 0
         for op in ops:
-            macs += op_cost(op).flops
+            total += getattr(op_cost(op), metric)
             if op.spec.channels(op).dense:
                 break
-        return macs
+        return total
 
     costs = {}
     for _, block in net.blocks():
@@ -59,6 +59,11 @@ def gate_channel_flops(net: Network) -> dict[str, float]:
             if gate.is_gate:
                 costs[gate.attrs["key"]] = (share(reversed(ops[:i])) + share(ops[i + 1:])) / gate.in_shape.channels
     return costs
+
+
+def gate_channel_flops(net: Network) -> dict[str, float]:
+    """MACs per channel of each gate group (see `gate_channel_cost`): the penalty's flops weights."""
+    return gate_channel_cost(net, "flops")
 
 
 def log10_space_size(gated_channels: int) -> float:

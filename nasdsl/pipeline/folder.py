@@ -11,6 +11,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,8 +135,11 @@ class RunFolder:
         if not path.exists():
             return None
         try:
-            # weights_only: tensors and plain data only; a checkpoint never runs pickled code
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: tensors and plain data only; a checkpoint never runs pickled code (and
+            # the unpickler's warnings about a foreign file would break the one-line error)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt (or foreign) file
             raise NasdslError(f"corrupt checkpoint ({type(exc).__name__}: not tensors and plain data); delete it "
                               f"to start over", file=str(path)) from None

@@ -29,8 +29,7 @@ from nasdsl.train.loop import steps_per_epoch
 from nasdsl.train.precision import resolve_device, resolve_precision
 
 #: recipe keys that `--set` may name without a section (every other undotted name is a space parameter)
-RECIPE_KEYS = ("name", "data", "resolution", "batch_size", "workers", "seed", "gate_placement", "strategy",
-               "precision", "compile")
+RECIPE_KEYS = tuple(Recipe.model_fields)
 
 
 @dataclass(frozen=True)

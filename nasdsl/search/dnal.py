@@ -131,6 +131,7 @@ class BudgetHooks(GateHooks):
         return {**super().postfix(), "lambda": f"{self.lam:.3g}", "cost/target": f"{(self.cost or 0) / self.target:.2f}"}
 
     def epoch_metrics(self) -> dict:
+        self.cost = float(self.measure(selected_values(self.gate_set)))  # after the epoch's last step
         return {**super().epoch_metrics(), "lambda": self.lam, "cost": self.cost, "target": self.target}
 
 
