@@ -11,7 +11,7 @@ budget, all from that one run:
     steered/target   the exact derived cost of the gates as the architecture stage ended, over the
                      target (what the lambda controller achieved on its own);
     achieved/target  after the fit (the guarantee: in [0.9, 1]);
-    closed/reopened  the channels the fit changed, from the run's notes;
+    closed/reopened  the channels the fit changed;
     lambda           the penalty weight the controller ended at (the recipe's lambda_a was the start);
     top-1            of the searched (hard gates, before finetuning) and the derived (finetuned) network.
 Time it alone: on 2 cores a second torch process slows both by up to 18x.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,36 +37,17 @@ def run_search(args) -> Path:
     return out
 
 
-def architecture_ends(run: Path) -> dict[int, dict]:
-    """The last architecture-stage record of each budget (its steered cost and lambda)."""
-    ends = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["stage"] == "architecture":
-            ends[record.get("budget", 0)] = record
-    return ends
-
-
-def fit_changes(notes: list[str]) -> tuple[int, int]:
-    text = " ".join(n for n in notes if n.startswith("budget "))
-    closed = re.search(r"closed (\d+) channel", text)
-    reopened = re.search(r"reopened (\d+) strongest", text)
-    return int(closed.group(1)) if closed else 0, int(reopened.group(1)) if reopened else 0
-
-
 def report(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
-    ends, base = architecture_ends(run), summary["baseline"]
+    base = summary["baseline"]
     print(f"{run}: supernet {base['flops']:,} FLOPs, {base['params']:,} params, top-1 {100 * base['top1']:.2f}%")
     print(f"{'budget':<16} {'target':>11} {'steered/target':>15} {'achieved/target':>16} {'closed':>7} "
           f"{'reopened':>8} {'lambda':>9} {'searched':>9} {'derived':>8} {'seconds':>8}")
-    for i, m in enumerate(summary.get("models") or [{"budget": summary["budget"], **summary}]):
-        b, end = m["budget"], ends.get(i, {})
-        closed, reopened = fit_changes(m["notes"])
-        steered = end.get("cost") or 0
+    for m in summary["models"]:
+        b = m["budget"]
         seconds = sum(m.get("seconds", {}).values())
-        print(f"{b['text']:<16} {b['target']:>11,} {steered / b['target']:>15.3f} {b['achieved'] / b['target']:>16.3f} "
-              f"{closed:>7} {reopened:>8} {end.get('lambda', 0):>9.3g} {100 * m['searched']['top1']:>8.2f}% "
+        print(f"{b['text']:<16} {b['target']:>11,} {b['steered'] / b['target']:>15.3f} {b['achieved'] / b['target']:>16.3f} "
+              f"{b['closed']:>7} {b['reopened']:>8} {b['lambda']:>9.3g} {100 * m['searched']['top1']:>8.2f}% "
               f"{100 * m['derived']['top1']:>7.2f}% {seconds:>8.0f}")
     weights = summary["stages"].get("weights", {}).get("seconds", 0)
     print(f"weights stage (once): {weights:.0f} s")

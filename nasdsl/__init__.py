@@ -5,7 +5,7 @@ export; nasdsl.train (the training loop and data) serves the stages, and nasdsl.
 and the command line sit above them all. The public API: `nasdsl.compile(space, **settings)`,
 `nasdsl.build(network)`, `nasdsl.load(run_or_export_folder)`.
 """
-from nasdsl._version import __version__
+from nasdsl._version import __version__  # noqa: F401 - the package version
 
 _API = ("compile", "build", "load")
 

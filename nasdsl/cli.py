@@ -144,7 +144,7 @@ def _print_plan(info: dict, as_json: bool) -> None:
     print(f"  input     {'x'.join(map(str, pre['input_size']))}, mean {pre['mean']}, std {pre['std']}, "
           f"crop_pct {pre['crop_pct']}, {pre['interpolation']}")
     if info.get("augmentation"):
-        print(f"  augment   " + ", ".join(f"{k} {v}" for k, v in info["augmentation"].items()))
+        print("  augment   " + ", ".join(f"{k} {v}" for k, v in info["augmentation"].items()))
     print(f"  writes    {info['out']}/ (export name {info['export_name']})")
     for note in info["notes"]:
         print(f"  note: {note}")

@@ -272,8 +272,6 @@ def _fill(family: _Family, mask, fits, target: int, skipped, rounds: int = FILL_
     NEAR x target. Each round bisects over how many of the closed channels (in rank order) to add;
     the one whose step overshoots (a block whose path it reconnects comes back whole) is then
     skipped, and the next round tries the channels after it, for at most `rounds` rounds."""
-    import torch
-
     for _ in range(rounds):
         if fits[1] >= NEAR * target:
             break

@@ -52,7 +52,8 @@ def model_entry(plan, state) -> dict:
     """A finished budget's entry in summary.json's `models`."""
     index = state.budget
     budget, target = plan.budgets[index], plan.targets[index]
-    return {"budget": {"metric": budget.metric, "target": target, "achieved": state.achieved, "text": str(budget)},
+    return {"budget": {"metric": budget.metric, "target": target, "achieved": state.achieved, "text": str(budget),
+                       "lambda": state.budget_lambda, **(state.fit or {})},
             "searched": vars(state.searched) if state.searched else None,
             "derived": vars(state.derived) if state.derived else None,
             "gates": dnal.gate_counts(state.gates, plan.recipe.architecture.delta_end),

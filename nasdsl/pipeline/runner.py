@@ -20,6 +20,7 @@ from nasdsl.pipeline import budgets
 from nasdsl.pipeline.folder import RunFolder, load_tensors, save_tensors, write_json
 from nasdsl.pipeline.plan import Plan
 from nasdsl.pipeline.state import Measured, RunState
+from nasdsl.pipeline.summary import plot_search, summarize
 from nasdsl.search import dnal
 from nasdsl.supernet.build import build_supernet, place_gates
 from nasdsl.supernet.network import NasNet
@@ -29,6 +30,12 @@ from nasdsl.train.precision import Precision
 
 DONE = "done"                      # the stage after the last one
 STAGE1 = "supernet_weights.safetensors"  # the weights stage's result, which every budget starts from
+
+
+def sgd(groups, cfg) -> torch.optim.Optimizer:
+    """The weights' optimizer (stage 1, joint, finetuning) from a recipe stage."""
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 class Pipeline:
@@ -53,10 +60,11 @@ class Pipeline:
                  "finetune": self.finetune}[self.state.stage]()
         finally:
             self.folder.close()
-        summary = self.summary()
+        summary = summarize(self.plan, self.state)
         if self.plan.world.is_main:
             write_json(self.plan.out / "summary.json", summary)
-            self.plots()
+            if len(self.plan.budgets) > 1:
+                budgets.plot_pareto(summary, self.plan.out / "pareto.png")
         dist_utils.shutdown(self.plan.world)
         return summary
 
@@ -69,7 +77,7 @@ class Pipeline:
         self.model = self.supernet()
         if checkpoint is not None:
             self.restore(checkpoint)
-            self.folder.truncate_metrics(self.kept_metric)
+            self.folder.truncate_metrics(lambda record: self.state.kept(record, self.names))
 
     def supernet(self) -> nn.Module:
         arch = self.recipe.architecture
@@ -88,17 +96,6 @@ class Pipeline:
                                    seed=self.recipe.seed, data=plan.data.spec, device=str(plan.device),
                                    world_size=plan.world.size, precision=plan.precision,
                                    export_name=plan.export_name)
-
-    def position(self, stage: str, epoch: int, budget: int = 0) -> tuple:
-        """Where in the run an epoch lies: the weights stage, then each budget's stages in order."""
-        order = self.names.index(stage)
-        return (0, 0, order, epoch) if stage in ("weights", "joint") else (1, budget, order, epoch)
-
-    def kept_metric(self, record: dict) -> bool:
-        if record.get("stage") not in self.names:
-            return True
-        done = self.position(self.state.stage, self.state.epoch, self.state.budget)
-        return self.position(record["stage"], record["epoch"], record.get("budget", 0)) < done
 
     def restore(self, checkpoint: dict) -> None:
         try:
@@ -139,7 +136,8 @@ class Pipeline:
         if stage in ("architecture", "finetune"):
             before += self.state.budget * sum(s.epochs for s in self.plan.stages if s.name in ("architecture",
                                                                                                "finetune"))
-        budget = {"budget": self.state.budget} if len(self.plan.budgets) > 1 else {}
+        several = len(self.plan.budgets) > 1 and stage in ("architecture", "finetune")
+        budget = {"budget": self.state.budget} if several else {}
 
         def end_of_epoch(epoch: int, record: dict) -> None:
             self.folder.log({"stage": stage, "epoch": epoch, "global_epoch": before + epoch, **budget, **record})
@@ -152,14 +150,10 @@ class Pipeline:
         self.state.stage_seconds[stage] = fit(self.trainer, self.model, optimizer, epochs, hooks or StageHooks(),
                                               end_of_epoch)
 
-    def sgd(self, groups, cfg) -> torch.optim.Optimizer:
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=getattr(cfg, "nesterov", False) and cfg.momentum > 0)
-
     # ---- the stages ------------------------------------------------------------------------
     def weights(self) -> None:
         cfg = self.recipe.weights
-        self.train("weights", self.sgd(dnal.train_weights_only(self.model), cfg), cfg)
+        self.train("weights", sgd(dnal.train_weights_only(self.model), cfg), cfg)
         self.model.gate_set.set_mode("disabled")
         if self.state.baseline is None:
             self.state.baseline = self.measure(self.plan.network)
@@ -181,7 +175,7 @@ class Pipeline:
     def joint(self) -> None:
         wcfg, acfg = self.recipe.weights, self.recipe.architecture
         weights, gates = dnal.train_jointly(self.model, self.state.epoch == 0)
-        optimizer = self.sgd([{"params": weights}, {"params": gates, "weight_decay": acfg.weight_decay,
+        optimizer = sgd([{"params": weights}, {"params": gates, "weight_decay": acfg.weight_decay,
                                                     "lr_scale": acfg.lr / wcfg.lr}], wcfg)
         self.train("joint", optimizer, wcfg, self.gate_hooks(wcfg.epochs))
         if self.state.baseline is None:
@@ -214,7 +208,7 @@ class Pipeline:
             self.model = slim
         for p in self.model.parameters():
             p.requires_grad_(True)
-        self.train("finetune", self.sgd(list(self.model.parameters()), cfg), cfg)
+        self.train("finetune", sgd(list(self.model.parameters()), cfg), cfg)
         self.state.derived = self.measure(self.derivation.network)
         if self.plan.world.is_main:
             self.save_model()
@@ -283,9 +277,11 @@ class Pipeline:
         """The guarantee: close (or reopen) the channels that give least (most) per unit of cost until
         the derived network costs at most the target, and at least 90% of it."""
         budget, target = self.plan.budgets[self.state.budget], self.plan.targets[self.state.budget]
+        steered = getattr(network_cost(self.derive(values).network), budget.metric)
         values, derivation, closed, reopened = fit_to_budget(
             self.searched_graph(), values, budget.metric, target, self.recipe.architecture.channel_multiple)
         self.state.achieved = getattr(network_cost(derivation.network), budget.metric)
+        self.state.fit = {"steered": steered, "closed": closed, "reopened": reopened}
         return values, replace(derivation, notes=[*derivation.notes,
                                                   budgets.fit_note(budget, target, self.state.achieved, closed, reopened)])
 
@@ -308,42 +304,5 @@ class Pipeline:
         network, data = self.derivation.network, self.plan.data
         export_model(network, self.model.state_dict(), self.plan.out / budgets.model_dir(self.plan, self.state.budget),
                      self.plan.export_name, preprocessing=data.preprocessing, space_text=to_space(network))
-        self.plot_search()
-
-    def summary(self) -> dict:
-        s, plan = self.state, self.plan
-        out = {"space": str(plan.request.space), "recipe": self.recipe.to_dict(), "data": plan.data.spec,
-               "baseline": vars(s.baseline) if s.baseline else None,
-               "searched": vars(s.searched) if s.searched else None,
-               "derived": vars(s.derived) if s.derived else None,
-               "gates": dnal.gate_counts(s.gates, self.recipe.architecture.delta_end), "notes": list(s.notes),
-               "stages": {st.name: {"epochs": st.epochs, "seconds": round(s.stage_seconds.get(st.name, 0.0), 2)}
-                          for st in plan.stages},
-               "export_name": plan.export_name, "precision": plan.precision,
-               "preprocessing": plan.data.preprocessing.to_dict(),
-               "distributed": {"world_size": plan.world.size, "gate_divergence_before_sync": s.gate_divergence}}
-        if plan.budgets:
-            first = s.models[0]  # the top-level fields are the first budget's
-            out.update(searched=first["searched"], derived=first["derived"], gates=first["gates"],
-                       notes=first["notes"], budget=first["budget"], models=s.models)
-            for stage in ("architecture", "finetune"):
-                out["stages"][stage]["seconds"] = first["seconds"][stage]
-        base, derived = out["baseline"], out["derived"] or out["searched"]
-        if base and derived:
-            out["reduction"] = {"flops": base["flops"] / max(derived["flops"], 1),
-                                "params": base["params"] / max(derived["params"], 1)}
-        return out
-
-    def plot_search(self) -> None:
-        """This search's figures: the gate distribution as delta grew and the channels kept."""
-        from nasdsl.pipeline.plots import plot_gate_distribution, plot_kept_channels
-
-        end = budgets.suffix(self.plan, self.state.budget)
-        if self.state.histograms:
-            plot_gate_distribution(self.state.histograms, self.plan.out / f"gate_distribution{end}.png")
-        if self.derivation is not None:
-            plot_kept_channels(self.plan.network, self.derivation.masks, self.plan.out / f"kept_channels{end}.png")
-
-    def plots(self) -> None:
-        if len(self.plan.budgets) > 1:
-            budgets.plot_pareto(self.summary(), self.plan.out / "pareto.png")
+        if self.state.histograms or self.derivation is not None:
+            plot_search(self.plan, self.state, self.derivation)

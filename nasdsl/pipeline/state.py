@@ -34,13 +34,21 @@ class RunState:
     budget: int = 0                               # which of the plan's budgets is being searched
     budget_lambda: float | None = None            # the steered penalty weight at the last epoch's end
     achieved: int | None = None                   # the derived network's cost in the budget's metric
+    fit: dict | None = None                       # the fit at derivation: {steered, closed, reopened}
     models: list[dict] = field(default_factory=list)  # the finished budgets' summary entries
+
+    def kept(self, record: dict, stages: list[str]) -> bool:
+        """Whether a metrics record is of an epoch this state has done (on resume the others go)."""
+        if record.get("stage") not in stages:
+            return True
+        done = _position(stages, self.stage, self.epoch, self.budget)
+        return _position(stages, record["stage"], record["epoch"], record.get("budget", 0)) < done
 
     def next_budget(self) -> None:
         """Forget what the last budget's search found; the weights stage's results stay."""
         self.budget += 1
         self.stage, self.epoch = "architecture", 0
-        self.searched = self.derived = self.gates = self.budget_lambda = self.achieved = None
+        self.searched = self.derived = self.gates = self.budget_lambda = self.achieved = self.fit = None
         self.histograms, self.notes, self.depth_closed = [], [], 0
         for stage in ("architecture", "finetune"):
             self.stage_seconds.pop(stage, None)
@@ -57,3 +65,11 @@ class RunState:
             if data.get(key) is not None:
                 data[key] = Measured(**data[key])
         return cls(**data)
+
+
+def _position(stages: list[str], stage: str, epoch: int, budget: int) -> tuple:
+    """Where in a run an epoch lies: the weights stage, then each budget's stages in order."""
+    if stage not in stages:  # "done"
+        return (2, 0, 0, 0)
+    order = stages.index(stage)
+    return (0, 0, order, epoch) if stage in ("weights", "joint") else (1, budget, order, epoch)
