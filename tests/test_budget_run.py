@@ -4,7 +4,6 @@ and an impossible budget is refused by the plan step."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from cli_helpers import ENV, run_nasdsl
+
 TINY = """
 space tiny(input=3, resolution=8, classes=10)
 layer stem [gate=off] = conv(8, k=3) > bn > relu
@@ -33,11 +33,7 @@ def search_args(space, out, *extra):
 
 
 def nasdsl(*args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "nasdsl", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_nasdsl(*args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ errors are one line, mixed precision, and the public Python API."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,16 @@ import torch
 import nasdsl
 from nasdsl import cli
 
+from cli_helpers import ENV, TINY, run_nasdsl
+
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "spaces").glob("*.space"))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = """
-space tiny(input=3, resolution=8, classes=10)
-layer stem [gate=off] = conv(8, k=3) > bn > relu
-layer choice = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
-layer down = conv(16, k=3, stride=2) > bn > relu
-layer classifier = gap > linear(classes)
-"""
 SHORT = ["--set", "resolution=8", "--set", "batch_size=32", "--set", "weights.epochs=1",
          "--set", "architecture.epochs=1", "--set", "finetune.epochs=1"]
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nasdsl", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=900, cwd=cwd)
+    return run_nasdsl(*args, check=False, cwd=cwd)
 
 
 @pytest.fixture

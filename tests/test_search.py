@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,17 +17,11 @@ from nasdsl.pipeline.plan import RunRequest, make_plan
 from nasdsl.pipeline.runner import Pipeline
 from nasdsl.search.dnal import settle_gates
 
-TINY = """
-space tiny(input=3, resolution=8, classes=10)
-layer stem [gate=off] = conv(8, k=3) > bn > relu
-layer choice = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
-layer down = conv(16, k=3, stride=2) > bn > relu
-layer classifier = gap > linear(classes)
-"""
+from cli_helpers import ENV, TINY, run_nasdsl
+
 # small and fast: 256 synthetic images, 8 steps an epoch
 SETTINGS = ["resolution=8", "batch_size=32", "weights.epochs=2", "architecture.epochs=3", "finetune.epochs=1",
             "architecture.lambda_a=2e-3"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +32,7 @@ def space(tmp_path_factory) -> Path:
 
 
 def nasdsl(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "nasdsl", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=600, **kwargs)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_nasdsl(*args, check=check, timeout=600, **kwargs)
 
 
 def search_args(space, out, *extra):

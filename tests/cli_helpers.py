@@ -1,0 +1,27 @@
+"""What the end-to-end tests share: the tiny two-candidate space and `nasdsl` run as a user runs it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+#: one thread per test process (they run beside each other on 2 cores), unbuffered for kill tests
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+#: a stem, a layer of two MBConv candidates, a gated conv and the classifier: every stage in seconds
+TINY = """
+space tiny(input=3, resolution=8, classes=10)
+layer stem [gate=off] = conv(8, k=3) > bn > relu
+layer choice = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer down = conv(16, k=3, stride=2) > bn > relu
+layer classifier = gap > linear(classes)
+"""
+
+
+def run_nasdsl(*args, check: bool = True, timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m nasdsl ARGS` in a fresh process; with `check`, a non-zero exit fails with its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "nasdsl", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, **kwargs)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
