@@ -86,9 +86,8 @@ sys.path.insert(0, str(ROOT))
 from nasdsl.derive.derive import derive, slim_state_dict  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
 from nasdsl.graph.ops import OPS  # noqa: E402
-from nasdsl.language.compiler import compile_file  # noqa: E402
+import nasdsl  # noqa: E402
 from nasdsl.supernet.build import build_supernet  # noqa: E402
-from nasdsl.supernet.network import NasNet  # noqa: E402
 
 NETWORKS = ["vgg16_cifar", "resnet56_cifar"]
 RATIO_TARGET = 0.7
@@ -160,11 +159,11 @@ def bisect_fraction(net, target: float, scheme: str, multiple: int = 1) -> tuple
 
 
 def build_pair(name: str, target: float, scheme: str = "width", multiple: int = 1):
-    net = compile_file(ROOT / "spaces" / f"{name}.space")
+    net = nasdsl.compile(ROOT / "spaces" / f"{name}.space")
     f, d = bisect_fraction(net, target, scheme, multiple)
     torch.manual_seed(0)
     supernet = build_supernet(net).eval()
-    slim = NasNet(d.network.to_config()).eval()
+    slim = nasdsl.build(d.network).eval()
     slim.load_state_dict(slim_state_dict(d, supernet, slim))
     supernet.gate_set.load({k: torch.where(m, 1.0, -1.0) for k, m in d.masks.items()})
     supernet.gate_set.set_mode("hard")
@@ -173,7 +172,7 @@ def build_pair(name: str, target: float, scheme: str = "width", multiple: int = 
         err = float((supernet(x) - slim(x)).abs().max())
     assert err < 1e-3, f"{name}: slim network differs from the masked supernet by {err}"
     torch.manual_seed(0)
-    full = NasNet(net.to_config()).eval()
+    full = nasdsl.build(net).eval()
     return net, d, f, full, slim
 
 
@@ -183,9 +182,9 @@ def run_pair(run: Path):
 
     manifest = json.loads((run / "manifest.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    net = compile_file(manifest["space"], manifest["space_overrides"])
+    net = nasdsl.compile(manifest["space"], **manifest["space_overrides"])
     torch.manual_seed(0)
-    full = NasNet(net.to_config()).eval()
+    full = nasdsl.build(net).eval()
     return net, full, load(run), summary["baseline"]["flops"] / summary["derived"]["flops"]
 
 

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nasdsl.language.compiler import compile_file  # noqa: E402
+import nasdsl  # noqa: E402
 from nasdsl.supernet.build import build_supernet  # noqa: E402
-from nasdsl.supernet.network import NasNet  # noqa: E402
 
 SPACES = [("proxyless_cifar", 32), ("resnet56_cifar", 32), ("vgg16_cifar", 32)]
 TARGET = 1.10
@@ -50,7 +49,7 @@ def make_step(model, gated: bool, lambda_a: float = 1e-4):
 
 
 def measure(name: str, resolution: int, batch: int, repeats: int, warmup: int) -> dict:
-    net = compile_file(ROOT / "spaces" / f"{name}.space", {"resolution": str(resolution)})
+    net = nasdsl.compile(ROOT / "spaces" / f"{name}.space", resolution=resolution)
     torch.manual_seed(0)
     supernet = build_supernet(net).to(memory_format=torch.channels_last).train()
     supernet.gate_set.set_mode("soft")
@@ -59,7 +58,7 @@ def measure(name: str, resolution: int, batch: int, repeats: int, warmup: int) -
         for g in supernet.gate_set.gates:
             g.s.normal_(0, 0.1)
     torch.manual_seed(0)
-    plain = NasNet(net.to_config()).to(memory_format=torch.channels_last).train()
+    plain = nasdsl.build(net).to(memory_format=torch.channels_last).train()
     x = torch.randn(batch, *net.input_shape.to_list()).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, net.num_classes, (batch,))
     steps = {"gated": make_step(supernet, True), "plain": make_step(plain, False)}
