@@ -85,7 +85,7 @@ sys.path.insert(0, str(ROOT))
 
 from nasdsl.derive.derive import derive, slim_state_dict  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
-from nasdsl.graph.ops import OPS  # noqa: E402
+from nasdsl.graph.ops import CHANNELWISE  # noqa: E402
 import nasdsl  # noqa: E402
 from nasdsl.supernet.build import build_supernet  # noqa: E402
 
@@ -134,7 +134,7 @@ def structured_masks(net, f: float, scheme: str = "width") -> dict[str, torch.Te
                 channels = shortcut if shortcut is not None else list(range(width))
                 masks[last.attrs["key"]] = keep(channels, width)
                 out |= set(masks[last.attrs["key"]].nonzero().flatten().tolist())
-            elif any(not OPS[op.kind].channelwise for op in block.ops):
+            elif any(op.spec.channels(op) is not CHANNELWISE for op in block.ops):
                 out |= set(range(block.out_shape.channels))
             else:
                 out |= live
