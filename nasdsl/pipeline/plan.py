@@ -21,6 +21,7 @@ from nasdsl.graph.accounting import summary as graph_summary
 from nasdsl.graph.ir import Network
 from nasdsl.language.compiler import compile_source
 from nasdsl.language.source import read_source
+from nasdsl.pipeline.budgets import UNITS
 from nasdsl.recipe import Recipe, load_recipe
 from nasdsl.supernet.build import place_gates
 from nasdsl.train import distributed as dist_utils
@@ -177,19 +178,18 @@ def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[i
         raise NasdslError("budgets steer the architecture stage; strategy joint has none (use sequential)",
                           file="--budget")
     full, graph = network_cost(network), place_gates(network, recipe.gate_placement)
+    floors = {metric: smallest_cost(graph, metric, recipe.architecture.channel_multiple)
+              for metric in {b.metric for b in budgets}}  # several derives each: once per metric
     targets = []
     for budget in budgets:
         target = budget.absolute(getattr(full, budget.metric))
-        floor = smallest_cost(graph, budget.metric, recipe.architecture.channel_multiple)
+        floor = floors[budget.metric]
         if target < floor:
             raise NasdslError(f"{budget} cannot be met: the smallest network this space derives costs "
                               f"{floor:,} {UNITS[budget.metric]} (the stem, the classifier and the channel every "
                               f"layer must keep)", file="--budget")
         targets.append(target)
     return budgets, targets
-
-
-UNITS = {"flops": "MACs", "params": "parameters"}
 
 
 def _build_data(request: RunRequest, recipe: Recipe) -> DataBundle:

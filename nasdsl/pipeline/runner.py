@@ -45,6 +45,8 @@ class Pipeline:
         self.trainer = Trainer(plan.device, plan.world, Precision(plan.precision, plan.device.type), r.batch_size,
                                r.workers, r.seed, progress=plan.request.progress, compile=r.compile)
         self.folder = RunFolder(plan.out, plan.world.is_main)
+        # the graph the supernet is built from: derivation reads its op positions (every step with a budget)
+        self.graph = place_gates(plan.network, r.gate_placement)
         self.names = [s.name for s in plan.stages]
         self.state = RunState(stage=self.names[0])
         self.model: nn.Module | None = None
@@ -235,12 +237,8 @@ class Pipeline:
             self.save(None)
 
     # ---- search results ----------------------------------------------------------------------
-    def searched_graph(self) -> Network:
-        """The graph the supernet was built from: its op positions are what `slim_state_dict` reads."""
-        return place_gates(self.plan.network, self.recipe.gate_placement)
-
     def derive(self, gates: dict[str, torch.Tensor]) -> Derivation:
-        return derive(self.searched_graph(), {k: v > 0 for k, v in gates.items()}, gates,
+        return derive(self.graph, {k: v > 0 for k, v in gates.items()}, gates,
                       self.recipe.architecture.channel_multiple)
 
     def searched(self) -> None:
@@ -279,7 +277,7 @@ class Pipeline:
         budget, target = self.plan.budgets[self.state.budget], self.plan.targets[self.state.budget]
         steered = getattr(network_cost(self.derive(values).network), budget.metric)
         values, derivation, closed, reopened = fit_to_budget(
-            self.searched_graph(), values, budget.metric, target, self.recipe.architecture.channel_multiple)
+            self.graph, values, budget.metric, target, self.recipe.architecture.channel_multiple)
         self.state.achieved = getattr(network_cost(derivation.network), budget.metric)
         self.state.fit = {"steered": steered, "closed": closed, "reopened": reopened}
         return values, replace(derivation, notes=[*derivation.notes,
