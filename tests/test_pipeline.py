@@ -233,3 +233,16 @@ def test_timm_eval_transform_reproduces_the_reported_top1_on_an_imagefolder(tiny
                            text=True, env=ENV, timeout=300, cwd=tmp_path)
     assert check.returncode == 0, check.stderr[-2000:]
     assert abs(float(check.stdout) - reported) <= 0.005
+
+
+# ---- the runtime -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, expected", [(None, "4096"), ("2048", "2048")])
+def test_importing_nasdsl_gives_onednn_room_for_every_conv_shape_of_a_derived_network(preset, expected):
+    """A derived network's ~1,200 conv kernels thrashed oneDNN's default 1024-entry cache (finetuning
+    ran slower than the supernet); nasdsl raises the capacity unless the user chose one."""
+    env = {k: v for k, v in ENV.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    code = "import os, nasdsl; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
