@@ -120,6 +120,9 @@ class OpKind:
     is_gate: bool = False
     # its builtin adds a gate after it by default (bn): the printer leaves that gate implicit
     absorbs_gate: bool = False
+    # False: the kind exists only in merged networks (nasdsl.derive.merge), which are made from a
+    # derived network for speed and never searched, slimmed or printed as `.space` text again
+    searchable: bool = True
 
     def range_after(self, attrs: dict, in_range: str | None) -> str | None:
         """The activation range a tensor is in after this op (see `out_range`)."""
@@ -254,6 +257,31 @@ def _pool_print(op, gated: bool) -> str:
     return spacetext.call(op.kind, k=a["k"], stride=a["stride"], **extra)
 
 
+def _mixconv_infer(a: dict, s: Shape) -> Shape:
+    _need_map(s, "mixconv")
+    kernels, splits = tuple(a["kernels"]), tuple(a["splits"])
+    if len(kernels) != len(splits) or not kernels or min(splits) < 1 or any(k % 2 == 0 for k in kernels):
+        raise ShapeError(f"mixconv needs one odd kernel per channel group, got kernels {list(kernels)} "
+                         f"for groups {list(splits)}")
+    if sum(splits) != s.channels:
+        raise ShapeError(f"mixconv groups {list(splits)} cover {sum(splits)} channels, the input has {s.channels}")
+    st = a["stride"]
+    sizes = {(_spatial(s.height, k, st, k // 2, "mixconv"), _spatial(s.width, k, st, k // 2, "mixconv"))
+             for k in kernels}
+    return Shape(s.channels, sizes.pop())
+
+
+def _mixconv_macs(a, i: Shape, o: Shape) -> int:
+    return o.height * o.width * sum(c * k * k for c, k in zip(a["splits"], a["kernels"]))
+
+
+def _not_after_merge(what: str):
+    def refuse(op, *args):
+        raise ValueError(f"{what} of a mixconv: it exists only in merged networks, which are not searched "
+                         f"or printed (derive and print the network before merge)")
+    return refuse
+
+
 def _select_slim(op, cin: Channels, cout: Channels) -> dict:
     """The kept outputs' sources, renumbered among the kept inputs."""
     pos = {c: i for i, c in enumerate(cin)}
@@ -298,6 +326,11 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("select", _select_infer, channels=lambda op: SELECT, slim_attrs=_select_slim,
            print=lambda op, gated: f"select({spacetext.index(op.attrs['index'])})", keeps_values=True,
            allocates=_yes),
+    # a depthwise conv whose consecutive channel groups use different kernels (MixConv): the merged
+    # depthwise stage of parallel MBConv candidates (nasdsl.derive.merge); padding k // 2 per group
+    OpKind("mixconv", _mixconv_infer, lambda a, i, o: sum(c * k * k for c, k in zip(a["splits"], a["kernels"])),
+           _mixconv_macs, slim_attrs=_not_after_merge("slimming"), slice_weights=_not_after_merge("slicing"),
+           print=_not_after_merge("the .space text"), allocates=_yes, searchable=False),
     OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
            lambda a, i, o: o.channels * i.channels, channels=lambda op: DENSE, slim_attrs=_out_attr,
            slice_weights=lambda op: dict(_LINEAR_WEIGHTS), allocates=_yes,

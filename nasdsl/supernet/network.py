@@ -28,6 +28,26 @@ class Select(nn.Module):
         return x.index_select(1, self.index)
 
 
+class MixConv(nn.Module):
+    """A depthwise conv whose consecutive channel groups use different kernels (MixConv, Tan & Le
+    2019): the depthwise stage of merged parallel MBConv candidates. One conv per group, not one
+    conv with kernels zero-padded to the largest: as many MACs as the candidates had, and it trains
+    as they did."""
+
+    def __init__(self, kernels: List[int], splits: List[int], stride: int):
+        super().__init__()
+        self.splits = list(splits)
+        self.convs = nn.ModuleList([nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+                                    for k, c in zip(kernels, splits)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(self.splits, 1)
+        out = []
+        for i, conv in enumerate(self.convs):
+            out.append(conv(parts[i]))
+        return torch.cat(out, 1)
+
+
 class GlobalAvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean((2, 3))
@@ -50,7 +70,7 @@ def _act(fn: str, inplace: bool) -> nn.Module:
 
 
 # ops whose output is always a new tensor (never their input or a view of it)
-_ALLOCATING = ("conv", "bn", "linear", "maxpool", "avgpool", "gap", "select")
+_ALLOCATING = ("conv", "mixconv", "bn", "linear", "maxpool", "avgpool", "gap", "select")
 
 
 def build_chain(cfgs: List[dict], gate_factory: Optional[Callable] = None, fresh: bool = False):
@@ -72,6 +92,8 @@ def build_op(cfg: dict, gate_factory: Optional[Callable] = None, inplace: bool =
     if kind == "conv":
         return nn.Conv2d(cfg["in"], cfg["out"], cfg["k"], cfg["stride"], cfg["padding"],
                          groups=cfg["groups"], bias=cfg["bias"])
+    if kind == "mixconv":
+        return MixConv(list(cfg["kernels"]), list(cfg["splits"]), cfg["stride"])
     if kind == "bn":
         bn = nn.BatchNorm1d if cfg["flat"] else nn.BatchNorm2d
         return bn(cfg["in"], eps=cfg["eps"], momentum=cfg["momentum"])
