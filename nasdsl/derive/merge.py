@@ -1,0 +1,253 @@
+"""A derived network's parallel blocks merged into one, RepVGG-style: fewer, wider ops, the same function.
+
+A DNAL-derived ProxylessNAS layer keeps up to six thinned MBConv candidates on one input, each
+placed into the layer's channels by index and summed: eighteen small convs where one MBConv has
+three, and per-op costs (kernel set-up, Python, memory passes) that the FLOPs count does not see.
+`merge` rewrites every such layer as one MBConv over the candidates' concatenated mid channels:
+
+- expansion: the candidates' 1x1 convs on the shared input become one 1x1 conv, their BNs and
+  activations one BN and one activation (per channel, so exact in training mode too);
+- depthwise: one `mixconv` (a kernel per channel group; candidates sorted by kernel so each group
+  is contiguous), or one depthwise conv when every kernel is the same;
+- projection: one 1x1 conv from the mid channels to the union of the candidates' outputs, each
+  candidate's output BN folded into it (exact in eval mode: BN then is an affine map); a
+  candidate's block of the weight is zero where it did not write a channel.
+
+And in a residual stream, a block that writes only some of the stream's channels (placed by an
+indexed add) may end in a conv that writes them all, with zero rows for the others, so the add
+is a plain dense one (`dense_residual`): worth it where the extra rows cost less than the
+indexed add; the rule and its measurement are at `_dense_is_cheaper`.
+
+The merged network is for inference and export: its projections have no BN, so it is not the
+network finetuning trains (that is the derived one, the architecture the search chose, whose
+merged projection would otherwise be a dense matrix with more MACs). Eval-mode outputs agree to
+float rounding (tests/test_merge.py checks every shipped space).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from nasdsl.graph.ir import Block, Layer, Network, Op, Shape
+from nasdsl.graph.ops import is_depthwise
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One op of the merged block: the blocks' ops at one position, and how they combine."""
+    how: str           # "concat" (channelwise, or the shared input's dense conv), "mix" (depthwise),
+                       # "keep" (a lone block's op as it is), "project" (the last dense conv and its BN)
+    ops: tuple[Op, ...]  # the blocks' ops at this position (project: each block's conv, then each one's BN)
+    position: int      # the ops' position in every block's chain (the blocks share one kind sequence)
+
+
+def merge(network: Network, state: dict[str, torch.Tensor],
+          dense_residual: bool = True) -> tuple[Network, dict[str, torch.Tensor]]:
+    """The merged network and its NasNet state dict (see the module docstring). Layers that cannot
+    be merged stay as they are; `state` is the derived network's NasNet state dict, in eval mode."""
+    state = dict(state)
+    layers = []
+    last = len(network.layers) - 1
+    for i, layer in enumerate(network.layers):
+        prefix = f"layers.{i}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if i < last else None
+        merged = _merge_layer(layer, own, dense_residual) if own is not None else None
+        if merged is None:
+            layers.append(layer)
+            continue
+        layer, own = merged
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state.update((prefix + k, v) for k, v in own.items())
+        layers.append(layer)
+    return replace(network, layers=tuple(layers)), state
+
+
+def _merge_layer(layer: Layer, own: dict, dense_residual: bool):
+    """(merged layer, its state under `layers.i.`), or None when there is nothing to merge."""
+    if len(layer.blocks) > 1:
+        parts, blocks = _parts(layer)
+        if parts is None:
+            return None
+    elif len(layer.blocks) == 1 and layer.shortcut is not None and layer.blocks[0].index is not None \
+            and dense_residual:
+        parts, blocks = _tail_parts(layer.blocks[0])
+        if parts is None:
+            return None
+    else:
+        return None
+    order = [next(j for j, b in enumerate(layer.blocks) if b is block) for block in blocks]
+    union = sorted({c for b in blocks for c in (b.index if b.index is not None else range(b.out_shape.channels))})
+    width = layer.width
+    dense = dense_residual and layer.shortcut is not None and len(union) < width and \
+        _dense_is_cheaper(parts[-1].ops, len(union), width)
+    outputs = list(range(width)) if dense else union
+    ops, tensors = [], {}
+    for part in parts:
+        k = len(ops)
+        ops.append(_merged_op(part, outputs))
+        for name, t in _merged_tensors(part, blocks, order, own, outputs).items():
+            tensors[f"blocks.0.ops.{k}.{name}"] = t
+    tensors.update((k, v) for k, v in own.items() if not k.startswith("blocks."))  # shortcut, post
+    index = None if outputs == list(range(width)) else tuple(outputs)
+    first = blocks[0]
+    label = " + ".join(b.label for b in blocks) if len(blocks) > 1 else first.label
+    block = Block(f"{layer.name}.merged", "merged", label, tuple(ops), first.in_shape,
+                  Shape(len(outputs), first.out_shape.size), index)
+    return replace(layer, blocks=(block,)), tensors
+
+
+# ---- which layers merge, and how -----------------------------------------------------------------
+def _kernel(block: Block) -> int:
+    return next((op.attrs["k"] for op in block.ops if is_depthwise(op)), 0)
+
+
+def _parts(layer: Layer):
+    """The merged block's parts for parallel blocks of one kind sequence ending in a dense conv
+    (and its BN): a channelwise prefix that concatenates, then one projection. (None, None) when
+    the blocks do not fit that form."""
+    blocks = sorted(layer.blocks, key=_kernel)   # stable: each kernel's channels contiguous
+    kinds = {tuple(op.kind for op in b.ops) for b in blocks}
+    if len(kinds) != 1:
+        return None, None
+    n = len(blocks[0].ops)
+    columns = [tuple(b.ops[p] for b in blocks) for p in range(n)]
+    proj = max((p for p in range(n) if columns[p][0].kind == "conv" and not is_depthwise(columns[p][0])),
+               default=None)
+    if proj is None or proj == 0 or not _tail_fits(columns[proj:]):
+        return None, None
+    parts = []
+    for p, ops in enumerate(columns[:proj]):
+        how = _concat_how(ops, first=p == 0, in_width=layer.in_shape.channels)
+        if how is None:
+            return None, None
+        parts.append(_Part(how, ops, p))
+    parts.append(_Part("project", tuple(columns[proj] + (columns[proj + 1] if proj + 1 < n else ())), proj))
+    return parts, blocks
+
+
+def _tail_parts(block: Block):
+    """A lone residual block whose indexed output can be widened: its ops up to the last dense conv
+    stay one part each ("keep"), that conv (and its BN) is the projection."""
+    n = len(block.ops)
+    proj = max((p for p, op in enumerate(block.ops) if op.kind == "conv" and not is_depthwise(op)), default=None)
+    columns = [(op,) for op in block.ops]
+    if proj is None or not _tail_fits(columns[proj:]):
+        return None, None
+    parts = [_Part("keep", (op,), p) for p, op in enumerate(block.ops[:proj])]
+    parts.append(_Part("project", tuple(columns[proj] + (columns[proj + 1] if proj + 1 < n else ())), proj))
+    return parts, [block]
+
+
+def _tail_fits(columns) -> bool:
+    """A dense ungrouped conv, optionally followed by a BN, and nothing after."""
+    conv = columns[0]
+    if conv[0].attrs["groups"] != 1 or len({(op.attrs["k"], op.attrs["stride"], op.attrs["padding"])
+                                             for op in conv}) != 1:
+        return False
+    return len(columns) == 1 or (len(columns) == 2 and columns[1][0].kind == "bn")
+
+
+def _concat_how(ops: tuple[Op, ...], first: bool, in_width: int) -> str | None:
+    """How the blocks' ops at one position before the projection combine, or None if they cannot."""
+    op = ops[0]
+    if op.kind == "conv" and is_depthwise(op):
+        same_stride = len({o.attrs["stride"] for o in ops}) == 1
+        centred = all(o.attrs["padding"] == o.attrs["k"] // 2 and o.attrs["k"] % 2 and not o.attrs["bias"]
+                      for o in ops)
+        return "mix" if same_stride and centred else None
+    if op.kind == "conv":   # a dense conv reading the whole shared input: the expansion
+        same = len({tuple(sorted((k, v) for k, v in o.attrs.items() if k != "out")) for o in ops}) == 1
+        return "concat" if first and same and op.attrs["groups"] == 1 and op.in_shape.channels == in_width else None
+    if op.kind == "bn":
+        same = len({(o.attrs["eps"], o.attrs["momentum"]) for o in ops}) == 1
+        return "concat" if same and not op.in_shape.is_flat else None
+    if op.kind == "act":
+        return "concat" if len({o.attrs["fn"] for o in ops}) == 1 else None
+    return None
+
+
+def _dense_is_cheaper(project: tuple[Op, ...], kept: int, width: int) -> bool:
+    """Whether a residual block should write all `width` channels (zero rows) rather than add its
+    `kept` ones by index. The rows cost in_channels MACs per pixel each; an indexed add costs a
+    zeroed map of the stream plus a scatter, which on this CPU (2 cores, oneDNN) equals some 64
+    input channels' worth of 1x1 conv per extra channel at the widths searched here (measured with
+    benchmarks/derived_speed.py --merge; see there)."""
+    conv = project[0]
+    return conv.in_shape.channels * (width - kept) <= 64 * width
+
+
+# ---- the merged ops and their weights ------------------------------------------------------------
+def _merged_op(part: _Part, outputs: list[int]) -> Op:
+    ops = part.ops
+    op = ops[0]
+    if part.how == "keep":
+        return op
+    channels = sum(o.out_shape.channels for o in ops)
+    if part.how == "project":
+        in_shape = Shape(sum(o.in_shape.channels for o in ops if o.kind == "conv"), op.in_shape.size)
+        attrs = dict(op.attrs, out=len(outputs), bias=op.attrs["bias"] or any(o.kind == "bn" for o in ops))
+        return Op("conv", attrs, in_shape, Shape(len(outputs), op.out_shape.size))
+    in_channels = op.in_shape.channels if op.kind == "conv" and part.how == "concat" else channels
+    in_shape, out_shape = Shape(in_channels, op.in_shape.size), Shape(channels, op.out_shape.size)
+    if part.how == "mix":
+        kernels = sorted({o.attrs["k"] for o in ops})
+        if len(kernels) == 1:
+            return Op("conv", dict(op.attrs, out=channels, groups=channels), in_shape, out_shape)
+        splits = [sum(o.out_shape.channels for o in ops if o.attrs["k"] == k) for k in kernels]
+        return Op("mixconv", {"kernels": tuple(kernels), "splits": tuple(splits), "stride": op.attrs["stride"]},
+                  in_shape, out_shape)
+    attrs = dict(op.attrs, out=channels) if op.kind == "conv" else dict(op.attrs)
+    return Op(op.kind, attrs, in_shape, out_shape)
+
+
+def _merged_tensors(part: _Part, blocks, order: list[int], own: dict, outputs: list[int]) -> dict:
+    """The merged op's tensors (its NasNet state-dict entries), from each block's op at this position."""
+    if part.how == "project":
+        return _projection(part, blocks, order, own, outputs)
+    per_block = []
+    for j in order:
+        prefix = f"blocks.{j}.ops.{part.position}."
+        per_block.append({key[len(prefix):]: v for key, v in own.items() if key.startswith(prefix)})
+    if part.how == "keep":
+        return per_block[0]
+    if part.how == "mix" and len({o.attrs["k"] for o in part.ops}) > 1:
+        kernels = sorted({o.attrs["k"] for o in part.ops})
+        return {f"convs.{g}.weight": torch.cat([t["weight"] for t, o in zip(per_block, part.ops) if o.attrs["k"] == kk])
+                for g, kk in enumerate(kernels)}
+    out = {}
+    for name, first in per_block[0].items():
+        if first.dim() == 0:   # BN's num_batches_tracked
+            out[name] = first.clone()
+        else:
+            out[name] = torch.cat([t[name] for t in per_block])
+    return out
+
+
+def _projection(part: _Part, blocks, order: list[int], own: dict, outputs: list[int]) -> dict:
+    """One conv from the concatenated mid channels to `outputs`, each block's output BN folded in:
+    BN(Wx) = (gamma / sqrt(var + eps)) * Wx + (beta - mean * gamma / sqrt(var + eps))."""
+    row = {c: r for r, c in enumerate(outputs)}
+    convs = [op for op in part.ops if op.kind == "conv"]
+    mids = [op.in_shape.channels for op in convs]
+    first = convs[0]
+    weight = torch.zeros(len(outputs), sum(mids), first.attrs["k"], first.attrs["k"])
+    bias = torch.zeros(len(outputs))
+    offset = 0
+    p = part.position
+    for n, (block, conv) in enumerate(zip(blocks, convs)):
+        prefix = f"blocks.{order[n]}.ops."
+        w = own[f"{prefix}{p}.weight"].float()
+        b = own[f"{prefix}{p}.bias"].float() if conv.attrs["bias"] else torch.zeros(w.shape[0])
+        if p + 1 < len(block.ops):   # the BN after it
+            bn = {name: own[f"{prefix}{p + 1}.{name}"].float() for name in ("weight", "bias", "running_mean",
+                                                                            "running_var")}
+            scale = bn["weight"] / torch.sqrt(bn["running_var"] + block.ops[p + 1].attrs["eps"])
+            w, b = w * scale.view(-1, 1, 1, 1), (b - bn["running_mean"]) * scale + bn["bias"]
+        placed = block.index if block.index is not None else range(w.shape[0])
+        rows = torch.tensor([row[c] for c in placed], dtype=torch.long)
+        weight[rows, offset:offset + mids[n]] += w
+        bias[rows] += b
+        offset += mids[n]
+    return {"weight": weight, "bias": bias}

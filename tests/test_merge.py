@@ -1,0 +1,109 @@
+"""Merging (nasdsl/derive/merge.py): a derived network's parallel blocks merged into one MBConv, and
+residual blocks widened to a dense add, compute what the derived network computes (eval mode,
+1e-4), on every shipped space with random gates, with fewer ops."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from nasdsl.derive.derive import derive
+from nasdsl.derive.merge import merge
+from nasdsl.graph.ir import Shape
+from nasdsl.language.compiler import compile_source
+from nasdsl.supernet.network import NasNet
+from test_derive import FILES, compiled, gen, random_masks, slim_and_masked, supernet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def merged_pair(d, model, seed: int, dense_residual: bool = True):
+    slim = slim_and_masked(d, model, seed)
+    network, state = merge(d.network, slim.state_dict(), dense_residual=dense_residual)
+    merged = NasNet(network.to_config()).eval()
+    merged.load_state_dict(state, strict=True)
+    return slim, network, merged
+
+
+def assert_same(slim, merged, network, seed: int, inputs_matter: bool = True) -> None:
+    x = torch.randn(3, *network.input_shape.to_list(), generator=gen(seed))
+    with torch.no_grad():
+        expected, got = slim(x), merged(x)
+    scale = max(1.0, float(expected.abs().max()))
+    err = float((expected - got).abs().max())
+    assert err <= 1e-4 * scale, f"merged and derived networks differ by {err:.3g} (logits up to {scale:.3g})"
+    if inputs_matter:   # (with whole gate groups closed at random, a network can lose its input)
+        assert float((expected[0] - expected[1]).abs().max()) > 1e-4 * scale
+
+
+def conv_count(model) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("density", ["0.5", "mixed"])
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_merged_equals_derived(path, density):
+    net = compiled(path.stem)
+    masks, strength = random_masks(net, density, seed=zlib.crc32(f"merge:{path.stem}:{density}".encode()))
+    d = derive(net, masks, strength)
+    slim, network, merged = merged_pair(d, supernet(path.stem), seed=3)
+    assert_same(slim, merged, network, seed=4, inputs_matter=density == "0.5")
+    if path.stem.startswith("proxyless"):   # every layer of candidates became one block of ~three convs
+        assert any(len(layer.blocks) > 1 for layer in d.network.layers)
+        assert all(len(layer.blocks) == 1 for layer in network.layers)
+        assert conv_count(merged) < conv_count(slim) / 2
+    else:   # (MobileNetV2's projection shortcut is a parallel block of another kind: left alone)
+        assert conv_count(merged) == conv_count(slim)
+
+
+MIXED = """
+space mixed(input=3, resolution=12, classes=5)
+layer stem [gate=off] = conv(16, k=3) > bn > relu6
+layer a = mbconv(16, k=5, e=3) | mbconv(16, k=3, e=6) | mbconv(16, k=5, e=6) | mbconv(16, k=7, e=3)
+layer b [residual=off] = mbconv(24, k=3, e=3, stride=2) | mbconv(24, k=3, e=6, stride=2)
+layer r = basic(24)
+layer classifier = gap > linear(classes)
+"""
+
+
+def test_candidates_in_any_kernel_order_make_one_mixconv_and_dense_adds():
+    net = compile_source(MIXED, "mixed.space")
+    masks, strength = random_masks(net, "0.5", seed=5)
+    from nasdsl.supernet.build import build_supernet
+
+    torch.manual_seed(0)
+    d = derive(net, masks, strength)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6)
+    assert_same(slim, merged, network, seed=7)
+    a, b, r = network.layers[1:4]
+    assert [op.kind for op in a.blocks[0].ops] == ["conv", "bn", "act", "mixconv", "bn", "act", "conv"]
+    mix = a.blocks[0].ops[3]
+    assert mix.attrs["kernels"] == (3, 5, 7) and sum(mix.attrs["splits"]) == mix.in_shape.channels
+    assert [op.kind for op in b.blocks[0].ops][3] == "conv"          # one kernel: a plain depthwise conv
+    assert a.blocks[0].index is None                                  # the add into the stream is dense
+    assert r.blocks[0].index is None and r.blocks[0].ops[-1].attrs["bias"]
+
+
+def test_without_dense_residual_the_indexed_adds_stay():
+    net = compile_source(MIXED, "mixed.space")
+    masks, strength = random_masks(net, "0.5", seed=5)
+    from nasdsl.supernet.build import build_supernet
+
+    d = derive(net, masks, strength)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6, dense_residual=False)
+    assert_same(slim, merged, network, seed=7)
+    assert network.layers[3] == d.network.layers[3]     # the lone residual block is left alone
+
+
+def test_a_layer_whose_blocks_differ_in_kind_is_left_alone():
+    text = MIXED.replace("mbconv(16, k=7, e=3)", "mbconv(16, k=7, e=1)")   # e=1: no expansion conv
+    net = compile_source(text, "mixed.space")
+    masks, strength = random_masks(net, "0.9", seed=1)
+    from nasdsl.supernet.build import build_supernet
+
+    d = derive(net, masks, strength)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=2)
+    assert_same(slim, merged, network, seed=3)
+    assert len(network.layers[1].blocks) == len(d.network.layers[1].blocks) > 1
