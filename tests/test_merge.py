@@ -19,9 +19,9 @@ from test_derive import FILES, compiled, gen, random_masks, slim_and_masked, sup
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def merged_pair(d, model, seed: int, dense_residual: bool = True):
+def merged_pair(d, model, seed: int, dense_residual: bool = True, depthwise: str = "padded"):
     slim = slim_and_masked(d, model, seed)
-    network, state = merge(d.network, slim.state_dict(), dense_residual=dense_residual)
+    network, state = merge(d.network, slim.state_dict(), dense_residual=dense_residual, depthwise=depthwise)
     merged = NasNet(network.to_config()).eval()
     merged.load_state_dict(state, strict=True)
     return slim, network, merged
@@ -68,19 +68,24 @@ layer classifier = gap > linear(classes)
 """
 
 
-def test_candidates_in_any_kernel_order_make_one_mixconv_and_dense_adds():
+@pytest.mark.parametrize("depthwise", ["padded", "mixed"])
+def test_candidates_in_any_kernel_order_make_one_depthwise_stage_and_dense_adds(depthwise):
     net = compile_source(MIXED, "mixed.space")
     masks, strength = random_masks(net, "0.5", seed=5)
     from nasdsl.supernet.build import build_supernet
 
     torch.manual_seed(0)
     d = derive(net, masks, strength)
-    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6, depthwise=depthwise)
     assert_same(slim, merged, network, seed=7)
     a, b, r = network.layers[1:4]
-    assert [op.kind for op in a.blocks[0].ops] == ["conv", "bn", "act", "mixconv", "bn", "act", "conv"]
-    mix = a.blocks[0].ops[3]
-    assert mix.attrs["kernels"] == (3, 5, 7) and sum(mix.attrs["splits"]) == mix.in_shape.channels
+    dw = a.blocks[0].ops[3]
+    assert [op.kind for op in a.blocks[0].ops] == ["conv", "bn", "act", dw.kind, "bn", "act", "conv"]
+    if depthwise == "mixed":
+        assert dw.kind == "mixconv" and dw.attrs["kernels"] == (3, 5, 7)
+        assert sum(dw.attrs["splits"]) == dw.in_shape.channels
+    else:   # the smaller kernels zero-padded to 7x7
+        assert dw.kind == "conv" and dw.attrs["k"] == 7 and dw.attrs["groups"] == dw.in_shape.channels
     assert [op.kind for op in b.blocks[0].ops][3] == "conv"          # one kernel: a plain depthwise conv
     assert a.blocks[0].index is None                                  # the add into the stream is dense
     assert r.blocks[0].index is None and r.blocks[0].ops[-1].attrs["bias"]
