@@ -88,7 +88,24 @@ def test_candidates_in_any_kernel_order_make_one_depthwise_stage_and_dense_adds(
         assert dw.kind == "conv" and dw.attrs["k"] == 7 and dw.attrs["groups"] == dw.in_shape.channels
     assert [op.kind for op in b.blocks[0].ops][3] == "conv"          # one kernel: a plain depthwise conv
     assert a.blocks[0].index is None                                  # the add into the stream is dense
-    assert r.blocks[0].index is None and r.blocks[0].ops[-1].attrs["bias"]
+
+
+@pytest.mark.parametrize("kept, dense", [(16, True), (12, True), (4, False)])
+def test_a_residual_block_goes_dense_while_its_zero_rows_at_most_double_its_macs(kept, dense):
+    net = compile_source(MIXED, "mixed.space")
+    masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
+    last = [g.key for g in net.gates() if g.layer == "r"][-1]
+    masks[last] = torch.arange(24) % 24 < kept
+    from nasdsl.supernet.build import build_supernet
+
+    d = derive(net, masks)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6)
+    assert_same(slim, merged, network, seed=7)
+    r = network.layers[3]
+    if dense:
+        assert r.blocks[0].index is None and r.blocks[0].ops[-1].attrs["bias"]
+    else:
+        assert r == d.network.layers[3] and r.blocks[0].index == tuple(range(kept))
 
 
 def test_without_dense_residual_the_indexed_adds_stay():

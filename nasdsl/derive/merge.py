@@ -92,6 +92,8 @@ def _merge_layer(layer: Layer, own: dict, dense_residual: bool, depthwise: str):
     width = layer.width
     dense = dense_residual and layer.shortcut is not None and len(union) < width and \
         _dense_is_cheaper(parts[-1].ops, len(union), width)
+    if len(blocks) == 1 and not dense:
+        return None   # a lone block that stays indexed: nothing to gain
     outputs = list(range(width)) if dense else union
     ops, tensors = [], {}
     for part in parts:
