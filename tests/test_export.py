@@ -1,4 +1,4 @@
-"""Export: the standalone timm module, local-dir config, safetensors, ONNX, nasdsl.load, atomic writes."""
+"""Export: the generated timm module, local-dir config, safetensors, ONNX, nasdsl.load, atomic writes."""
 from __future__ import annotations
 
 import importlib.util
@@ -130,18 +130,19 @@ def test_folder_layout(tiny):
         assert info["file"] == f"{name}.onnx" and info["max_abs_diff"] <= 1e-4
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]   # no temp folders left
     module = (out / f"{name}.py").read_text()
-    source = Path(sys.modules[NasNet.__module__].__file__).read_text()
-    assert module.startswith(source.rstrip("\n"))                               # network.py verbatim
-    assert "import nasdsl" not in module and "from nasdsl" not in module
-    assert "@register_model\ndef nasdsl_tiny_test(pretrained=False, **kwargs):" in module
+    assert "class NasdslTinyTest(nn.Module):" in module and "def forward(self, x: torch.Tensor)" in module
+    assert "import nasdsl" not in module and "from nasdsl" not in module and "_ARCH" not in module
+    assert "@register_model\ndef nasdsl_tiny_test(pretrained: bool = False, **kwargs)" in module
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == name and cfg["num_classes"] == 10 and cfg["num_features"] == 16
-    assert cfg["model_args"]["config"] == json.loads(json.dumps(compile_source(TINY).to_config()))
+    assert "model_args" not in cfg                      # the module is the architecture
+    assert cfg["nasdsl"]["format"] == 2 and cfg["nasdsl"]["model"] == "NasdslTinyTest"
+    assert cfg["nasdsl"]["module"] == f"{name}.py" and cfg["nasdsl"]["space"] == f"{name}.space"
     pc = cfg["pretrained_cfg"]
     assert pc["input_size"] == [3, 32, 32] and pc["mean"] == list(MEAN) and pc["std"] == list(STD)
-    assert pc["first_conv"] == "layers.0.blocks.0.ops.0" and pc["classifier"] == "classifier"
+    assert pc["first_conv"] == "stages.0.0.conv" and pc["classifier"] == "classifier"
     assert pc["pool_size"] == [8, 8] and pc["num_classes"] == 10
-    state = model.state_dict()
+    state = nasdsl.load(out).state_dict()
     assert state[pc["first_conv"] + ".weight"].shape[1] == 3
     assert "classifier.weight" in state
     assert (out / f"{name}.space").read_text().startswith("space tiny_slim")
@@ -218,27 +219,46 @@ def test_timm_model_api(tiny, registered):
 
     out, model, x, ref = tiny
     m = timm.create_model(registered, pretrained=True).eval()
-    assert m.num_classes == 10 and m.num_features == 16
+    assert m.num_classes == 10 and m.num_features == 16 and m.head_hidden_size == 16
     assert m.get_classifier() is m.classifier
+    assert m.head_drop.p == 0.1                          # the space's dropout before the classifier
     with torch.no_grad():
         feats = m.forward_features(x)
         assert feats.shape == (4, 16, 8, 8)
         assert m.forward_head(feats, pre_logits=True).shape == (4, m.num_features)
-        m.reset_classifier(5)
-        assert m.num_classes == 5 and m(x).shape == (4, 5)
+        pool = m.global_pool
+        m.reset_classifier(5, global_pool=None)          # keeps the pooling
+        assert m.global_pool is pool and m.num_classes == 5 and m(x).shape == (4, 5)
         m.reset_classifier(0)
         assert m(x).shape == (4, 16)
+        assert _close(m(x), model.forward_head(model.forward_features(x), pre_logits=True))
+        m.reset_classifier(3, global_pool="max")         # timm's pool types, on a global-average head
+        assert m.global_pool.pool_type == "max" and m(x).shape == (4, 3)
+        m.reset_classifier(0, global_pool="")
+        assert m(x).shape == (4, 16, 8, 8)
+    assert timm.create_model(registered, drop_rate=0.3).head_drop.p == 0.3
+
+
+def test_constructor_takes_only_timm_arguments(registered):
+    """num_classes, in_chans (the network's) and drop_rate; anything else is a TypeError, as for timm's models."""
+    import timm
+
+    with pytest.raises(TypeError, match="not_a_model_arg"):
+        timm.create_model(registered, not_a_model_arg=1)
+    with pytest.raises(ValueError, match="takes 3-channel images"):
+        timm.create_model(registered, in_chans=1)
+    assert timm.create_model(registered, num_classes=0)(torch.randn(1, 3, 32, 32)).shape == (1, 16)
 
 
 def test_features_only(tiny, registered):
     """timm's features_only: the last map at each reduction (stem/a/m at 2, r at 4), the model's
-    own values, pretrained weights loaded, and the layers after the last picked map dropped."""
+    own values, pretrained weights loaded, and the stages after the last picked map dropped."""
     import timm
 
     out, model, x, ref = tiny
     feats = timm.create_model(registered, pretrained=True, features_only=True).eval()
     assert feats.feature_info.channels() == [8, 16] and feats.feature_info.reduction() == [2, 4]
-    assert feats.feature_info.module_name() == ["layers.2", "layers.3"]
+    assert feats.feature_info.module_name() == ["stages.0", "stages.1"]
     with torch.no_grad():
         maps = feats(x)
         h = x
@@ -250,13 +270,16 @@ def test_features_only(tiny, registered):
     assert [tuple(m.shape) for m in maps] == [(4, 8, 16, 16), (4, 16, 8, 8)]
     assert all(_close(a, b) for a, b in zip(maps, expect))
     first = timm.create_model(registered, pretrained=True, features_only=True, out_indices=(0,)).eval()
-    assert len(first.model.layers) == 3 and not any("classifier" in k for k in first.state_dict())
+    assert len(first.model.stages) == 1 and not any("classifier" in k for k in first.state_dict())
+    full = timm.create_model(registered, pretrained=True).eval()
     with torch.no_grad():
         (only,) = first(x)
         assert _close(only, expect[0])
-        last, picked = model.forward_intermediates(x, indices=1)
-        assert _close(last, model.forward_features(x)) and len(picked) == 1 and _close(picked[0], expect[1])
-    with pytest.raises(ValueError, match=r"out_indices \[5\]: this network has 2 feature maps"):
+        last, picked = full.forward_intermediates(x, indices=1)
+        assert _close(last, full.forward_features(x)) and len(picked) == 1 and _close(picked[0], expect[1])
+        picked = full.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        assert len(picked) == 1 and _close(picked[0], expect[0])
+    with pytest.raises(AssertionError, match="feature index 5 is out of range"):
         timm.create_model(registered, features_only=True, out_indices=(5,))
 
 
@@ -276,10 +299,12 @@ def test_torchscript_and_fx(tiny, registered):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # torch.jit.script is deprecated, still supported
         scripted = torch.jit.script(m)
-    traced = torch.fx.symbolic_trace(m)
+        traced = torch.fx.symbolic_trace(m)
+        traced_scripted = torch.jit.script(traced)          # no private torch aliases, no fx leaves
     with torch.no_grad():
         assert _close(scripted(x), ref)
         assert _close(traced(x), ref)
+        assert _close(traced_scripted(x), ref)
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed")
@@ -295,15 +320,17 @@ def test_onnx_matches(tiny):
 
 
 def test_index_maps(tmp_path):
-    """Blocks narrower than their layer and a selecting shortcut survive timm, TorchScript, fx and ONNX."""
+    """Blocks narrower than their layer and a selecting shortcut survive timm, TorchScript, fx and ONNX;
+    contiguous channel ranges are zero-padded, scattered ones added by index."""
     import timm
     from nasdsl.export.timm import register
 
     net = _indexed_network()
     out, model = _export(tmp_path, net, "nasdsl_indexed_test", 2, onnx=HAS_ORT)
-    arch = json.loads((out / "config.json").read_text())["model_args"]["config"]
-    assert arch["layers"][1]["blocks"][1]["index"] == [2, 3, 4, 5, 6, 7]
-    assert arch["layers"][1]["shortcut"]["index"] == [1, 3, 5, 7]
+    module = (out / "nasdsl_indexed_test.py").read_text()
+    assert "nn.functional.pad(self.b0(x), [0, 0, 0, 0, 0, 3])" in module        # b0 writes channels 0-4 of 8
+    assert "add_at(out, self.shortcut(x), self.shortcut_index, self.shortcut_spread)" in module
+    assert 'torch.tensor([1, 3, 5, 7])' in module                                 # the shortcut's channels
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(x)
@@ -315,6 +342,7 @@ def test_index_maps(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             assert _close(torch.jit.script(m)(x), ref)
+            assert _close(torch.jit.script(torch.fx.symbolic_trace(m))(x), ref)
         assert _close(torch.fx.symbolic_trace(m)(x), ref)
     if HAS_ORT:
         import onnxruntime as ort
@@ -324,9 +352,9 @@ def test_index_maps(tmp_path):
         assert _placement_ops(out / f"{name}.onnx") == PLACEMENT_OPS
 
 
-# _indexed_network places five blocks and shortcuts by index (three in layer 1, two in layer 2)
-# and selects once (its shortcut): one Gather each, and no scatter
-PLACEMENT_OPS = {"Gather": 6}
+# the generated code for _indexed_network selects once (the shortcut) and adds it at scattered
+# channels once: one Gather each, and no scatter (the contiguous ranges are Pads)
+PLACEMENT_OPS = {"Gather": 2}
 
 
 def _placement_ops(file) -> dict:
@@ -341,15 +369,16 @@ def _placement_ops(file) -> dict:
 def test_onnx_dynamo_places_by_gather(tmp_path):
     """The dynamo exporter, too, places a narrow block's channels with a Gather, and matches PyTorch."""
     net = _indexed_network()
-    model = _randomize(NasNet(net.to_config()), 5).eval()
+    out, _ = _export(tmp_path, net, "nasdsl_dynamo_test", 5)
+    model = nasdsl.load(out)
     file = tmp_path / "indexed.onnx"
     exporter._run_onnx_export(model, file, (3, 16, 16), "dynamo")
     assert exporter._check_onnx(model, file, (3, 16, 16))[0] is None
     assert _placement_ops(file) == PLACEMENT_OPS
 
 
-@pytest.mark.parametrize("name", ["1net", "my-net", "net.v2", "", "class", "json", "torch", "NasNet", "default_cfgs",
-                                  "resnet18", "ñet"])
+@pytest.mark.parametrize("name", ["1net", "my-net", "net.v2", "", "class", "json", "torch", "add_at", "default_cfgs",
+                                  "SelectAdaptivePool2d", "resnet18", "ñet"])
 def test_bad_name(tmp_path, name):
     net = compile_source(TINY)
     state = NasNet(net.to_config()).state_dict()

@@ -1,22 +1,26 @@
 """Export a derived network as a folder that timm (and only timm + torch) can use.
 
     OUT/
-      {name}.py           nasdsl/supernet/network.py verbatim + default_cfgs + @register_model {name}
-      model.safetensors   the weights (NasNet state dict)
+      {name}.py           the network as generated PyTorch code (nasdsl.export.codegen): a model
+                          class, default_cfgs and @register_model {name}
+      model.safetensors   the weights, under the generated model's names
       config.json         timm's local-dir config: architecture, num_classes, num_features,
-                          pretrained_cfg, model_args.config (the architecture), nasdsl (the marker)
+                          pretrained_cfg, nasdsl (the marker: format, module, model class)
       {name}.space        the derived architecture as a .space file (when given)
       {name}.onnx         with onnx=True, checked against PyTorch with onnxruntime
 
-With the module imported, `timm.create_model("local-dir:OUT")` builds the network and loads the
-weights; `timm.create_model("{name}", pretrained=True)` does too (the module points its default
-pretrained cfg at the model.safetensors beside it; nasdsl.export.timm.register imports it).
+The code is generated from the merged network (nasdsl.derive.merge: a layer's parallel MBConv
+candidates as one MBConv with a mixconv, residual adds made dense), which computes what the
+derived network computes with fewer, wider ops; the .space file keeps the derived architecture,
+the one the search chose. With the module imported, `timm.create_model("local-dir:OUT")` builds
+the network and loads the weights; `timm.create_model("{name}", pretrained=True)` does too (the
+module points its default pretrained cfg at the model.safetensors beside it;
+nasdsl.export.timm.register imports it).
 
 The folder is built next to OUT and renamed into place: an export is complete or absent.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import json
@@ -48,49 +52,63 @@ def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, p
                  space_text: str | None = None, onnx: bool = False) -> Path:
     """Write the export folder `out_dir` for `network` (a graph IR Network) with `state_dict`.
 
-    `state_dict` is the slim NasNet's (`NasNet(network.to_config())`), loaded strictly.
+    `state_dict` is the slim NasNet's (`NasNet(network.to_config())`), loaded strictly; the
+    network is merged (nasdsl.derive.merge) and the module generated from the merged network.
     `preprocessing` is the data's (DataBundle.preprocessing): the pretrained_cfg in the module's
     default_cfgs and in config.json carries exactly its `to_timm_cfg()`, so timm's eval transform
     feeds the model what nasdsl measured it on. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
+    _check_inputs(network, out_dir, name, preprocessing, onnx)
+    state = _nasnet(network, state_dict).state_dict()
+    merged, merged_state = _merge(network, state)
+    return _write(merged, merged_state, None, out_dir, name, preprocessing=preprocessing, space_text=space_text,
+                  onnx=onnx, source=network)
+
+
+def _check_inputs(network, out_dir: Path, name: str, preprocessing, onnx: bool) -> None:
     check_export_name(name)
     _check_target(out_dir)
-    input_size = _input_size(network)
-    _check_preprocessing(preprocessing, input_size)
+    _check_preprocessing(preprocessing, _input_size(network))
     if onnx:
         _require_onnx()
 
-    arch = _json_config(network)
-    model = _model(arch, state_dict)
-    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    first_conv = _first_convs(arch)
-    pretrained_cfg = {
-        **preprocessing.to_timm_cfg(),
-        "fixed_input_size": False,
-        "num_classes": model.num_classes,
-        "pool_size": _pool_size(network, model.feature_layers),
-        "first_conv": first_conv[0] if len(first_conv) == 1 else (tuple(first_conv) or None),
-        "classifier": "classifier",
-        "description": f"{network.name} searched with nasdsl (DNAL) and exported by nasdsl {__version__}",
-    }
-    module_text = _module_text(name, arch, pretrained_cfg, network, sum(v.numel() for v in weights.values()))
-    config = {
-        "architecture": name,
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "pretrained_cfg": pretrained_cfg,
-        "model_args": {"config": arch},
-        MARKER: {"format": FORMAT, "version": __version__, "module": f"{name}.py", "network": network.name,
-                 "space": f"{name}.space" if space_text is not None else None,
-                 "onnx": None},
-    }
 
+def _merge(network, state: dict):
+    """The merged network and its NasNet state dict (nasdsl.derive.merge)."""
+    from nasdsl.derive.merge import merge
+
+    try:
+        return merge(network, state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise NasdslError(f"cannot merge the network's parallel blocks for export: {_first_line(exc)}") from None
+
+
+def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Path, name: str, *,
+           preprocessing, space_text: str | None, onnx: bool, source) -> Path:
+    """Generate the module for `network`, build its model with the weights (a NasNet state dict of
+    `network`, renamed, or `weights` already under the generated names) and write the folder."""
+    from nasdsl.export import codegen
+    from nasdsl.export.load import import_model_module
+
+    input_size = _input_size(network)
+    cfg = {**preprocessing.to_timm_cfg(), "fixed_input_size": False,
+           "description": f"{source.name} searched with nasdsl (DNAL) and exported by nasdsl {__version__}"}
+    generated = codegen.generate(network, name, cfg, title=f"{source.name}, searched with nasdsl (DNAL)")
+    if weights is None:
+        weights = _rename(network, nasnet_state, generated.names)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    module_file = tmp / f"{name}.py"
     try:
-        (tmp / f"{name}.py").write_text(module_text)
+        module_file.write_text(generated.text)
+        module = import_model_module(module_file)
+        sys.modules.pop(module.__name__, None)   # a temporary path: nothing should import it again
+        model = getattr(module, generated.class_name)().eval()
+        _load(model, weights)
+        weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         _save_weights(weights, tmp / WEIGHTS, name)
+        config = _config(name, network, source, generated, space_text)
         if onnx:
             config[MARKER]["onnx"] = {"file": f"{name}.onnx", **_export_onnx(model, tmp / f"{name}.onnx", input_size)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -104,6 +122,61 @@ def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, p
     return out_dir
 
 
+def _config(name: str, network, source, generated, space_text: str | None) -> dict:
+    """config.json: timm's local-dir layout (no model_args: the module is the architecture)."""
+    return {
+        "architecture": name,
+        "num_classes": network.num_classes,
+        "num_features": generated.num_features,
+        "pretrained_cfg": json.loads(json.dumps(generated.pretrained_cfg)),
+        MARKER: {"format": FORMAT, "version": __version__, "module": f"{name}.py", "model": generated.class_name,
+                 "network": source.name, "merged": network is not source,
+                 "space": f"{name}.space" if space_text is not None else None, "onnx": None},
+    }
+
+
+def _rename(network, state: dict, names: dict) -> dict:
+    """A NasNet state dict of `network` under the generated model's module names: NasNet.op_modules()
+    lists each op's module in graph order, `names` says where the generated code holds that op."""
+    from nasdsl.supernet.network import NasNet
+
+    out = {}
+    for li, entry in enumerate(NasNet(network.to_config()).op_modules()):
+        chains = [((li, "block", j, k), m) for j, chain in enumerate(entry["blocks"]) for k, m in enumerate(chain)]
+        chains += [((li, where, k), m) for where in ("shortcut", "post") for k, m in enumerate(entry[where])]
+        for position, (nas_name, module) in chains:
+            for key in module.state_dict():
+                if position not in names:
+                    raise NasdslError(f"internal: the generated code has no module for {nas_name}")
+                out[f"{names[position]}.{key}"] = state[f"{nas_name}.{key}"]
+    return out
+
+
+def _nasnet(network, state_dict: dict):
+    """The network's NasNet with `state_dict` loaded strictly, on the CPU: the check that the
+    weights are this network's, and the state merging reads."""
+    from nasdsl.supernet.network import NasNet
+
+    try:
+        model = NasNet(network.to_config())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NasdslError(f"cannot export this network: {_first_line(exc)}") from None
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise NasdslError(f"the state dict does not fit the network: {detail[:300]}") from None
+    return model.eval()
+
+
+def _load(model, weights: dict) -> None:
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise NasdslError(f"the weights do not fit the generated model: {detail[:300]}") from None
+
+
 # ---- checks ------------------------------------------------------------------------------------
 def check_export_name(name) -> None:
     """Raise a NasdslError when `name` cannot name an export (the run's plan checks it before training)."""
@@ -112,8 +185,9 @@ def check_export_name(name) -> None:
                           f"not starting with a digit): it names the model module and its timm entrypoint")
     if keyword.iskeyword(name):
         raise NasdslError(f"export name {name!r} is a Python keyword")
-    reserved = _module_names()
-    if name in reserved:
+    from nasdsl.export.codegen import RESERVED
+
+    if name in RESERVED:
         raise NasdslError(f"export name {name!r} clashes with a name the model module defines; pick another")
     if name in sys.stdlib_module_names or name in _PROTECTED_MODULES or \
             (name in sys.modules and not hasattr(sys.modules[name], "__nasdsl_export__")):
@@ -169,148 +243,6 @@ def _require_onnx() -> None:
 
 
 # ---- the pieces --------------------------------------------------------------------------------
-def _json_config(network) -> dict:
-    """network.to_config() as JSON has it (lists, not tuples): the literal, config.json and NasNet agree."""
-    try:
-        return json.loads(json.dumps(network.to_config(), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise NasdslError(f"network {network.name!r} has a setting JSON cannot hold: {exc}") from None
-
-
-def _model(arch: dict, state_dict: dict):
-    from nasdsl.supernet.network import NasNet
-
-    try:
-        model = NasNet(arch)
-    except (ValueError, KeyError) as exc:
-        raise NasdslError(f"cannot export this network: {exc}") from None
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise NasdslError(f"the state dict does not fit the network: {detail[:300]}") from None
-    return model.eval()
-
-
-def _first_convs(arch: dict) -> list[str]:
-    """State-dict prefixes of the convs that read the input image (timm adapts them to in_chans)."""
-    channels = arch["input"][0]
-    for i, layer in enumerate(arch["layers"][:-1]):
-        found = []
-        paths = [(f"layers.{i}.blocks.{j}.ops", b["ops"]) for j, b in enumerate(layer["blocks"])]
-        if layer["shortcut"]:
-            paths.append((f"layers.{i}.shortcut.ops", layer["shortcut"]["ops"]))
-        for prefix, ops in paths:
-            for k, op in enumerate(ops):
-                if op["kind"] == "conv":
-                    if op["in"] == channels and op["groups"] == 1:
-                        found.append(f"{prefix}.{k}")
-                    break
-                if op["kind"] in ("select", "flatten", "linear"):
-                    break
-        if found or any(op["kind"] == "conv" for _, ops in paths for op in ops):
-            return found
-    return []
-
-
-def _pool_size(network, feature_layers: int):
-    shape = network.layers[feature_layers - 1].out_shape if feature_layers else network.input_shape
-    return tuple(shape.size) if len(shape.size) == 2 else None
-
-
-def _source() -> str:
-    """nasdsl/supernet/network.py, the one source of the torch model, read as it is now."""
-    from nasdsl.supernet import network as net_module
-
-    text = Path(net_module.__file__).read_text()
-    if re.search(r"^\s*(from|import)\s+nasdsl\b", text, re.M):
-        raise NasdslError("nasdsl/supernet/network.py imports nasdsl: it can no longer be shipped standalone")
-    return text
-
-
-def _module_names() -> set[str]:
-    """Top-level names of the generated module other than the entrypoint (a name must not clash)."""
-    tree = ast.parse(_source() + _GENERATED.format(name="_nasdsl_entrypoint_", version="", marker="{}",
-                                                   arch="{}", cfg="{}", title="", params=""))
-    names = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
-    names.discard("_nasdsl_entrypoint_")
-    return names | {"annotations"}
-
-
-_GENERATED = '''
-
-# ----------------------------------------------------------------------------------------------
-# Generated by nasdsl {version}: the timm entrypoint `{name}`. Everything above is nasdsl's torch
-# builder (nasdsl/supernet/network.py) copied verbatim; this module needs only torch and timm.
-#
-#     import timm, {name}          # with this folder on sys.path
-#     model = timm.create_model("{name}", pretrained=True)                 # model.safetensors here
-#     model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)  # config.json + weights
-# ----------------------------------------------------------------------------------------------
-import os as _os
-
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-
-__nasdsl_export__ = {marker}
-
-_ARCH = {arch}
-
-_WEIGHTS = _os.path.join(_os.path.dirname(_os.path.abspath(globals().get("__file__") or ".")),
-                         "model.safetensors")
-
-_PRETRAINED_CFG = {cfg}
-
-default_cfgs = generate_default_cfgs({{
-    "{name}": {{**_PRETRAINED_CFG, "file": _WEIGHTS if _os.path.isfile(_WEIGHTS) else None}},
-}})
-
-
-@register_model
-def {name}(pretrained=False, **kwargs):
-    """{title}: {params} parameters (`config=` builds another nasdsl architecture)."""
-    config = kwargs.pop("config", None) or _ARCH
-    features = {{"feature_cls": "getter", "out_indices": tuple(range(len(feature_points(config))))}}
-    return build_model_with_cfg(NasNet, "{name}", pretrained, config=config, feature_cfg=features, **kwargs)
-'''
-
-
-def _module_text(name: str, arch: dict, cfg: dict, network, params: int) -> str:
-    marker = {"format": FORMAT, "version": __version__, "name": name}
-    text = _source().rstrip("\n") + "\n" + _GENERATED.format(
-        name=name, version=__version__, marker=repr(marker),
-        arch=_literal(arch, 0, 8), cfg=_literal(cfg, 0, 18),
-        title=f"{network.name} searched with nasdsl".replace('"', "'"), params=f"{params:,}")
-    compile(text, f"{name}.py", "exec")   # a generated module that does not parse is our bug: fail here
-    return text
-
-
-def _literal(value, indent: int, lead: int = 0, width: int = 110) -> str:
-    """A Python literal of JSON-like data: one line where it fits, else one item per line.
-
-    `indent` is the indentation of the line it starts on, `lead` the columns a key takes there."""
-    flat = repr(value)
-    leaf = isinstance(value, dict) and not any(  # an op: one line
-        isinstance(v, dict) or (isinstance(v, (list, tuple)) and any(isinstance(i, (dict, list)) for i in v))
-        for v in value.values())
-    if leaf or indent + lead + len(flat) + 1 <= width or not isinstance(value, (dict, list, tuple)) or not value:
-        return flat
-    pad = " " * (indent + 4)
-    if isinstance(value, dict):
-        items = [f"{pad}{k!r}: {_literal(v, indent + 4, len(repr(k)) + 2, width)}," for k, v in value.items()]
-        return "{\n" + "\n".join(items) + "\n" + " " * indent + "}"
-    items = [f"{pad}{_literal(v, indent + 4, 0, width)}," for v in value]
-    opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
-    return opening + "\n" + "\n".join(items) + "\n" + " " * indent + closing
-
-
 def _save_weights(weights: dict, file: Path, name: str) -> None:
     from safetensors.torch import save_file
 
@@ -421,19 +353,41 @@ def export_run(path: str | Path, out_dir: str | Path, name: str, *, onnx: bool =
 
     The architecture comes back from the folder's .space file (the printer's round trip), the
     weights from its model.safetensors, the preprocessing from its pretrained_cfg (`_saved_preprocessing`).
+    A format-1 export (an older nasdsl's) holds the derived NasNet's weights and is exported anew;
+    a format-2 one holds the generated model's, of the merged network, which merging the derived
+    network again rebuilds (its structure follows from the architecture alone).
     """
-    from nasdsl.export.load import WEIGHTS, export_folder, read_config, read_weights
+    from nasdsl.export.load import export_folder, read_config, read_weights
     from nasdsl.language.compiler import compile_file
 
     folder = export_folder(path)
-    cfg = read_config(folder)
+    cfg = read_config(folder, formats=(1, FORMAT))
     space = folder / str(cfg[MARKER].get("space") or "")
     if not space.is_file():
         raise NasdslError("the export has no .space file to rebuild its architecture from", file=str(folder))
     network = compile_file(space)
-    return export_model(network, read_weights(folder / WEIGHTS), out_dir, name,
-                        preprocessing=_saved_preprocessing(Path(path), folder, cfg["pretrained_cfg"]),
-                        space_text=space.read_text(), onnx=onnx)
+    weights = read_weights(folder / WEIGHTS)
+    prep = _saved_preprocessing(Path(path), folder, cfg["pretrained_cfg"])
+    if cfg[MARKER]["format"] == 1:
+        return export_model(network, weights, out_dir, name, preprocessing=prep, space_text=space.read_text(),
+                            onnx=onnx)
+    out_dir = Path(out_dir)
+    _check_inputs(network, out_dir, name, prep, onnx)
+    merged = _merge(network, _fresh_state(network))[0] \
+        if cfg[MARKER].get("merged", True) else network
+    try:
+        return _write(merged, None, weights, out_dir, name, preprocessing=prep, space_text=space.read_text(),
+                      onnx=onnx, source=network)
+    except NasdslError as exc:
+        if exc.file is None and "do not fit" in exc.message:
+            raise NasdslError(f"{exc.message} (rebuilt from {space.name})", file=str(folder / WEIGHTS)) from None
+        raise
+
+
+def _fresh_state(network) -> dict:
+    from nasdsl.supernet.network import NasNet
+
+    return NasNet(network.to_config()).state_dict()
 
 
 def _saved_preprocessing(path: Path, folder: Path, pretrained_cfg: dict):

@@ -3,21 +3,30 @@
     model = nasdsl.load("runs/cifar10")          # RUN/model/config.json + model.safetensors
     model = nasdsl.load("exports/resnet20_slim")  # an export folder itself
 
-The folder's format (written by nasdsl.export.exporter): config.json in timm's local-dir layout
-whose `model_args.config` is the architecture (the graph config NasNet reads) and whose `nasdsl`
-entry marks it as an export; model.safetensors the weights; {name}.py the standalone timm module.
+The folder's format (written by nasdsl.export.exporter): {name}.py, the model as generated PyTorch
+code (nasdsl.export.codegen), is the architecture; config.json is timm's local-dir config whose
+`nasdsl` entry marks it as an export and names the module and its model class; model.safetensors
+holds the weights under the generated model's names. Loading runs the module's model part (the
+text before its timm entrypoint, so timm's registry is left alone) as a private module named after
+the file's path, so two exports of one name can be loaded side by side.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import sys
+import types
 from pathlib import Path
 
 from nasdsl.errors import NasdslError
 
-FORMAT = 1
+FORMAT = 2                 # 1: NasNet (network.py) copied with the architecture as a config literal
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-MARKER = "nasdsl"          # config.json's key that marks a nasdsl export: {"format", "version", "module"}
+MARKER = "nasdsl"          # config.json's key that marks a nasdsl export: {"format", "version", "module", "model"}
+# the generated module's line between the model (above) and its timm entrypoint (below)
+REGISTRATION = "# ---- timm: the model's entrypoint and its pretrained weights"
 
 
 def export_folder(path: str | Path) -> Path:
@@ -32,8 +41,9 @@ def export_folder(path: str | Path) -> Path:
     raise NasdslError(f"not a nasdsl export: no {CONFIG} here or in model/", file=str(path))
 
 
-def read_config(folder: Path) -> dict:
-    """config.json of an export folder, checked for the fields nasdsl and timm need."""
+def read_config(folder: Path, formats: tuple[int, ...] = (FORMAT,)) -> dict:
+    """config.json of an export folder, checked for the fields nasdsl and timm need; an export of
+    another format than `formats` is refused (format 1 came from an older nasdsl)."""
     file = folder / CONFIG
     try:
         cfg = json.loads(file.read_text())
@@ -44,14 +54,16 @@ def read_config(folder: Path) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get(MARKER), dict):
         raise NasdslError(f"not a nasdsl export (no '{MARKER}' entry)", file=str(file))
     fmt = cfg[MARKER].get("format")
-    if fmt != FORMAT:
+    if fmt == 1 and fmt not in formats:
+        raise NasdslError(f"exported by an older nasdsl (format 1); re-run `nasdsl export {folder} --name NAME "
+                          f"--out DIR` to rewrite it as generated code", file=str(file))
+    if fmt not in formats:
         raise NasdslError(f"unsupported export format {fmt!r} (this nasdsl reads format {FORMAT})", file=str(file))
     name = cfg.get("architecture")
-    arch = (cfg.get("model_args") or {}).get("config")
-    if not isinstance(name, str) or not name.isidentifier() or not isinstance(arch, dict) \
-            or not isinstance(cfg.get("pretrained_cfg"), dict):
-        raise NasdslError("corrupt config: needs 'architecture', 'pretrained_cfg' and 'model_args.config'",
-                          file=str(file))
+    if not isinstance(name, str) or not name.isidentifier() or not isinstance(cfg.get("pretrained_cfg"), dict):
+        raise NasdslError("corrupt config: needs 'architecture' and 'pretrained_cfg'", file=str(file))
+    if fmt == 1 and not isinstance((cfg.get("model_args") or {}).get("config"), dict):
+        raise NasdslError("corrupt config: a format 1 export needs 'model_args.config'", file=str(file))
     return cfg
 
 
@@ -69,18 +81,61 @@ def read_weights(file: Path) -> dict:
                           file=str(file)) from None
 
 
-def build(cfg: dict, where: Path):
-    """NasNet for an export's config.json (random weights)."""
-    from nasdsl.supernet.network import NasNet
-
+def import_model_module(file: Path) -> types.ModuleType:
+    """The model part of a generated module, run as a private module (`_nasdsl_export_<hash of the
+    path>`, in sys.modules so TorchScript finds its source). The timm entrypoint after the
+    REGISTRATION line is not run: loading an export does not touch timm's registry."""
     try:
-        model = NasNet(cfg["model_args"]["config"])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise NasdslError(f"corrupt architecture in model_args.config ({type(exc).__name__}: {exc})",
-                          file=str(where / CONFIG)) from None
+        text = file.read_text()
+    except OSError as exc:
+        raise NasdslError(f"cannot read the model module: {exc.strerror or exc}", file=str(file)) from None
+    except UnicodeDecodeError:
+        raise NasdslError("corrupt model module (not UTF-8 text)", file=str(file)) from None
+    cut = text.find("\n" + REGISTRATION)
+    if cut < 0:
+        raise NasdslError("not a nasdsl model module (no timm entrypoint section)", file=str(file))
+    digest = hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+    name = f"_nasdsl_export_{re.sub(r'[^0-9A-Za-z_]', '_', file.stem)}_{digest}"
+    module = types.ModuleType(name)
+    module.__file__ = str(file)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        code = compile(text[:cut + 1], str(file), "exec", dont_inherit=True)   # no future import of ours
+        exec(code, module.__dict__)  # noqa: S102 - the code nasdsl generated
+    except Exception as exc:
+        if previous is not None:
+            sys.modules[name] = previous
+        else:
+            sys.modules.pop(name, None)
+        raise NasdslError(f"cannot run the model module: {one_line(exc)}", file=str(file)) from None
+    return module
+
+
+def build(cfg: dict, where: Path):
+    """The model of an export's config.json (random weights): its module's model class, built with
+    the class's defaults (the searched network), carrying the export's pretrained_cfg."""
+    file = where / str(cfg[MARKER].get("module") or f"{cfg['architecture']}.py")
+    if not file.is_file():
+        raise NasdslError("not a complete nasdsl export: the model module is missing", file=str(file))
+    module = import_model_module(file)
+    marker = getattr(module, "__nasdsl_export__", None)
+    cls = getattr(module, marker.get("model", ""), None) if isinstance(marker, dict) else None
+    if not isinstance(cls, type):
+        raise NasdslError("not a nasdsl model module (no __nasdsl_export__ naming its model class)", file=str(file))
+    try:
+        model = cls()
+    except Exception as exc:
+        raise NasdslError(f"cannot build the model: {one_line(exc)}", file=str(file)) from None
     model.pretrained_cfg = dict(cfg["pretrained_cfg"])
     model.default_cfg = model.pretrained_cfg
     return model
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as `Type: first line of its message` (errors here are one line)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def load_weights(model, file: Path) -> None:
@@ -93,7 +148,8 @@ def load_weights(model, file: Path) -> None:
 
 
 def load(path: str | Path):
-    """The derived network (a NasNet, timm's model API) of an export or run folder, in eval mode."""
+    """The derived network (the export's generated model, timm's model API) of an export or run
+    folder, with its weights, in eval mode."""
     folder = export_folder(path)
     cfg = read_config(folder)
     model = build(cfg, folder)
