@@ -197,7 +197,7 @@ def cmd_eval(args) -> int:
         spec = _json.loads(manifest.read_text()).get("data")
     if spec is None:
         raise NasdslError("which data? pass --data (e.g. digits, cifar10:DIR)", file=str(args.path))
-    channels, resolution = model.config["input"][0], model.config["input"][1]
+    channels, resolution = model.pretrained_cfg["input_size"][0], model.pretrained_cfg["input_size"][1]
     data = build_data(spec, resolution)
     if data.in_channels != channels or data.num_classes != model.num_classes:
         raise NasdslError(f"the model takes {channels}-channel images and predicts {model.num_classes} classes, "
