@@ -1,115 +1,174 @@
-"""Does a derived network's FLOPs reduction turn into CPU speed?
+"""Does a searched network's FLOPs reduction turn into CPU speed, in inference and in finetuning?
 
-    .venv/bin/python benchmarks/derived_speed.py [--target 3] [--repeats 15] [--threads N] [--profile]
-        [--depth] [--multiple M] [--runs RUN...] [--script] [--onnx]
+    .venv/bin/python benchmarks/derived_speed.py --runs runs/proxyless --search [--work DIR]
+        [--epochs W A] [--budget flops=33%] [--set KEY=VALUE ...] [--structured [--target 3]]
+        [--threads 2] [--repeats 21] [--steps 11] [--warmup 3]
 
-For VGG-16 and ResNet-56 (CIFAR), gates are chosen the way a DNAL search plausibly ends up:
-structured, the same fraction f of every gate group kept, its leading channels. In a residual
-stage the output gates can only narrow the stream down to what the shortcut already carries (with
-option-A shortcuts that is the previous stage's stream), so there they keep the leading fraction f
-*of the shortcut's channels*: every block writes into the channels the stream already has and the
-stream stays narrow. f is bisected to the largest value whose derived network has at least
-`--target` times fewer FLOPs than the unpruned one. The slim network is built from `derive`
-(weights sliced from a randomly initialised supernet, checked against the masked supernet) and
-timed against the unpruned network built without gates, both in eval mode, channels_last, under
-torch.inference_mode, after a warm-up, alternating the two (A B B A ...), median per network.
-Prints FLOPs reduction, measured speed-up and their ratio (target >= 0.7) at batch 64 and batch 1;
-`--profile` adds the top ops of each network at batch 1; `--depth` adds, for ResNet-56, the other
-structured outcome: whole blocks pruned (each derives to its shortcut), the rest at full width.
-`--runs RUN...` adds finished `nasdsl search` runs: the derived model a DNAL search actually found
-(RUN/model), timed against the unpruned network of the run's space and settings (random weights:
-speed does not depend on them). `--multiple M` derives the structured networks with
-channel_multiple M. `--script` also times both networks scripted and frozen with TorchScript
-(what `torch.jit.freeze` makes of an exported model: no Python per op, BN folded into the convs);
-`--onnx` both exported as `nasdsl export --onnx` exports them, in onnxruntime.
+Networks (each a *case*: an unpruned network and the derived one a search, or a rule, made of it):
+- `--runs RUN...`: finished `nasdsl search` runs, e.g. runs/proxyless from `nasdsl search
+  spaces/proxyless.space` (the default search: the ProxylessNAS supernet, DNAL's multi-branch
+  result). The derived network is compiled from `RUN/model/*.space` (every `RUN/model*/` of a
+  run with several budgets), the architecture the search derived, before merging; the unpruned
+  one from the run's space with its settings (manifest.json: `space`, `space_overrides`), so each
+  case has its run's input shape (digits: 1x16x16).
+- `--search`: ResNet-56 and MobileNetV2 (CIFAR spaces at `--resolution`, default 32) searched on
+  the default data (digits) to `--budget` (default flops=33%, about 3x fewer FLOPs) with the
+  default recipe, `--epochs W A` weights and architecture epochs and no finetuning (speed does
+  not depend on accuracy); `--set KEY=VALUE` is passed on to both searches (e.g.
+  architecture.channel_multiple=16; README says which recipe keys turn FLOPs into speed). Runs
+  go to `--work DIR` (default: a temporary folder), one folder per space and command line, and a
+  finished one there is reused (an unfinished one resumed). Each search's command is printed.
+- `--structured`: VGG-16 and ResNet-56 (CIFAR, 3x32x32) with structured masks, the same leading
+  fraction f of every gate group kept (in a residual stage, of the channels the shortcut
+  carries, so the stream stays narrow), f bisected to the largest value that gives at least
+  `--target` times fewer FLOPs.
 
-ResNet-56 needs three search settings to turn FLOPs into speed on this CPU. oneDNN computes a
-conv's output channels in blocks of 16 on AVX-512, so a 3x3 conv from 16 channels to anything from
-1 to 16 costs the same (1.6 ms at batch 64, 32 px; 3.3 ms for 17): `architecture.channel_multiple=16`
-rounds every kept gate group to a multiple of 16. The paper's penalty counts every channel alike,
-so it thins the 8x8 stage, where a channel costs a quarter of the MACs it costs at 32x32, as
-readily as the 32x32 stage, which is then left to dominate the time:
-`architecture.penalty_weight=flops` weighs each channel by its MACs. And at batch 1 in eager
-PyTorch a layer's fixed cost (Python, BN, kernel set-up, the indexed adds: tens of us whatever its
-width) sets much of the time, so only removed layers pay in full: `architecture.block_cost=3e7`
-gives every residual block a depth gate priced at 3e7 MACs plus its channels, and the search
-trades width for depth. On the bundled digits (all reach >= 99.4% top-1 after finetuning):
-    nasdsl search spaces/resnet56_cifar.space --set resolution=32 --set architecture.lambda_a=2e-4 \
-        --set architecture.channel_multiple=16 --set architecture.penalty_weight=flops \
-        --set architecture.block_cost=3e7 --out runs/r56
-(4.0x fewer FLOPs, 13 of 28 layers left). Without block_cost, lambda_a=5e-4 gives 3.0x and 1e-3
-5.0x, keeping 21 and 16 layers. block_cost is a price, not a measurement: at 3e6, about the fixed
-time of a layer here (some 70 us at batch 1, where a conv costs about 20 us per million MACs), the
-gates, trained on frozen weights, still found thinning cheaper than removing a block.
-Speed-up / FLOPs reduction, batch 64 / batch 1, one thread, one run (`--script --onnx --depth`):
+Every network is built with random weights (speed does not depend on them), eager PyTorch on CPU,
+`--threads` threads (default 2), channels_last. Per case:
+- inference (eval, torch.inference_mode, batch 64 and batch 1): the unpruned network
+  (`nasdsl.build`), the unpruned network merged (derived with every gate kept, then
+  `nasdsl.derive.merge.merge`: each layer's parallel candidates one block, residual blocks
+  dense), the derived network as finetuning trains it (`nasdsl.build`: multi-branch, each
+  candidate its own convs, placed by index) and the merged network as the export runs it (merged
+  from the derived one's eval state dict, checked to compute the same function);
+- a training step (train mode, SGD with momentum 0.9, batch 64, forward + cross-entropy +
+  backward + step): the weights stage's step of the supernet (`build_supernet`, gates disabled
+  and frozen as `dnal.train_weights_only` leaves them, the run's gate placement and depth gates)
+  against the finetuning step of the derived network, and of the merged one (the alternative
+  form, for the record: its projections have no BN, so it is not what finetuning trains).
+Each measurement is the median of `--repeats` forward passes (`--steps` training steps) per
+network after `--warmup` of each, the networks alternating (A B C D, D C B A, ...), so a change of
+load hits all alike. A speed-up is the unpruned network's (supernet's) median time over the
+network's; its *ratio* is speed-up / FLOPs reduction, the reduction being the derived network's
+(unpruned MACs / derived MACs, as `nasdsl show` counts them) for both forms: the merged network
+computes the same function with more MACs (the zero-padded kernels and zero rows merging adds).
+"vs m" divides the unpruned network merged's time instead: stricter wherever merging alone speeds
+up the unpruned network (the multi-branch ProxylessNAS supernet); where merging changes nothing in
+it (VGG-16, ResNet-56, MobileNetV2) both columns time the same network.
 
-    network                          eager PyTorch   TorchScript   onnxruntime
-    VGG-16 structured, 3.0x            0.85 / 0.78    0.85 / 0.85   0.59 / 0.88
-    ResNet-56 structured width 3.2x    0.45 / 0.32    0.44 / 0.39   0.41 / 0.40
-    ResNet-56 structured depth 3.1x    0.94 / 0.96    0.92 / 0.95   0.97 / 0.95
-    DNAL, all three keys, 4.0x         0.83 / 0.72    0.80 / 0.81   0.82 / 0.78
-    DNAL, no block_cost, 3.0x          0.73 / 0.58    0.74 / 0.70   0.66 / 0.63
-    DNAL, no block_cost, 5.0x          0.73 / 0.52    0.72 / 0.70   0.56 / 0.53
-    DNAL, paper settings, 4.3x         0.34 / 0.28    0.34 / 0.33   0.30 / 0.31
+Targets: inference ratio >= 0.8 at batch 64 and >= 0.7 at batch 1 for the merged network (what
+the export runs), step ratio >= 0.6 for the derived network (what finetuning trains); the table
+marks each ratio + (met) or - (missed) against its column's target, at the two decimals printed,
+and the lines under it say which case meets which. The per-case lines above the table give the median times in ms.
 
-The batch-1 eager ratio varies with the seed: with all three keys, seeds 1 and 2 (4.5x and 4.9x,
-14 and 13 layers) and lambda_a=1.5e-4, block_cost=4e7 with seeds 0 and 1 (4.2x, 13 and 14 layers)
-read 0.76-0.80 at batch 64 and 0.63-0.67 at batch 1 in eager PyTorch, 0.75-0.81 in TorchScript
-at both, 0.62-0.83 in onnxruntime; lambda_a=1e-4 with block_cost=6e7, seeds 0 and 1 (5.2x and
-4.6x, 13 layers each), 0.79 / 0.63 and 0.76 / 0.68 in eager PyTorch. Other settings, eager
-(ratio at batch 64 / batch 1): lambda_a 7e-4 with block_cost 3e6: 3.3x, 17 layers, 0.78 / 0.68;
-3e-4 with 3e7: 6.4x, 11 layers, 0.77 / 0.65; 2.5e-4 with 2e7: 5.0x, 14 layers, 0.76 / 0.62. The
-more FLOPs go, the fewer layers must be left to keep the batch-1 ratio.
-Ratios move by about 0.1 between runs on this VM (under load the unpruned network slows more).
-Frozen TorchScript (no Python per op, BN folded into the convs) takes much of the fixed cost
-away. onnxruntime computes convs in blocks of channels too: VGG-16 derived with `--multiple 16`
-reads 0.94 / 0.92 there. Before the ONNX export placed a narrow block's channels with a Gather (a
-ScatterElements until then), the 3.0x search read 0.41 / 0.35 in onnxruntime.
-On a machine shared with other jobs use `--threads 1` (see benchmarks/gate_overhead.py).
+Run it alone on the machine: ratios move between runs under load (on a shared machine
+`--threads 1` is steadier, see benchmarks/gate_overhead.py). To reproduce (the default search
+first, then this script; the searches run inside it and are reused from `--work` on a second run):
+
+    .venv/bin/nasdsl search spaces/proxyless.space --out runs/proxyless
+    .venv/bin/python benchmarks/derived_speed.py --runs runs/proxyless --search --work runs/derived_speed --structured
+
+Results: see README.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nasdsl.derive.derive import derive, slim_state_dict  # noqa: E402
+import nasdsl  # noqa: E402  (first: it sizes oneDNN's kernel cache as a run does)
+from _timing import alternate, channels_last, inference_medians, load_line, sgd_step  # noqa: E402
+from nasdsl.derive.derive import derive  # noqa: E402
+from nasdsl.derive.merge import merge  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
+from nasdsl.graph.ir import Network  # noqa: E402
 from nasdsl.graph.ops import CHANNELWISE  # noqa: E402
-import nasdsl  # noqa: E402
+from nasdsl.search import dnal  # noqa: E402
 from nasdsl.supernet.build import build_supernet  # noqa: E402
 
-NETWORKS = ["vgg16_cifar", "resnet56_cifar"]
-RATIO_TARGET = 0.7
+SEARCHED = ("resnet56_cifar", "mobilenetv2_cifar")
+STRUCTURED = ("vgg16_cifar", "resnet56_cifar")
+BATCHES = (64, 1)
+STEP_BATCH = 64
+TARGETS = {64: 0.8, 1: 0.7, "step": 0.6}
+FORMS = ("derived", "merged")
 
 
-def structured_masks(net, f: float, scheme: str = "width") -> dict[str, torch.Tensor]:
-    """width: keep the leading fraction f of every gate group; a residual layer's output gates keep
-    the leading fraction f of the channels its shortcut carries (see the module docstring).
-    depth: keep the first round(f * n) of the n residual blocks of each stage at full width and
-    close every gate of the others (they derive to their shortcut: depth is learned)."""
-    if scheme == "depth":
-        stages: dict[str, list] = {}
-        for layer in net.layers:
-            if layer.shortcut is not None:
-                stages.setdefault(layer.name.split(".")[0], []).append(layer)
-        masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
-        for layers in stages.values():
-            for layer in layers[round(f * len(layers)):]:
-                for op in layer.all_ops():
-                    if op.is_gate:
-                        masks[op.attrs["key"]][:] = False
-        return masks
+@dataclass
+class Case:
+    label: str
+    net: Network               # the unpruned network (with its gate ops)
+    derived: Network           # the derived network, before merging
+    placement: str = "after_bn"   # the supernet's gate placement and depth gates, as the run had them
+    depth_gates: bool = False
+    note: str = ""
+
+    @property
+    def reduction(self) -> float:
+        return accounting.network_cost(self.net).flops / accounting.network_cost(self.derived).flops
+
+
+# ---- the cases ------------------------------------------------------------------------------------
+def run_cases(run: Path, label: str | None = None) -> list[Case]:
+    """One case per derived model of a finished run (`RUN/model*/NAME.space`)."""
+    if not (run / "summary.json").exists():
+        raise SystemExit(f"{run}: no summary.json: not a finished nasdsl search run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    space = Path(manifest["space"])
+    if not space.is_absolute() and not space.exists():
+        space = ROOT / space
+    net = nasdsl.compile(space, **manifest["space_overrides"])
+    size = json.loads((run / "summary.json").read_text()).get("preprocessing", {}).get("input_size")
+    if size and list(size) != net.input_shape.to_list():
+        raise SystemExit(f"{run}: the run's input is {size}, its space compiles to {net.input_shape}")
+    recipe = manifest.get("recipe", {})
+    folders = sorted(d for d in run.glob("model*") if d.is_dir() and any(d.glob("*.space")))
+    if not folders:
+        raise SystemExit(f"{run}: no model*/ folder with a .space file")
+    cases = []
+    for folder in folders:
+        suffix = "" if folder.name == "model" else folder.name.removeprefix("model")
+        derived = nasdsl.compile(next(folder.glob("*.space")))
+        cases.append(Case(f"{label or run.name}{suffix}", net, derived, recipe.get("gate_placement", "after_bn"),
+                          recipe.get("architecture", {}).get("block_cost", 0) > 0, f"derived model of {folder}"))
+    return cases
+
+
+def search_command(space: str, args) -> list[str]:
+    """The `nasdsl search` command line of one benchmark search (without --out)."""
+    sets = [f"resolution={args.resolution}", f"weights.epochs={args.epochs[0]}",
+            f"architecture.epochs={args.epochs[1]}", "finetune.epochs=0", *args.set]
+    return ["nasdsl", "search", f"spaces/{space}.space", "--budget", args.budget,
+            *[a for kv in sets for a in ("--set", kv)]]
+
+
+def search(space: str, args, work: Path) -> Path:
+    """Run (or reuse, or resume) one search in `work`; its folder is named by its command line."""
+    cmd = search_command(space, args)
+    out = work / f"{space}_{hashlib.sha1(' '.join(cmd).encode()).hexdigest()[:8]}"
+    cmd += ["--out", str(out), "--quiet"]
+    if (out / "summary.json").exists():
+        print(f"reusing {out}: {' '.join(cmd)}", flush=True)
+        return out
+    if (out / "checkpoint.pt").exists():
+        cmd.append("--resume")
+    print(f"searching: {' '.join(cmd)}", flush=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "nasdsl", *cmd[1:]], cwd=ROOT, env=env, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"  done in {time.time() - t0:.0f} s: {summary['reduction']['flops']:.2f}x fewer FLOPs, "
+          f"top-1 {summary['derived']['top1']:.3f} without finetuning", flush=True)
+    return out
+
+
+def structured_masks(net: Network, f: float) -> dict[str, torch.Tensor]:
+    """Keep the leading fraction f of every gate group; a residual layer's output gates keep the
+    leading fraction f of the channels its shortcut carries (see the module docstring)."""
     def keep(channels: list[int], width: int) -> torch.Tensor:
         k = max(1, min(len(channels), round(f * len(channels))))
         mask = torch.zeros(width, dtype=torch.bool)
@@ -131,8 +190,7 @@ def structured_masks(net, f: float, scheme: str = "width") -> dict[str, torch.Te
             if gates:
                 last = gates[-1]
                 width = last.in_shape.channels
-                channels = shortcut if shortcut is not None else list(range(width))
-                masks[last.attrs["key"]] = keep(channels, width)
+                masks[last.attrs["key"]] = keep(shortcut if shortcut is not None else list(range(width)), width)
                 out |= set(masks[last.attrs["key"]].nonzero().flatten().tolist())
             elif any(op.spec.channels(op) is not CHANNELWISE for op in block.ops):
                 out |= set(range(block.out_shape.channels))
@@ -142,201 +200,180 @@ def structured_masks(net, f: float, scheme: str = "width") -> dict[str, torch.Te
     return masks
 
 
-def bisect_fraction(net, target: float, scheme: str, multiple: int = 1) -> tuple[float, object]:
+def structured_case(name: str, target: float) -> Case:
+    """The structured network of `name` with at least `target` times fewer FLOPs (f bisected)."""
+    net = nasdsl.compile(ROOT / "spaces" / f"{name}.space")
     full = accounting.network_cost(net).flops
-    lo, hi = 0.0, 1.0  # reduction(lo) >= target > reduction(hi)
-    best = None
+    lo, hi, best = 0.0, 1.0, None   # reduction(lo) >= target > reduction(hi)
     for _ in range(30):
         mid = (lo + hi) / 2
-        d = derive(net, structured_masks(net, mid, scheme), channel_multiple=multiple)
+        d = derive(net, structured_masks(net, mid))
         if full / accounting.network_cost(d.network).flops >= target:
             lo, best = mid, d
         else:
             hi = mid
-    if best is None:
-        best = derive(net, structured_masks(net, lo, scheme), channel_multiple=multiple)
-    return lo, best
+    best = best or derive(net, structured_masks(net, lo))
+    return Case(f"{name} structured", net, best.network, note=f"kept fraction f = {lo:.4f}")
 
 
-def build_pair(name: str, target: float, scheme: str = "width", multiple: int = 1):
-    net = nasdsl.compile(ROOT / "spaces" / f"{name}.space")
-    f, d = bisect_fraction(net, target, scheme, multiple)
-    torch.manual_seed(0)
-    supernet = build_supernet(net).eval()
-    slim = nasdsl.build(d.network).eval()
-    slim.load_state_dict(slim_state_dict(d, supernet, slim))
-    supernet.gate_set.load({k: torch.where(m, 1.0, -1.0) for k, m in d.masks.items()})
-    supernet.gate_set.set_mode("hard")
-    x = torch.randn(2, *net.input_shape.to_list())
-    with torch.inference_mode():  # the slim network is the masked supernet
-        err = float((supernet(x) - slim(x)).abs().max())
-    assert err < 1e-3, f"{name}: slim network differs from the masked supernet by {err}"
-    torch.manual_seed(0)
-    full = nasdsl.build(net).eval()
-    return net, d, f, full, slim
-
-
-def run_pair(run: Path):
-    """The unpruned network of a search run (its space, its settings) and the derived model it found."""
-    from nasdsl.export.load import load
-
-    manifest = json.loads((run / "manifest.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    net = nasdsl.compile(manifest["space"], **manifest["space_overrides"])
-    torch.manual_seed(0)
-    full = nasdsl.build(net).eval()
-    return net, full, load(run), summary["baseline"]["flops"] / summary["derived"]["flops"]
-
-
-def latency(models: dict, shape, batch: int, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each model (a torch module, or an onnxruntime session)."""
-    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
-    calls = {k: (lambda m=m, a=x.numpy(): m.run(None, {"input": a})) if hasattr(m, "run") else (lambda m=m: m(x))
-             for k, m in models.items()}
-    times = {k: [] for k in models}
+# ---- the networks ---------------------------------------------------------------------------------
+def merged_model(network: Network, model: torch.nn.Module | None = None) -> tuple[Network, torch.nn.Module]:
+    """The merged network of `network` (with `model`'s weights, else fresh ones), as the export runs it;
+    checked to compute what `network` does."""
+    model = (model or nasdsl.build(network)).eval()
+    network_m, state_m = merge(network, model.state_dict())
+    model_m = nasdsl.build(network_m).eval()
+    model_m.load_state_dict(state_m)
+    x = torch.randn(2, *network.input_shape.to_list())
     with torch.inference_mode():
-        for _ in range(warmup):
-            for call in calls.values():
-                call()
-        keys = list(models)
-        for r in range(repeats):
-            for k in (keys if r % 2 == 0 else keys[::-1]):
-                t0 = time.perf_counter()
-                calls[k]()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+        a, b = model(x), model_m(x)
+    err, scale = float((a - b).abs().max()), float(a.abs().max())
+    assert err <= 1e-4 * scale + 1e-30, f"{network.name}: merged network differs by {err} (outputs up to {scale})"
+    return network_m, model_m
 
 
-def frozen_script(model):
-    """torch.jit.freeze(torch.jit.script(model)): no Python per op, BN folded into the convs."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated since torch 2.9, still supported
-        return torch.jit.freeze(torch.jit.script(model.eval()))
-
-
-def onnx_session(model, shape, folder: Path, name: str):
-    """An onnxruntime session (as many threads as torch) for the model, exported the way
-    `nasdsl export --onnx` exports it."""
-    import onnxruntime as ort
-
-    from nasdsl.export.exporter import _run_onnx_export
-
-    file = folder / f"{name}.onnx"
-    _run_onnx_export(model, file, tuple(shape), "torchscript")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+def case_models(case: Case) -> tuple[dict[str, torch.nn.Module], dict[str, int]]:
+    """The four networks timed in inference, and the MACs of each."""
+    torch.manual_seed(0)
+    everything = derive(case.net, {g.key: torch.ones(g.channels, dtype=torch.bool) for g in case.net.gates()}).network
+    full_m, full_model_m = merged_model(everything)
+    derived = nasdsl.build(case.derived)
+    derived_m, derived_model_m = merged_model(case.derived, derived)
+    models = {"unpruned": nasdsl.build(case.net), "unpruned merged": full_model_m,
+              "derived": derived, "merged": derived_model_m}
+    graphs = {"unpruned": case.net, "unpruned merged": full_m, "derived": case.derived, "merged": derived_m}
+    return models, {k: accounting.network_cost(g).flops for k, g in graphs.items()}
 
 
-def widths(d) -> str:
-    return " ".join(str(layer.width) for layer in d.network.layers[:-1])
+# ---- measuring ------------------------------------------------------------------------------------
+def step_medians(case: Case, models: dict[str, torch.nn.Module], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of a training step: the supernet's weights-stage step, the derived and merged
+    networks' finetuning step (all on the same batch)."""
+    torch.manual_seed(0)
+    supernet = build_supernet(case.net, case.placement, depth_gates=case.depth_gates)
+    params = dnal.train_weights_only(supernet)   # gates disabled and frozen: the weights stage
+    x = channels_last(torch.randn(STEP_BATCH, *case.net.input_shape.to_list()))
+    y = torch.randint(0, case.net.num_classes, (STEP_BATCH,))
+    calls = {"supernet": sgd_step(supernet, params, x, y)}
+    for form in FORMS:
+        calls[form] = sgd_step(models[form], models[form].parameters(), x, y)
+    return alternate(calls, steps, warmup)
 
 
-def inner_widths(d) -> str:
-    """The output width of every conv that is not a layer's last (a block's inner widths)."""
-    out = []
-    for layer in d.network.layers[:-1]:
-        for block in layer.blocks:
-            convs = [op for op in block.ops if op.kind == "conv"]
-            out += [str(op.out_shape.channels) for op in convs[:-1]]
-    return " ".join(out) or "-"
+def measure(case: Case, args) -> dict:
+    """Every median of one case, printed as it goes (ms), and the case's FLOPs reduction."""
+    models, flops = case_models(case)
+    left = sum(1 for layer in case.derived.layers if layer.blocks)
+    print(f"\n{case.label}: {case.note}; {case.reduction:.2f}x fewer FLOPs "
+          f"({flops['unpruned'] / 1e6:.2f}M -> {flops['derived'] / 1e6:.2f}M), input "
+          f"{'x'.join(map(str, case.net.input_shape.to_list()))}, {left} of "
+          f"{len(case.net.layers)} layers left; merged: {flops['merged'] / 1e6:.2f}M, unpruned merged: "
+          f"{flops['unpruned merged'] / 1e6:.2f}M", flush=True)
+    shape = case.net.input_shape.to_list()
+    result = {"reduction": case.reduction}
+    for batch in BATCHES:
+        result[batch] = inference_medians(models, shape, batch, args.repeats, args.warmup)
+        print(f"  batch {batch:>2} ms: " + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in result[batch].items()),
+              flush=True)
+    result["step"] = step_medians(case, models, args.steps, args.warmup)
+    print("  step     ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in result["step"].items()), flush=True)
+    return result
 
 
-def profile(models: dict, shape, batch: int) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
+# ---- the report -----------------------------------------------------------------------------------
+def ratios(result: dict, form: str) -> dict:
+    """Speed-ups of one form and their ratios to the FLOPs reduction."""
+    red = result["reduction"]
+    out = {}
+    for batch in BATCHES:
+        t = result[batch]
+        out[batch] = (t["unpruned"] / t[form], t["unpruned"] / t[form] / red, t["unpruned merged"] / t[form] / red)
+    speedup = result["step"]["supernet"] / result["step"][form]
+    out["step"] = (speedup, speedup / red)
+    return out
 
-    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
-    for key, m in models.items():
-        with torch.inference_mode():
-            for _ in range(3):
-                m(x)
-            with prof(activities=[ProfilerActivity.CPU]) as p:
-                for _ in range(10):
-                    m(x)
-        print(f"--- {key}, batch {batch}, 10 runs")
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+def met(value: float, target: float) -> bool:
+    """Whether a ratio meets its target at the two decimals printed."""
+    return round(value, 2) >= target
+
+
+def mark(value: float, target: float) -> str:
+    return f"{value:.2f}{'+' if met(value, target) else '-'}"
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print("\nratio = speed-up / FLOPs reduction; vs m: speed-up over the unpruned network merged / FLOPs "
+          "reduction; + meets, - misses the column's target (batch 64 >= 0.8, batch 1 >= 0.7, step >= 0.6)")
+    w = max(len("network"), *map(len, results)) + 2
+    print(f"{'':<{w + 8}}{'FLOPs':>7} | {'batch 64':^22} | {'batch 1':^22} | {'training step':^15}")
+    print(f"{'network':<{w}}{'form':<8}{'red.':>7} | " + f"{'speed-up':>9}{'ratio':>7}{'vs m':>6} | " * 2
+          + f"{'speed-up':>9}{'ratio':>6}")
+    for label, result in results.items():
+        for form in FORMS:
+            r = ratios(result, form)
+            cells = [f"{r[b][0]:>8.2f}x{mark(r[b][1], TARGETS[b]):>7}{mark(r[b][2], TARGETS[b]):>6}" for b in BATCHES]
+            name = label if form == FORMS[0] else ""
+            print(f"{name:<{w}}{form:<8}{result['reduction']:>6.2f}x | " + " | ".join(cells)
+                  + f" | {r['step'][0]:>8.2f}x{mark(r['step'][1], TARGETS['step']):>6}")
+
+
+def print_targets(results: dict[str, dict]) -> None:
+    def verdict(value: float, target) -> str:
+        return f"{value:.2f} {'met' if met(value, TARGETS[target]) else 'MISSED'}"
+
+    print("\ntargets: inference of the merged network (as exported) vs the unpruned network "
+          "[vs the unpruned network merged]; finetuning step of the derived network vs the supernet's")
+    for label, result in results.items():
+        m, d = ratios(result, "merged"), ratios(result, "derived")
+        parts = [f"batch {b} >= {TARGETS[b]}: {verdict(m[b][1], b)} [{verdict(m[b][2], b)}]" for b in BATCHES]
+        print(f"  {label}: " + "; ".join(parts) + f"; step >= {TARGETS['step']}: {verdict(d['step'][1], 'step')}")
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", nargs="*", type=Path, default=[], help="finished search runs (e.g. runs/proxyless)")
+    ap.add_argument("--search", action="store_true", help=f"search and time {', '.join(SEARCHED)}")
+    ap.add_argument("--work", type=Path, help="the searches' folder (default: a temporary one); finished runs reused")
+    ap.add_argument("--epochs", type=int, nargs=2, default=[5, 5], metavar=("W", "A"),
+                    help="the searches' weights and architecture epochs (default: 5 5)")
+    ap.add_argument("--budget", default="flops=33%", help="the searches' budget (default: flops=33%%)")
+    ap.add_argument("--resolution", type=int, default=32, help="the searched spaces' resolution (default: 32)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to the searches")
+    ap.add_argument("--structured", action="store_true", help=f"structured masks of {', '.join(STRUCTURED)}")
+    ap.add_argument("--target", type=float, default=3.0, help="the structured networks' FLOPs reduction")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--repeats", type=int, default=21, help="timed forward passes per network and batch")
+    ap.add_argument("--steps", type=int, default=11, help="timed training steps per network")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls of each network first")
+    args = ap.parse_args(argv)
+    if not (args.runs or args.search or args.structured):
+        ap.error("nothing to time: give --runs RUN..., --search and/or --structured")
+    return args
+
+
+def cases(args, work: Path) -> list[Case]:
+    out = [c for run in args.runs for c in run_cases(run)]
+    if args.search:
+        out += [c for space in SEARCHED for c in run_cases(search(space, args, work), f"{space} searched")]
+    if args.structured:
+        out += [structured_case(name, args.target) for name in STRUCTURED]
+    return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", type=float, default=3.0, help="minimum FLOPs reduction of the derived nets")
-    ap.add_argument("--repeats", type=int, default=15, help="timed runs per network and batch (median)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batches", type=int, nargs="*", default=[64, 1])
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--networks", nargs="*", default=NETWORKS)
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--runs", nargs="*", type=Path, default=[],
-                    help="finished search runs: time the derived model each found against its unpruned network")
-    ap.add_argument("--multiple", type=int, default=1,
-                    help="derive the structured networks with this channel_multiple (16 suits AVX-512 oneDNN)")
-    ap.add_argument("--script", action="store_true",
-                    help="also time both networks scripted and frozen with TorchScript (BN folded into the convs)")
-    ap.add_argument("--onnx", action="store_true",
-                    help="also time both networks exported to ONNX, in onnxruntime (as many threads as torch)")
-    ap.add_argument("--depth", action="store_true",
-                    help="also the depth scheme for residual networks: whole blocks pruned, the rest at full width")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (load {load}), eval, channels_last, inference_mode"
-          f"{f', channel_multiple {args.multiple}' if args.multiple > 1 else ''}; "
-          f"median of {args.repeats} interleaved runs after {args.warmup} warm-up runs")
-    rows = []
-    runs = [(name, "width") for name in args.networks]
-    if args.depth:
-        runs += [(name, "depth") for name in args.networks if name.startswith("resnet")]
-    pairs = []
-    for name, scheme in runs:
-        net, d, f, full, slim = build_pair(name, args.target, scheme, args.multiple)
-        full_cost, slim_cost = accounting.network_cost(net), accounting.network_cost(d.network)
-        reduction = full_cost.flops / slim_cost.flops
-        label = name if scheme == "width" else f"{name} (depth)"
-        print(f"\n{label}: kept fraction f = {f:.4f}; {full_cost.flops / 1e6:.2f}M -> {slim_cost.flops / 1e6:.2f}M FLOPs "
-              f"({reduction:.2f}x), {full_cost.params / 1e6:.3f}M -> {slim_cost.params / 1e6:.3f}M params")
-        print(f"  derived widths: {widths(d)}")
-        print(f"  inner widths:   {inner_widths(d)}")
-        for note in d.notes[:3]:
-            print(f"  note: {note}")
-        if len(d.notes) > 3:
-            print(f"  ... and {len(d.notes) - 3} more notes")
-        pairs.append((label, net, full, slim, reduction))
-    for run in args.runs:
-        net, full, slim, reduction = run_pair(run)
-        label = f"{net.name} (run {run.parent.name}/{run.name})"
-        print(f"\n{label}: the derived model of {run}; {reduction:.2f}x fewer FLOPs, "
-              f"{len(slim.layers)} of {len(full.layers)} layers left")
-        pairs.append((label, net, full, slim, reduction))
-    with tempfile.TemporaryDirectory() as folder:
-        for label, net, full, slim, reduction in pairs:
-            shape = net.input_shape.to_list()
-            runtimes = {"torch": {"full": full.to(memory_format=torch.channels_last),
-                                  "slim": slim.to(memory_format=torch.channels_last)}}
-            if args.script:
-                runtimes["torchscript"] = {k: frozen_script(m) for k, m in runtimes["torch"].items()}
-            if args.onnx:
-                runtimes["onnxruntime"] = {k: onnx_session(m, shape, Path(folder), f"{len(rows)}_{k}")
-                                           for k, m in runtimes["torch"].items()}
-            for runtime, models in runtimes.items():
-                for batch in args.batches:
-                    # TorchScript's profiling executor optimises a graph only after a few calls
-                    warmup = args.warmup if runtime == "torch" else max(args.warmup, 10)
-                    t = latency(models, shape, batch, args.repeats, warmup)
-                    speedup = t["full"] / t["slim"]
-                    rows.append((label, runtime, batch, reduction, t["full"], t["slim"], speedup, speedup / reduction))
-            if args.profile:
-                profile(runtimes["torch"], shape, 1)
-    print(f"\n{'network':<34}{'runtime':>12}{'batch':>6}{'FLOPs red.':>11}{'full ms':>10}{'slim ms':>10}"
-          f"{'speed-up':>10}{'speed-up/red.':>15}")
-    for name, runtime, batch, reduction, tf, ts, speedup, ratio in rows:
-        flag = "ok" if ratio >= RATIO_TARGET else f"< {RATIO_TARGET}"
-        print(f"{name:<34}{runtime:>12}{batch:>6}{reduction:>10.2f}x{1e3 * tf:>10.2f}{1e3 * ts:>10.2f}"
-              f"{speedup:>9.2f}x{ratio:>15.2f}  {flag}")
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="derived_speed.") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        todo = cases(args, work.resolve())
+    print(f"\n{load_line()}; eager, channels_last; median of {args.repeats} forward passes (inference_mode) "
+          f"and {args.steps} training steps per network, interleaved, after {args.warmup} warm-up calls")
+    results = {case.label: measure(case, args) for case in todo}
+    print_table(results)
+    print_targets(results)
     return 0
 
 
