@@ -298,6 +298,7 @@ def test_torchscript_and_fx(tiny, registered):
     m = timm.create_model(registered, pretrained=True).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # torch.jit.script is deprecated, still supported
+        warnings.simplefilter("ignore", UserWarning)     # about torch.fx's own GraphModule.__init__
         scripted = torch.jit.script(m)
         traced = torch.fx.symbolic_trace(m)
         traced_scripted = torch.jit.script(traced)          # no private torch aliases, no fx leaves
@@ -341,6 +342,7 @@ def test_index_maps(tmp_path):
         assert _close(nasdsl.load(out)(x), ref)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
             assert _close(torch.jit.script(m)(x), ref)
             assert _close(torch.jit.script(torch.fx.symbolic_trace(m))(x), ref)
         assert _close(torch.fx.symbolic_trace(m)(x), ref)
@@ -431,6 +433,57 @@ def test_corrupt_files(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NasdslError, match="not a nasdsl export"):
         nasdsl.load(tmp_path / "empty")
+
+
+def test_broken_model_module(tiny, tmp_path):
+    """A model module that is missing, cut short or raising is a one-line error naming the file."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny[0], bad)
+    module = bad / "nasdsl_tiny_test.py"
+    text = module.read_text()
+    module.write_text(text[: text.index("# ---- timm")])
+    with pytest.raises(NasdslError, match="no timm entrypoint section") as err:
+        nasdsl.load(bad)
+    assert str(module) in str(err.value) and "\n" not in str(err.value)
+    module.write_text(text.replace("import torch\n", "import torch\nraise RuntimeError('boom\\nsecond line')\n", 1))
+    with pytest.raises(NasdslError, match="cannot run the model module: RuntimeError: boom") as err:
+        nasdsl.load(bad)
+    assert "\n" not in str(err.value)
+    module.unlink()
+    with pytest.raises(NasdslError, match="the model module is missing"):
+        nasdsl.load(bad)
+
+
+def test_format_1_export_is_refused_and_reexported(tmp_path):
+    """An export of an older nasdsl (format 1: NasNet's weights, the architecture in model_args) is
+    refused with a one-line error naming its config; `nasdsl export` rewrites it as generated code."""
+    from safetensors.torch import save_file
+
+    from nasdsl.export.exporter import export_run
+    from nasdsl.export.timm import register
+    from nasdsl.graph.printer import to_space
+
+    net = compile_source(INDEXED)
+    model = _randomize(NasNet(net.to_config()), 8)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
+    (old / "old_net.space").write_text(to_space(net))
+    (old / "old_net.py").write_text("# NasNet and _ARCH, as format 1 shipped them\n")
+    (old / "config.json").write_text(json.dumps({
+        "architecture": "old_net", "num_classes": 7, "num_features": 12,
+        "pretrained_cfg": {**prep(net).to_timm_cfg(), "num_classes": 7, "classifier": "classifier"},
+        "model_args": {"config": json.loads(json.dumps(net.to_config()))},
+        "nasdsl": {"format": 1, "version": "0.0.9", "module": "old_net.py", "network": "idx",
+                   "space": "old_net.space", "onnx": None}}))
+    for fn in (nasdsl.load, register):
+        with pytest.raises(NasdslError, match="exported by an older nasdsl") as err:
+            fn(old)
+        assert str(old / "config.json") in str(err.value) and "\n" not in str(err.value)
+    new = export_run(old, tmp_path / "new", "nasdsl_from_format_1")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _close(nasdsl.load(new)(x), model(x))
 
 
 def test_overwrite_and_atomicity(tmp_path, monkeypatch):

@@ -380,6 +380,11 @@ def chain_base(ops, kind: str) -> str:
     return "".join(parts) if 0 < len(parts) <= 4 else "Layer"
 
 
+def source_kind(block) -> str:
+    """The block's kind in the space (a merged block's label starts with its candidates' kind)."""
+    return block.label.split()[0] if block.kind == "merged" and block.label else block.kind
+
+
 def contiguous(index) -> bool:
     return index is not None and list(index) == list(range(index[0], index[0] + len(index)))
 
@@ -425,7 +430,8 @@ def combine(code: LayerCode, b: Builder, contribs: list, acc: str, layer: Layer)
 def one_block_layer(layer: Layer, li: int) -> LayerCode:
     """A layer of one block: its ops are the layer's own modules (timm's conv_pw, bn1, ...)."""
     block = layer.blocks[0]
-    code = LayerCode(layer, chain_base((*block.ops, *layer.post), block.kind), "")
+    base = chain_base((*block.ops, *layer.post), source_kind(block))
+    code = LayerCode(layer, base + ("Down" if layer.shortcut is not None and layer.shortcut.ops else ""), "")
     b = Builder()
     ops = (*block.ops, *layer.post)
     names = op_names(ops)
@@ -480,7 +486,7 @@ def block_attr(layer: Layer, j: int, used: set) -> str:
 
 def parallel_layer(layer: Layer, li: int) -> LayerCode:
     """A layer of parallel blocks: each block an nn.Sequential attribute (b0, b1, ...), summed."""
-    bases = {chain_base(b.ops, b.kind) for b in layer.blocks}
+    bases = {chain_base(b.ops, source_kind(b)) for b in layer.blocks}
     code = LayerCode(layer, "Parallel" + (bases.pop() if len(bases) == 1 else "Blocks"), "")
     b, contribs, used = Builder(), [], {"shortcut"}
     for j, block in enumerate(layer.blocks):
@@ -510,23 +516,32 @@ def parallel_layer(layer: Layer, li: int) -> LayerCode:
     return code
 
 
+_SKIP = "<plus the input>"
+
+
 def describe(code: LayerCode, ops: list, post: list, skip) -> str:
     """The class docstring's first line: what the layer computes, in its module names."""
     layer = code.layer
     if len(layer.blocks) > 1:
-        text = f"{len(layer.blocks)} parallel blocks, summed"
+        text = f"{len(layer.blocks)} parallel blocks, summed" + (
+            ", each at its channels" if any(bl.index is not None for bl in layer.blocks) else "")
     else:
-        text = " > ".join(ops) or "the input"
+        text = (" > ".join(ops) or "the input") + placed(layer.blocks[0].index)
     if skip is not None:
-        text += ", plus the input when has_skip" if skip else ""
+        text += _SKIP      # the class says how: always, never, or when has_skip
     elif layer.shortcut is not None:
-        text += ", plus the shortcut" + (f" ({' > '.join(n for n in op_names(layer.shortcut.ops) if n)})"
-                                        if layer.shortcut.ops else " (the input)")
-    if any(i is not None for i in [*(bl.index for bl in layer.blocks), layer.shortcut and layer.shortcut.index]):
-        text += ", placed at their channels"
+        names = [n for n in op_names(layer.shortcut.ops) if n]
+        text += f", plus the shortcut ({' > '.join(names)})" if names else ", plus the input"
+        text += placed(layer.shortcut.index)
     if post:
         text += ", then " + " > ".join(post)
     return f"Computes {text}."
+
+
+def placed(index) -> str:
+    if index is None:
+        return ""
+    return " zero-padded to the layer's channels" if contiguous(index) else " added at its channels by index"
 
 
 def layer_code(layer: Layer, li: int) -> LayerCode:
@@ -620,13 +635,17 @@ class SharedClass:
     def text(self) -> str:
         code = self.members[0]
         r = Render(code.values, self.params)
+        skip = "" if "has_skip" not in code.values else ", plus the input when has_skip" \
+            if "has_skip" in self.params else ", plus the input" if code.values["has_skip"] else ""
+        doc = code.doc.replace(_SKIP, skip)
         layers = [m.layer.name for m in self.members]
         used = ", ".join(layers) if len(layers) <= 6 else f"{', '.join(layers[:3])}, ..., {layers[-1]}"
         args = ["self"] + [f"{n}: {annotation(code.values[k])}" for k, n in self.params.items()]
-        lines = [f"class {self.name}(nn.Module):", f'    """{code.doc}', "",
+        doc = textwrap.fill(doc, WIDTH, initial_indent='    """', subsequent_indent="    ")
+        lines = [f"class {self.name}(nn.Module):", doc, "",
                  f"    Layer{'s' if len(layers) > 1 else ''} {used}.", '    """', "",
                  "    " + wrap_call("def __init__", args, 4, ":"), "        super().__init__()"]
-        for item in code.init:
+        for item in sorted(code.init, key=lambda i: ("flag", "module", "index").index(i[0])):
             lines += ["        " + line for line in init_lines(item, r, self.params)]
         lines += ["", "    def forward(self, x: torch.Tensor) -> torch.Tensor:"]
         for cond, line in code.forward:
@@ -640,8 +659,16 @@ class SharedClass:
         return "\n".join(lines)
 
     def instance(self, code: LayerCode, indent: int) -> str:
-        args = [(f"{n}=" if not k.startswith("chs:") else "") + literal(code.values[k]) for k, n in self.params.items()]
-        return wrap_call(self.name, args, indent)
+        """`Class(widths..., name=value, ...)`; when that is too long for one line, the widths
+        stay on the first line and each keyword argument gets its own."""
+        widths = [literal(code.values[k]) for k in self.params if k.startswith("chs:")]
+        keywords = [f"{n}={literal(code.values[k])}" for k, n in self.params.items() if not k.startswith("chs:")]
+        one = f"{self.name}({', '.join(widths + keywords)})"
+        if indent + len(one) <= WIDTH or not keywords:
+            return one
+        pad = " " * (indent + 4)
+        first = f"{self.name}(" + "".join(f"{w}, " for w in widths).rstrip() + "\n"
+        return first + "".join(f"{pad}{k},\n" for k in keywords) + " " * indent + ")"
 
 
 def share(codes: list[LayerCode], taken: set) -> tuple[list[SharedClass], dict]:
