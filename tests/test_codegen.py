@@ -27,7 +27,7 @@ from nasdsl.export.exporter import export_model
 from nasdsl.export.timm import register
 from nasdsl.graph.printer import to_space
 from nasdsl.language.compiler import compile_source
-from nasdsl.supernet.network import NasNet, feature_points
+from nasdsl.supernet.network import feature_points
 from nasdsl.train.data import Preprocessing
 from test_derive import FILES, compiled, random_masks, slim_and_masked, supernet
 
@@ -133,6 +133,8 @@ def test_timm_contract(exports, stem):
                     slim.forward_head(slim.forward_features(x), pre_logits=True))
         m.reset_classifier(3, global_pool=None)
         assert m.global_pool is pool and m(x).shape == (2, 3)
+    last = derived(stem)[0].network.layers[-1].blocks[0].ops
+    assert m.head_drop.p == (last[-2].attrs["p"] if last[-2].kind == "dropout" else 0.0)   # drop_rate's default
     groups = timm.models.group_parameters(m, m.group_matcher())
     named = {n for n, _ in m.named_parameters() if n.startswith("stages.")}
     assert named <= {n for names in groups.values() for n in names}

@@ -214,6 +214,18 @@ def test_nasdsl_load(tiny, tmp_path):
         assert _close(nasdsl.load(str(run))(x), ref)
 
 
+def test_two_exports_of_one_name_load_side_by_side(tmp_path):
+    """nasdsl.load runs each export's module under a private name: same name, two architectures."""
+    small = compile_source(SMALL.format(name="small", channels=3, resolution=16, classes=4))
+    out_a, model_a = _export(tmp_path / "a", compile_source(INDEXED), "nasdsl_same_name", 1)
+    out_b, model_b = _export(tmp_path / "b", small, "nasdsl_same_name", 2)
+    a, b = nasdsl.load(out_a), nasdsl.load(out_b)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _close(a(x), model_a(x)) and _close(b(x), model_b(x))
+    assert type(a).__module__ != type(b).__module__
+
+
 def test_timm_model_api(tiny, registered):
     import timm
 

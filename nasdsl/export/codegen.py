@@ -814,15 +814,17 @@ def stage_ranges(network: Network) -> list[tuple[int, int, int]]:
 
 
 def label(layer: Layer, room: int) -> str:
-    """`name: what the space said`, a merged block's candidates with their shared words once
-    ("s1.1: mbconv 24 k3 e3 + k5 e6"), cut to `room` columns."""
+    """`name: what the space said`, cut to `room` columns; a merged block lists its candidates by
+    what differs between them ("s1.1: mbconv 24: k3e3 k5e6 k7e3")."""
     labels = []
     for block in layer.blocks:
         parts = [p.split() for p in block.label.split(" + ")]
-        common = 0
-        while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts) and common < 2:
-            common += 1
-        labels.append(" ".join(parts[0][:common] + [" + ".join(" ".join(p[common:]) for p in parts)]))
+        if len(parts) == 1:
+            labels.append(block.label)
+            continue
+        common = [t for t in parts[0] if all(t in p for p in parts)]
+        rest = " ".join("".join(t for t in p if t not in common) for p in parts)
+        labels.append(f"{' '.join(common)}: {rest}" if common else rest)
     text = f"{layer.name}: {' | '.join(labels)}"
     return text if len(text) <= room else text[:max(room - 3, len(layer.name))] + "..."
 
@@ -895,9 +897,8 @@ def helpers(classes: list, codes: list, head: Head) -> str:
     retyped) and the channel placement functions, only those used."""
     from nasdsl.supernet import network as net
 
-    text = "\n".join(c.text() for c in classes) + "\n" + "\n".join(
-        instance(code, {}, 0) for code in codes if code.single is not None) + head.pool + \
-        "".join(str(s) for _, s in head.pre_pool + head.pre_logits)
+    text = "\n".join([*(c.text() for c in classes), *(instance(c, {}, 0) for c in codes if c.single is not None),
+                      head.pool, *(s for _, s in head.pre_pool + head.pre_logits if isinstance(s, str))])
     parts = [inspect.getsource(getattr(net, n)) for n in ("Select", "Subsample", "MixConv", "GlobalAvgPool")
              if re.search(rf"\b{n}\(", text)]
     if "place(" in text or "add_at(" in text:

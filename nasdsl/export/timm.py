@@ -4,9 +4,11 @@
     model = timm.create_model(name, pretrained=True)     # the folder's model.safetensors
 
 timm has no plugin discovery: a model exists once the module that registers it is imported.
-register() imports the folder's {name}.py by file path under the module name {name}; the module's
-@register_model adds the entrypoint, and its default pretrained cfg points at the model.safetensors
-beside it (register makes sure of that). `timm.create_model("local-dir:FOLDER")` works after it too.
+register() imports the folder's {name}.py, the model as generated code (nasdsl.export.codegen), by
+file path under the module name {name}; the module's @register_model adds the entrypoint, and its
+default pretrained cfg points at the model.safetensors beside it (register makes sure of that).
+`timm.create_model("local-dir:FOLDER")` works after it too. (nasdsl.load runs only the module's
+model part, under a private name, and leaves timm's registry alone.)
 """
 from __future__ import annotations
 
