@@ -229,6 +229,22 @@ def test_reexport_rebuilds_the_merged_network(exports, tmp_path):
         assert_same(nasdsl.load(again)(x), ref)
 
 
+def test_unmerged_network(tmp_path):
+    """Code generation needs no merge: the derived ProxylessNAS network as it is (parallel blocks,
+    each at its channels) computes the slim NasNet's logits."""
+    d, slim = derived("proxyless")
+    assert any(len(layer.blocks) > 1 and any(b.index for b in layer.blocks) for layer in d.network.layers)
+    out = exporter._write(d.network, slim.state_dict(), None, tmp_path / "raw", "nasdsl_unmerged",
+                          preprocessing=prep(d.network), space_text=None, onnx=False, source=d.network)
+    text = (out / "nasdsl_unmerged.py").read_text()
+    assert "class ParallelMBConv(nn.Module):" in text and "add_at(" in text
+    model = nasdsl.load(out)
+    x = torch.randn(2, *d.network.input_shape.to_list(), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert_same(model(x), slim(x))
+        assert_same(torch.fx.symbolic_trace(model)(x), slim(x))
+
+
 # ---- the code itself -----------------------------------------------------------------------------
 def test_proxyless_reads_like_timm(exports):
     """A derived ProxylessNAS network: merged MBConvs sharing a class, timm's op names, a small

@@ -395,12 +395,17 @@ def pad_expr(expr: str, index, width: int, spatial: bool) -> str:
     return f"nn.functional.pad({expr}, {[0, 0, 0, 0, *pads] if spatial else pads})"
 
 
+def rank(contrib) -> int:
+    """The order `combine` sums in: dense, then zero-padded ranges, then scattered channels."""
+    index = contrib[1]
+    return 0 if index is None else (1 if contiguous(index) else 2)
+
+
 def combine(code: LayerCode, b: Builder, contribs: list, acc: str, layer: Layer) -> bool:
     """Forward lines summing `contribs` [(expr, index, attr)] into `acc`, each placed at its
     channels: dense ones first (a plain add), then contiguous ranges (a zero pad), then scattered
     channels (`place` / `add_at` with index buffers). Returns whether `acc` is a tensor they made."""
     width, spatial = layer.width, not layer.out_shape.is_flat
-    rank = lambda c: 0 if c[1] is None else (1 if contiguous(c[1]) else 2)  # noqa: E731
     base, made = None, False
     for expr, index, attr in sorted(contribs, key=rank):
         if index is not None and not contiguous(index):
@@ -463,8 +468,7 @@ def one_block_layer(layer: Layer, li: int) -> LayerCode:
         contribs = [("x", block.index, "")]
         if layer.shortcut is not None:
             contribs.append(("shortcut", layer.shortcut.index, "shortcut"))
-        first = sorted(contribs, key=lambda c: 0 if c[1] is None else (1 if contiguous(c[1]) else 2))[0]
-        acc = "x" if first[2] == "" else "out"
+        acc = "x" if min(contribs, key=rank)[2] == "" else "out"   # x: the block's output comes first
         fresh = combine(code, b, contribs, acc, layer) or fresh
     post, _, _ = chain(layer.post, positions(li, layer, "post"), b, "", "out", None, fresh, names[nb:])
     for name, c, pos in post:
@@ -478,8 +482,12 @@ def one_block_layer(layer: Layer, li: int) -> LayerCode:
 
 
 def block_attr(layer: Layer, j: int, used: set) -> str:
+    """The attribute holding block j of a parallel layer: its number in the space (b2 of s1.0.b2)."""
     tail = layer.blocks[j].name[len(layer.name) + 1:] if layer.blocks[j].name.startswith(layer.name + ".") else ""
-    attr = tail if tail.isidentifier() and tail not in used and not tail.startswith("_") else f"b{j}"
+    attr, n = (tail if re.fullmatch(r"b\d+", tail) else f"b{j}"), j
+    while attr in used:    # the space's own block number where it is free, else the next free one
+        n += 1
+        attr = f"b{n}"
     used.add(attr)
     return attr
 
