@@ -1107,7 +1107,7 @@ def generate(network: Network, name: str, pretrained_cfg: dict, title: str | Non
              model_text(cls, network, head, body, head_lines, info, hidden, features, title)]
     model = "\n\n\n".join(t.strip("\n") for t in parts if t.strip())
     head_text_ = _HEADER.format(name=name, title=title, version=__version__, marker=repr(marker),
-                                summary=summary(network, len(info), hidden))
+                                summary=summary(network, len(info), hidden), usage=usage(name))
     model_part = reflow(head_text_.strip("\n") + "\n\n\n" + model.strip("\n") + "\n")
     entry = _ENTRY.format(name=name, cls=cls, cfg=pretty({**cfg, "file": Source(_WEIGHTS_FILE)}, 4),
                           indices=tuple(range(len(info))), title=title)
@@ -1122,6 +1122,15 @@ def generate(network: Network, name: str, pretrained_cfg: dict, title: str | Non
 def module_text(network: Network, name: str, pretrained_cfg: dict, title: str | None = None) -> str:
     """The generated module's source (see `generate`)."""
     return generate(network, name, pretrained_cfg, title).text
+
+
+def usage(name: str) -> str:
+    lines = [(f"import timm, {name}", "with this folder on sys.path"),
+             (f'model = timm.create_model("{name}", pretrained=True)', "model.safetensors here"),
+             ('model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)', "config.json + weights"),
+             (f'backbone = timm.create_model("{name}", pretrained=True, features_only=True)', "")]
+    width = max(len(code) for code, note in lines if note) + 2
+    return "\n".join(f"    {code.ljust(width)}# {note}" if note else f"    {code}" for code, note in lines)
 
 
 def summary(network: Network, stages: int, hidden: int) -> str:
@@ -1200,10 +1209,7 @@ _HEADER = '''
 
 {summary}. Needs only torch and timm:
 
-    import timm, {name}          # with this folder on sys.path
-    model = timm.create_model("{name}", pretrained=True)                 # model.safetensors here
-    model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)  # config.json + weights
-    backbone = timm.create_model("{name}", pretrained=True, features_only=True)
+{usage}
 """
 import os
 from collections import OrderedDict
