@@ -654,3 +654,25 @@ def test_export_run_keeps_preprocessing(tmp_path):
 def _folder(tmp: Path) -> Path:
     from test_data import write_folder
     return write_folder(tmp / "imgs", (26, 20), "RGB", per_class=1)
+
+
+def test_an_export_that_would_not_compute_the_derived_network_is_refused(tmp_path, monkeypatch):
+    """The exporter runs the generated model against the derived network it was given before it
+    writes anything: a merge that broke the function (here one BN statistic off) is caught."""
+    from nasdsl.derive import merge as merge_module
+
+    real = merge_module.merge
+
+    def broken(network, state, **kw):
+        merged, merged_state = real(network, state, **kw)
+        key = next(k for k in merged_state if k.endswith("running_mean"))
+        return merged, {**merged_state, key: merged_state[key] + 1.0}
+
+    monkeypatch.setattr(merge_module, "merge", broken)
+    net = compile_source(TINY, "tiny.space")
+    with pytest.raises(NasdslError, match="differs from the derived network"):
+        _export(tmp_path, net, "tiny_broken", seed=3)
+    assert not (tmp_path / "tiny_broken").exists()
+    monkeypatch.setattr(merge_module, "merge", real)
+    out, model = _export(tmp_path, net, "tiny_ok", seed=3)
+    assert (out / "model.safetensors").is_file()

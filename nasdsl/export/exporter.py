@@ -60,10 +60,10 @@ def export_model(network, state_dict: dict, out_dir: str | Path, name: str, *, p
     """
     out_dir = Path(out_dir)
     _check_inputs(network, out_dir, name, preprocessing, onnx)
-    state = _nasnet(network, state_dict).state_dict()
-    merged, merged_state = _merge(network, state)
+    derived = _nasnet(network, state_dict)
+    merged, merged_state = _merge(network, derived.state_dict())
     return _write(merged, merged_state, None, out_dir, name, preprocessing=preprocessing, space_text=space_text,
-                  onnx=onnx, source=network)
+                  onnx=onnx, source=network, reference=derived)
 
 
 def _check_inputs(network, out_dir: Path, name: str, preprocessing, onnx: bool) -> None:
@@ -85,9 +85,11 @@ def _merge(network, state: dict):
 
 
 def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Path, name: str, *,
-           preprocessing, space_text: str | None, onnx: bool, source) -> Path:
+           preprocessing, space_text: str | None, onnx: bool, source, reference=None) -> Path:
     """Generate the module for `network`, build its model with the weights (a NasNet state dict of
-    `network`, renamed, or `weights` already under the generated names) and write the folder."""
+    `network`, renamed, or `weights` already under the generated names) and write the folder.
+    With `reference` (the derived network the weights came from, in eval mode) the generated model
+    must compute what it computes (`_check_equal`) before anything is written."""
     from nasdsl.export import codegen
     from nasdsl.export.load import import_model_module
 
@@ -106,6 +108,8 @@ def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Pa
         sys.modules.pop(module.__name__, None)   # a temporary path: nothing should import it again
         model = getattr(module, generated.class_name)().eval()
         _load(model, weights)
+        if reference is not None:
+            _check_equal(model, reference, input_size)
         weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         _save_weights(weights, tmp / WEIGHTS, name)
         config = _config(name, network, source, generated, space_text)
@@ -120,6 +124,25 @@ def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+EXPORT_TOLERANCE = 1e-4
+
+
+def _check_equal(model, reference, input_size: tuple) -> None:
+    """The exported model computes the derived network's function (eval mode): max |difference| of
+    the logits on random inputs at most EXPORT_TOLERANCE of their scale (at least 1). Merging folds
+    BNs and reorders sums, so the two agree to float rounding, not bit for bit."""
+    import torch
+
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(x), model(x)
+    scale = max(1.0, float(expected.abs().max()))
+    diff = float((expected - got).abs().max())
+    if not diff <= EXPORT_TOLERANCE * scale:
+        raise NasdslError(f"internal: the generated model differs from the derived network by {diff:.3g} "
+                          f"(logits up to {scale:.3g}); nothing was written")
 
 
 def _config(name: str, network, source, generated, space_text: str | None) -> dict:

@@ -1,8 +1,10 @@
 """The torch network that a graph config (`Network.to_config()`) describes.
 
-This file imports only torch and timm: `nasdsl export` copies it verbatim into a standalone
-model module, so a searched network runs without nasdsl. The supernet reuses it with gates
-(`gate_factory`); the plain network and every derived network use it as it is.
+The supernet is a NasNet with gates (`gate_factory`, nasdsl.supernet.build); the plain network
+and every derived network use it as it is: finetuning trains a derived network as a NasNet.
+An export does not ship it: nasdsl.export.codegen generates plain PyTorch from the (merged)
+graph, and copies from here only the small modules it needs (Select, Subsample, MixConv,
+GlobalAvgPool), which is why this file imports only torch and timm.
 
 Follows timm's model API: num_classes, num_features, forward_features (the unpooled map),
 forward_head(x, pre_logits), get_classifier, reset_classifier, and for `features_only=True`
