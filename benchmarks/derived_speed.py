@@ -42,9 +42,11 @@ load hits all alike. A speed-up is the unpruned network's (supernet's) median ti
 network's; its *ratio* is speed-up / FLOPs reduction, the reduction being the derived network's
 (unpruned MACs / derived MACs, as `nasdsl show` counts them) for both forms: the merged network
 computes the same function with more MACs (the zero-padded kernels and zero rows merging adds).
-"vs m" divides the unpruned network merged's time instead: stricter wherever merging alone speeds
-up the unpruned network (the multi-branch ProxylessNAS supernet); where merging changes nothing in
-it (VGG-16, ResNet-56, MobileNetV2) both columns time the same network.
+"vs b" divides the time of the faster of the unpruned network and the unpruned network merged
+instead: stricter wherever merging alone speeds the unpruned network up (the multi-branch
+ProxylessNAS supernet at batch 1; at batch 64 its zero-padded 7x7 depthwise kernels over all six
+candidates make it slower); where merging changes nothing (VGG-16, ResNet-56, MobileNetV2) both
+columns time the same network.
 
 Targets: inference ratio >= 0.8 at batch 64 and >= 0.7 at batch 1 for the merged network (what
 the export runs), step ratio >= 0.6 for the derived network (what finetuning trains); the table
@@ -287,7 +289,8 @@ def ratios(result: dict, form: str) -> dict:
     out = {}
     for batch in BATCHES:
         t = result[batch]
-        out[batch] = (t["unpruned"] / t[form], t["unpruned"] / t[form] / red, t["unpruned merged"] / t[form] / red)
+        best = min(t["unpruned"], t["unpruned merged"])   # the faster form of the unpruned network
+        out[batch] = (t["unpruned"] / t[form], t["unpruned"] / t[form] / red, best / t[form] / red)
     speedup = result["step"]["supernet"] / result["step"][form]
     out["step"] = (speedup, speedup / red)
     return out
@@ -303,11 +306,12 @@ def mark(value: float, target: float) -> str:
 
 
 def print_table(results: dict[str, dict]) -> None:
-    print("\nratio = speed-up / FLOPs reduction; vs m: speed-up over the unpruned network merged / FLOPs "
-          "reduction; + meets, - misses the column's target (batch 64 >= 0.8, batch 1 >= 0.7, step >= 0.6)")
+    print("\nratio = speed-up / FLOPs reduction; vs b: the same over the faster of the unpruned network and "
+          "the unpruned network merged; + meets, - misses the column's target (batch 64 >= 0.8, batch 1 >= 0.7, "
+          "step >= 0.6)")
     w = max(len("network"), *map(len, results)) + 2
     print(f"{'':<{w + 8}}{'FLOPs':>7} | {'batch 64':^22} | {'batch 1':^22} | {'training step':^15}")
-    print(f"{'network':<{w}}{'form':<8}{'red.':>7} | " + f"{'speed-up':>9}{'ratio':>7}{'vs m':>6} | " * 2
+    print(f"{'network':<{w}}{'form':<8}{'red.':>7} | " + f"{'speed-up':>9}{'ratio':>7}{'vs b':>6} | " * 2
           + f"{'speed-up':>9}{'ratio':>6}")
     for label, result in results.items():
         for form in FORMS:
@@ -323,7 +327,7 @@ def print_targets(results: dict[str, dict]) -> None:
         return f"{value:.2f} {'met' if met(value, TARGETS[target]) else 'MISSED'}"
 
     print("\ntargets: inference of the merged network (as exported) vs the unpruned network "
-          "[vs the unpruned network merged]; finetuning step of the derived network vs the supernet's")
+          "[vs the faster of it and it merged]; finetuning step of the derived network vs the supernet's")
     for label, result in results.items():
         m, d = ratios(result, "merged"), ratios(result, "derived")
         parts = [f"batch {b} >= {TARGETS[b]}: {verdict(m[b][1], b)} [{verdict(m[b][2], b)}]" for b in BATCHES]
