@@ -54,7 +54,7 @@ def test_default_recipe(tmp_path):
         raw["weights"]["epochs"], raw["architecture"]["epochs"], raw["finetune"]["epochs"])
     assert recipe.architecture.lambda_a == float(raw["architecture"]["lambda_a"])
     assert load_recipe(str(write(tmp_path, MINIMAL))).architecture.lambda_a == 5e-4
-    assert "10 minutes on 2 CPU cores" in (RECIPES_DIR / "cpu.yaml").read_text()
+    assert "5 minutes on 2 CPU cores" in (RECIPES_DIR / "cpu.yaml").read_text()
 
 
 def test_paper_numbers():
