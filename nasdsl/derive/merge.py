@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from nasdsl.graph.ir import Block, Layer, Network, Op, Shape
-from nasdsl.graph.ops import is_depthwise
 
 
 @dataclass(frozen=True)
@@ -110,9 +109,13 @@ def _merge_layer(layer: Layer, own: dict, dense_residual: bool, depthwise: str):
     return replace(layer, blocks=(block,)), tensors
 
 
-# ---- which layers merge, and how -----------------------------------------------------------------
+# ---- which layers merge, and how (the op catalogue's `merge` and `eval_affine` say per kind) ------
+def _role(op: Op) -> str | None:
+    return op.spec.merge(op)
+
+
 def _kernel(block: Block) -> int:
-    return next((op.attrs["k"] for op in block.ops if is_depthwise(op)), 0)
+    return next((op.attrs["k"] for op in block.ops if _role(op) == "depthwise"), 0)
 
 
 def _parts(layer: Layer):
@@ -125,8 +128,7 @@ def _parts(layer: Layer):
         return None, None
     n = len(blocks[0].ops)
     columns = [tuple(b.ops[p] for b in blocks) for p in range(n)]
-    proj = max((p for p in range(n) if columns[p][0].kind == "conv" and not is_depthwise(columns[p][0])),
-               default=None)
+    proj = max((p for p in range(n) if _role(columns[p][0]) == "dense"), default=None)
     if proj is None or proj == 0 or not _tail_fits(columns[proj:]):
         return None, None
     parts = []
@@ -143,7 +145,7 @@ def _tail_parts(block: Block):
     """A lone residual block whose indexed output can be widened: its ops up to the last dense conv
     stay one part each ("keep"), that conv (and its BN) is the projection."""
     n = len(block.ops)
-    proj = max((p for p, op in enumerate(block.ops) if op.kind == "conv" and not is_depthwise(op)), default=None)
+    proj = max((p for p, op in enumerate(block.ops) if _role(op) == "dense"), default=None)
     columns = [(op,) for op in block.ops]
     if proj is None or not _tail_fits(columns[proj:]):
         return None, None
@@ -153,31 +155,26 @@ def _tail_parts(block: Block):
 
 
 def _tail_fits(columns) -> bool:
-    """A dense ungrouped conv, optionally followed by a BN, and nothing after."""
+    """A dense conv, optionally followed by a per-channel affine map in eval mode (BN), and nothing after."""
     conv = columns[0]
-    if conv[0].attrs["groups"] != 1 or len({(op.attrs["k"], op.attrs["stride"], op.attrs["padding"])
-                                             for op in conv}) != 1:
+    if len({(op.attrs["k"], op.attrs["stride"], op.attrs["padding"]) for op in conv}) != 1:
         return False
-    return len(columns) == 1 or (len(columns) == 2 and columns[1][0].kind == "bn")
+    return len(columns) == 1 or (len(columns) == 2 and columns[1][0].spec.eval_affine is not None)
 
 
 def _concat_how(ops: tuple[Op, ...], first: bool, in_width: int) -> str | None:
     """How the blocks' ops at one position before the projection combine, or None if they cannot."""
     op = ops[0]
-    if op.kind == "conv" and is_depthwise(op):
+    role = _role(op)
+    if role == "depthwise":
         same_stride = len({o.attrs["stride"] for o in ops}) == 1
         centred = all(o.attrs["padding"] == o.attrs["k"] // 2 and o.attrs["k"] % 2 and not o.attrs["bias"]
                       for o in ops)
         return "mix" if same_stride and centred else None
-    if op.kind == "conv":   # a dense conv reading the whole shared input: the expansion
-        same = len({tuple(sorted((k, v) for k, v in o.attrs.items() if k != "out")) for o in ops}) == 1
-        return "concat" if first and same and op.attrs["groups"] == 1 and op.in_shape.channels == in_width else None
-    if op.kind == "bn":
-        same = len({(o.attrs["eps"], o.attrs["momentum"]) for o in ops}) == 1
-        return "concat" if same and not op.in_shape.is_flat else None
-    if op.kind == "act":
-        return "concat" if len({o.attrs["fn"] for o in ops}) == 1 else None
-    return None
+    same = len({tuple(sorted((k, v) for k, v in o.attrs.items() if k != "out")) for o in ops}) == 1
+    if role == "dense":   # a dense conv reading the whole shared input: the expansion
+        return "concat" if first and same and op.in_shape.channels == in_width else None
+    return "concat" if role == "channelwise" and same else None
 
 
 def _dense_is_cheaper(project: tuple[Op, ...], kept: int, width: int) -> bool:
@@ -198,20 +195,22 @@ def _merged_op(part: _Part, outputs: list[int], depthwise: str) -> Op:
         return op
     channels = sum(o.out_shape.channels for o in ops)
     if part.how == "project":
-        in_shape = Shape(sum(o.in_shape.channels for o in ops if o.kind == "conv"), op.in_shape.size)
-        attrs = dict(op.attrs, out=len(outputs), bias=op.attrs["bias"] or any(o.kind == "bn" for o in ops))
-        return Op("conv", attrs, in_shape, Shape(len(outputs), op.out_shape.size))
-    in_channels = op.in_shape.channels if op.kind == "conv" and part.how == "concat" else channels
+        convs = [o for o in ops if _role(o) == "dense"]
+        in_shape = Shape(sum(o.in_shape.channels for o in convs), op.in_shape.size)
+        attrs = dict(op.attrs, out=len(outputs), bias=op.attrs["bias"] or len(convs) < len(ops))
+        return Op(op.kind, attrs, in_shape, Shape(len(outputs), op.out_shape.size))
+    dense = _role(op) == "dense"
+    in_channels = op.in_shape.channels if dense else channels
     in_shape, out_shape = Shape(in_channels, op.in_shape.size), Shape(channels, op.out_shape.size)
     if part.how == "mix":
         kernels = sorted({o.attrs["k"] for o in ops})
         if len(kernels) == 1 or depthwise == "padded":
             k = kernels[-1]
-            return Op("conv", dict(op.attrs, out=channels, groups=channels, k=k, padding=k // 2), in_shape, out_shape)
+            return Op(op.kind, dict(op.attrs, out=channels, groups=channels, k=k, padding=k // 2), in_shape, out_shape)
         splits = [sum(o.out_shape.channels for o in ops if o.attrs["k"] == k) for k in kernels]
         return Op("mixconv", {"kernels": tuple(kernels), "splits": tuple(splits), "stride": op.attrs["stride"]},
                   in_shape, out_shape)
-    attrs = dict(op.attrs, out=channels) if op.kind == "conv" else dict(op.attrs)
+    attrs = dict(op.attrs, out=channels) if dense else dict(op.attrs)
     return Op(op.kind, attrs, in_shape, out_shape)
 
 
@@ -247,10 +246,10 @@ def _pad_kernel(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _projection(part: _Part, blocks, order: list[int], own: dict, outputs: list[int]) -> dict:
-    """One conv from the concatenated mid channels to `outputs`, each block's output BN folded in:
-    BN(Wx) = (gamma / sqrt(var + eps)) * Wx + (beta - mean * gamma / sqrt(var + eps))."""
+    """One conv from the concatenated mid channels to `outputs`, each block's output BN folded in
+    (its eval-mode affine map, the catalogue's `eval_affine`): BN(Wx + b) = scale * (Wx + b) + shift."""
     row = {c: r for r, c in enumerate(outputs)}
-    convs = [op for op in part.ops if op.kind == "conv"]
+    convs = [op for op in part.ops if _role(op) == "dense"]
     mids = [op.in_shape.channels for op in convs]
     first = convs[0]
     weight = torch.zeros(len(outputs), sum(mids), first.attrs["k"], first.attrs["k"])
@@ -262,10 +261,11 @@ def _projection(part: _Part, blocks, order: list[int], own: dict, outputs: list[
         w = own[f"{prefix}{p}.weight"].float()
         b = own[f"{prefix}{p}.bias"].float() if conv.attrs["bias"] else torch.zeros(w.shape[0])
         if p + 1 < len(block.ops):   # the BN after it
-            bn = {name: own[f"{prefix}{p + 1}.{name}"].float() for name in ("weight", "bias", "running_mean",
-                                                                            "running_var")}
-            scale = bn["weight"] / torch.sqrt(bn["running_var"] + block.ops[p + 1].attrs["eps"])
-            w, b = w * scale.view(-1, 1, 1, 1), (b - bn["running_mean"]) * scale + bn["bias"]
+            after = block.ops[p + 1]
+            tensors = {k[len(f"{prefix}{p + 1}."):]: v.float() for k, v in own.items()
+                       if k.startswith(f"{prefix}{p + 1}.")}
+            scale, shift = after.spec.eval_affine(after.attrs, tensors)
+            w, b = w * scale.view(-1, 1, 1, 1), b * scale + shift
         placed = block.index if block.index is not None else range(w.shape[0])
         rows = torch.tensor([row[c] for c in placed], dtype=torch.long)
         weight[rows, offset:offset + mids[n]] += w

@@ -123,6 +123,15 @@ class OpKind:
     # False: the kind exists only in merged networks (nasdsl.derive.merge), which are made from a
     # derived network for speed and never searched, slimmed or printed as `.space` text again
     searchable: bool = True
+    # how the op merges with the ops at the same place in parallel blocks (nasdsl.derive.merge):
+    # "dense" (a conv reading every input channel: the expansions concatenate their outputs, the
+    # projections their inputs), "depthwise" (one depthwise stage over the concatenated channels),
+    # "channelwise" (one op over the concatenated channels where the attrs agree), None (a layer
+    # holding it is not merged)
+    merge: Callable[["Op"], str | None] = lambda op: None
+    # in eval mode the op is x -> scale * x + shift per channel; from its attrs and tensors, the
+    # (scale, shift) that merging folds into the conv before it (BN). None: not such a map
+    eval_affine: Callable[[dict, dict], tuple] | None = None
 
     def range_after(self, attrs: dict, in_range: str | None) -> str | None:
         """The activation range a tensor is in after this op (see `out_range`)."""
@@ -282,6 +291,18 @@ def _not_after_merge(what: str):
     return refuse
 
 
+def _conv_merge(op) -> str | None:
+    if is_depthwise(op):
+        return "depthwise"
+    return "dense" if op.attrs["groups"] == 1 else None
+
+
+def _bn_affine(attrs: dict, t: dict) -> tuple:
+    """BN in eval mode: gamma * (x - mean) / sqrt(var + eps) + beta (tensor arithmetic, no torch import)."""
+    scale = t["weight"] / (t["running_var"] + attrs["eps"]).sqrt()
+    return scale, t["bias"] - t["running_mean"] * scale
+
+
 def _select_slim(op, cin: Channels, cout: Channels) -> dict:
     """The kept outputs' sources, renumbered among the kept inputs."""
     pos = {c: i for i, c in enumerate(cin)}
@@ -305,12 +326,13 @@ _LINEAR_WEIGHTS = {"weight": ("out", "in"), "bias": ("out",)}
 
 OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("conv", _conv_infer, _conv_params, _conv_macs, channels=_conv_channels, slim_attrs=_conv_slim,
-           slice_weights=_conv_weights, print=_conv_print, allocates=_yes),
+           slice_weights=_conv_weights, print=_conv_print, allocates=_yes, merge=_conv_merge),
     OpKind("bn", _same, lambda a, i, o: 2 * i.channels, slice_weights=lambda op: dict(_BN_WEIGHTS), print=_bn_print,
-           absorbs_gate=True, allocates=_yes),
+           absorbs_gate=True, allocates=_yes, merge=lambda op: None if op.in_shape.is_flat else "channelwise",
+           eval_affine=_bn_affine),
     OpKind("act", _same, print=lambda op, gated: op.attrs["fn"], out_range=_act_range,
            idle_on=lambda a, in_range: in_range in _IDLE_ON.get(a["fn"], ()), elementwise=True,
-           allocates=lambda a: a["fn"] != "identity"),
+           allocates=lambda a: a["fn"] != "identity", merge=lambda op: "channelwise"),
     OpKind("gate", _same, is_gate=True),
     # at inference, where derivation's equivalence holds
     OpKind("dropout", _same, print=lambda op, gated: spacetext.call("dropout", (op.attrs["p"],)),
