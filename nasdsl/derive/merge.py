@@ -184,13 +184,12 @@ def _concat_how(ops: tuple[Op, ...], first: bool, in_width: int) -> str | None:
 
 def _dense_is_cheaper(project: tuple[Op, ...], kept: int, width: int) -> bool:
     """Whether a residual block should write all `width` channels (zero rows) rather than add its
-    `kept` ones by index: yes while the zero rows add at most half the conv's MACs. An indexed add
-    allocates a zeroed map of the stream and scatters into it. Measured alone on this CPU (2
-    threads, eager, channels-last, ResNet-56 and MobileNet shapes): at batch 1 the dense form was
-    always faster (46 against 53 us for a 3x3 conv from 32 channels writing 32 of 64 at 8x8); at
-    batch 64 it broke even at about half the MACs added (620 against 623 us writing 40 of 64;
-    1.85 against 0.51 ms writing 32 of 64, 0.62 against 0.69 ms writing 48)."""
-    return 2 * (width - kept) <= kept
+    `kept` ones by index: yes while the zero rows at most double the conv's MACs. An indexed add
+    allocates a zeroed map of the stream and scatters into it; measured on this CPU (2 threads,
+    eager, channels-last, ResNet-56 and ProxylessNAS shapes at batch 64 and 1), the dense form was
+    as fast or faster up to that point (e.g. 64 channels at 8x8 from 32: 23 against 28 ms with 32
+    kept of 64, at batch 64) and lost beyond it."""
+    return width - kept <= kept
 
 
 # ---- the merged ops and their weights ------------------------------------------------------------
