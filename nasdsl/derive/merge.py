@@ -185,10 +185,14 @@ def _concat_how(ops: tuple[Op, ...], first: bool, in_width: int) -> str | None:
 def _dense_is_cheaper(project: tuple[Op, ...], kept: int, width: int) -> bool:
     """Whether a residual block should write all `width` channels (zero rows) rather than add its
     `kept` ones by index: yes while the zero rows at most double the conv's MACs. An indexed add
-    allocates a zeroed map of the stream and scatters into it; measured on this CPU (2 threads,
-    eager, channels-last, ResNet-56 and ProxylessNAS shapes at batch 64 and 1), the dense form was
-    as fast or faster up to that point (e.g. 64 channels at 8x8 from 32: 23 against 28 ms with 32
-    kept of 64, at batch 64) and lost beyond it."""
+    allocates a zeroed map of the stream and scatters into it. Measured alone on this CPU (2
+    threads, eager, channels-last): a single conv + add at batch 1 was always faster dense (46
+    against 53 us, a 3x3 conv from 32 channels writing 32 of 64 at 8x8); at batch 64 it broke even
+    near half the MACs added (620 against 623 us writing 40 of 64) and lost at double (1.85 against
+    0.51 ms). But in whole networks the indexed adds that remain cost more than alone (the generated
+    code's index_add has no channels-last path): ResNet-56 searched to 3x, merged, read 0.45 / 0.36
+    (speed-up / FLOPs reduction, batch 64 / 1, benchmarks/derived_speed.py) with this rule against
+    0.39 / 0.34 with the half rule, and MobileNetV2 the same within the noise."""
     return width - kept <= kept
 
 
