@@ -90,7 +90,7 @@ def test_candidates_in_any_kernel_order_make_one_depthwise_stage_and_dense_adds(
     assert a.blocks[0].index is None                                  # the add into the stream is dense
 
 
-@pytest.mark.parametrize("kept, dense", [(16, True), (12, True), (4, False)])
+@pytest.mark.parametrize("kept, dense", [(16, True), (12, True), (11, False), (4, False)])
 def test_a_residual_block_goes_dense_while_its_zero_rows_at_most_double_its_macs(kept, dense):
     net = compile_source(MIXED, "mixed.space")
     masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
