@@ -8,14 +8,19 @@ import sys
 #: one thread per test process (they run beside each other on 2 cores), unbuffered for kill tests
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-#: a stem, a layer of two MBConv candidates, a gated conv and the classifier: every stage in seconds
-TINY = """
+def tiny_space(width: int = 8, expansion: int = 2) -> str:
+    """A stem, a layer of two MBConv candidates `width` wide, a gated conv twice as wide and the
+    classifier: every stage in seconds."""
+    return f"""
 space tiny(input=3, resolution=8, classes=10)
 layer stem [gate=off] = conv(8, k=3) > bn > relu
-layer choice = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
-layer down = conv(16, k=3, stride=2) > bn > relu
+layer choice = mbconv({width}, k=3, e={expansion}) | mbconv({width}, k=5, e={expansion})
+layer down = conv({2 * width}, k=3, stride=2) > bn > relu
 layer classifier = gap > linear(classes)
 """
+
+
+TINY = tiny_space()
 
 
 def run_nasdsl(*args, check: bool = True, timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:

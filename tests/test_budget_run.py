@@ -14,15 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import ENV, run_nasdsl
+from cli_helpers import ENV, run_nasdsl, tiny_space
 
-TINY = """
-space tiny(input=3, resolution=8, classes=10)
-layer stem [gate=off] = conv(8, k=3) > bn > relu
-layer choice = mbconv(16, k=3, e=3) | mbconv(16, k=5, e=3)
-layer down = conv(32, k=3, stride=2) > bn > relu
-layer classifier = gap > linear(classes)
-"""
+TINY = tiny_space(width=16, expansion=3)   # wider than the shared one: room for budgets to land in
 SETS = ["resolution=8", "batch_size=32", "weights.epochs=2", "architecture.epochs=2", "finetune.epochs=1",
         "architecture.lambda_a=1e-3"]
 SEVERAL = "flops=50%,25%"

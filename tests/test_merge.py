@@ -4,14 +4,12 @@ residual blocks widened to a dense add, compute what the derived network compute
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from nasdsl.derive.derive import derive
 from nasdsl.derive.merge import merge
-from nasdsl.graph.ir import Shape
 from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import NasNet
 from test_derive import FILES, compiled, gen, random_masks, slim_and_masked, supernet

@@ -65,7 +65,7 @@ def merge(network: Network, state: dict[str, torch.Tensor], dense_residual: bool
     last = len(network.layers) - 1
     for i, layer in enumerate(network.layers):
         prefix = f"layers.{i}."
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if i < last else None
+        own = _under(state, prefix) if i < last else None
         merged = _merge_layer(layer, own, dense_residual, depthwise) if own is not None else None
         if merged is None:
             layers.append(layer)
@@ -81,21 +81,19 @@ def merge(network: Network, state: dict[str, torch.Tensor], dense_residual: bool
 def _merge_layer(layer: Layer, own: dict, dense_residual: bool, depthwise: str):
     """(merged layer, its state under `layers.i.`), or None when there is nothing to merge."""
     if len(layer.blocks) > 1:
-        parts, blocks = _parts(layer)
-        if parts is None:
-            return None
+        parts, order = _parts(layer)
     elif len(layer.blocks) == 1 and layer.shortcut is not None and layer.blocks[0].index is not None \
             and dense_residual:
-        parts, blocks = _tail_parts(layer.blocks[0])
-        if parts is None:
-            return None
+        parts, order = _tail_parts(layer.blocks[0]), [0]
     else:
         return None
-    order = [next(j for j, b in enumerate(layer.blocks) if b is block) for block in blocks]
+    if parts is None:
+        return None
+    blocks = [layer.blocks[j] for j in order]
     union = sorted({c for b in blocks for c in (b.index if b.index is not None else range(b.out_shape.channels))})
     width = layer.width
     dense = dense_residual and layer.shortcut is not None and len(union) < width and \
-        _dense_is_cheaper(parts[-1].ops, len(union), width)
+        _dense_is_cheaper(len(union), width)
     if len(blocks) == 1 and not dense:
         return None   # a lone block that stays indexed: nothing to gain
     outputs = list(range(width)) if dense else union
@@ -119,15 +117,28 @@ def _role(op: Op) -> str | None:
     return op.spec.merge(op)
 
 
+def _under(state: dict, prefix: str) -> dict:
+    """The entries of a state dict under `prefix`, named relative to it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _project_part(columns: list, proj: int) -> _Part:
+    """The projection: each block's dense conv at `proj`, then each one's BN after it (if any)."""
+    after = columns[proj + 1] if proj + 1 < len(columns) else ()
+    return _Part("project", tuple(columns[proj] + after), proj)
+
+
 def _kernel(block: Block) -> int:
     return next((op.attrs["k"] for op in block.ops if _role(op) == "depthwise"), 0)
 
 
 def _parts(layer: Layer):
     """The merged block's parts for parallel blocks of one kind sequence ending in a dense conv
-    (and its BN): a channelwise prefix that concatenates, then one projection. (None, None) when
-    the blocks do not fit that form."""
-    blocks = sorted(layer.blocks, key=_kernel)   # stable: each kernel's channels contiguous
+    (and its BN): a channelwise prefix that concatenates, then one projection; and the blocks'
+    order in it, sorted by kernel (stable) so each kernel's channels are contiguous. (None, None)
+    when the blocks do not fit that form."""
+    order = sorted(range(len(layer.blocks)), key=lambda j: _kernel(layer.blocks[j]))
+    blocks = [layer.blocks[j] for j in order]
     kinds = {tuple(op.kind for op in b.ops) for b in blocks}
     if len(kinds) != 1:
         return None, None
@@ -142,21 +153,18 @@ def _parts(layer: Layer):
         if how is None:
             return None, None
         parts.append(_Part(how, ops, p))
-    parts.append(_Part("project", tuple(columns[proj] + (columns[proj + 1] if proj + 1 < n else ())), proj))
-    return parts, blocks
+    parts.append(_project_part(columns, proj))
+    return parts, order
 
 
-def _tail_parts(block: Block):
+def _tail_parts(block: Block) -> list[_Part] | None:
     """A lone residual block whose indexed output can be widened: its ops up to the last dense conv
-    stay one part each ("keep"), that conv (and its BN) is the projection."""
-    n = len(block.ops)
+    stay one part each ("keep"), that conv (and its BN) is the projection. None if it cannot."""
     proj = max((p for p, op in enumerate(block.ops) if _role(op) == "dense"), default=None)
     columns = [(op,) for op in block.ops]
     if proj is None or not _tail_fits(columns[proj:]):
-        return None, None
-    parts = [_Part("keep", (op,), p) for p, op in enumerate(block.ops[:proj])]
-    parts.append(_Part("project", tuple(columns[proj] + (columns[proj + 1] if proj + 1 < n else ())), proj))
-    return parts, [block]
+        return None
+    return [_Part("keep", (op,), p) for p, op in enumerate(block.ops[:proj])] + [_project_part(columns, proj)]
 
 
 def _tail_fits(columns) -> bool:
@@ -182,7 +190,7 @@ def _concat_how(ops: tuple[Op, ...], first: bool, in_width: int) -> str | None:
     return "concat" if role == "channelwise" and same else None
 
 
-def _dense_is_cheaper(project: tuple[Op, ...], kept: int, width: int) -> bool:
+def _dense_is_cheaper(kept: int, width: int) -> bool:
     """Whether a residual block should write all `width` channels (zero rows) rather than add its
     `kept` ones by index: yes while the zero rows at most double the conv's MACs. An indexed add
     allocates a zeroed map of the stream and scatters into it. Measured alone on this CPU (2
@@ -227,10 +235,7 @@ def _merged_tensors(part: _Part, blocks, order: list[int], own: dict, outputs: l
     """The merged op's tensors (its NasNet state-dict entries), from each block's op at this position."""
     if part.how == "project":
         return _projection(part, blocks, order, own, outputs)
-    per_block = []
-    for j in order:
-        prefix = f"blocks.{j}.ops.{part.position}."
-        per_block.append({key[len(prefix):]: v for key, v in own.items() if key.startswith(prefix)})
+    per_block = [_under(own, f"blocks.{j}.ops.{part.position}.") for j in order]
     if part.how == "keep":
         return per_block[0]
     kernels = sorted({o.attrs["k"] for o in part.ops}) if part.how == "mix" else []
@@ -271,8 +276,7 @@ def _projection(part: _Part, blocks, order: list[int], own: dict, outputs: list[
         b = own[f"{prefix}{p}.bias"].float() if conv.attrs["bias"] else torch.zeros(w.shape[0])
         if p + 1 < len(block.ops):   # the BN after it
             after = block.ops[p + 1]
-            tensors = {k[len(f"{prefix}{p + 1}."):]: v.float() for k, v in own.items()
-                       if k.startswith(f"{prefix}{p + 1}.")}
+            tensors = {k: v.float() for k, v in _under(own, f"{prefix}{p + 1}.").items()}
             scale, shift = after.spec.eval_affine(after.attrs, tensors)
             w, b = w * scale.view(-1, 1, 1, 1), b * scale + shift
         placed = block.index if block.index is not None else range(w.shape[0])

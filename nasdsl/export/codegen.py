@@ -30,7 +30,7 @@ from nasdsl._version import __version__
 from nasdsl.errors import NasdslError
 from nasdsl.export.load import FORMAT, REGISTRATION
 from nasdsl.graph.ir import Layer, Network, Op
-from nasdsl.graph.ops import is_depthwise
+from nasdsl.graph.ops import CHANNELWISE, is_depthwise
 
 WIDTH = 110   # the longest line the generator writes where it can choose
 
@@ -275,8 +275,9 @@ def op_call(op: Op, b: Builder, q: str, cin: str, cout: str, inplace: bool) -> C
 
 
 def changes_width(op: Op) -> bool:
-    """The op makes a tensor of a new width (a new width symbol), rather than keeping its input's."""
-    return op.kind in ("linear", "flatten", "select") or (op.kind == "conv" and not is_depthwise(op))
+    """The op makes a tensor of a new width (a new width symbol), rather than keeping its input's:
+    any op the catalogue does not call channelwise."""
+    return op.spec.channels(op) is not CHANNELWISE
 
 
 def chain(ops, positions, b: Builder, scope: str, cin: str, cout: str | None, fresh: bool,
@@ -1117,11 +1118,6 @@ def generate(network: Network, name: str, pretrained_cfg: dict, title: str | Non
     except SyntaxError as exc:
         raise NasdslError(f"internal: the generated module does not parse ({exc.msg}, line {exc.lineno})") from None
     return Generated(text, model_part, cls, names, cfg, features, text.count("\n"))
-
-
-def module_text(network: Network, name: str, pretrained_cfg: dict, title: str | None = None) -> str:
-    """The generated module's source (see `generate`)."""
-    return generate(network, name, pretrained_cfg, title).text
 
 
 def usage(name: str) -> str:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from nasdsl._version import __version__
 from nasdsl.errors import NasdslError
-from nasdsl.export.load import CONFIG, FORMAT, MARKER, WEIGHTS
+from nasdsl.export.load import CONFIG, FORMAT, MARKER, WEIGHTS, load_strict
 
 if TYPE_CHECKING:
     from nasdsl.train.data import Preprocessing
@@ -107,7 +107,7 @@ def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Pa
         module = import_model_module(module_file)
         sys.modules.pop(module.__name__, None)   # a temporary path: nothing should import it again
         model = getattr(module, generated.class_name)().eval()
-        _load(model, weights)
+        load_strict(model, weights, "the weights do not fit the generated model")
         if reference is not None:
             _check_equal(model, reference, input_size)
         weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -184,20 +184,8 @@ def _nasnet(network, state_dict: dict):
         model = NasNet(network.to_config())
     except (ValueError, KeyError, TypeError) as exc:
         raise NasdslError(f"cannot export this network: {_first_line(exc)}") from None
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise NasdslError(f"the state dict does not fit the network: {detail[:300]}") from None
+    load_strict(model, state_dict, "the state dict does not fit the network")
     return model.eval()
-
-
-def _load(model, weights: dict) -> None:
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise NasdslError(f"the weights do not fit the generated model: {detail[:300]}") from None
 
 
 # ---- checks ------------------------------------------------------------------------------------

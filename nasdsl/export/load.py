@@ -138,13 +138,17 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
-def load_weights(model, file: Path) -> None:
-    state = read_weights(file)
+def load_strict(model, state: dict, what: str, file: str | None = None) -> None:
+    """model.load_state_dict(state, strict=True); a mismatch is one NasdslError line, `what: detail`."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise NasdslError(f"weights do not fit the architecture: {detail[:300]}", file=str(file)) from None
+        raise NasdslError(f"{what}: {detail[:300]}", file=file) from None
+
+
+def load_weights(model, file: Path) -> None:
+    load_strict(model, read_weights(file), "weights do not fit the architecture", str(file))
 
 
 def load(path: str | Path):
