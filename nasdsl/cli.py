@@ -112,7 +112,7 @@ def cmd_search(args) -> int:
     request = RunRequest(space=Path(args.space), recipe=args.recipe, sets=parse_sets(args.set), data=args.data,
                          out=Path(args.out) if args.out else None, seed=args.seed, device=args.device,
                          resume=args.resume, download=args.download, name=args.name, budget=args.budget,
-                         progress=not (args.quiet or args.dry_run))
+                         progress=not (args.quiet or args.dry_run), init=Path(args.init) if args.init else None)
     plan = make_plan(request, join_world=not args.dry_run)
     if args.dry_run:
         _print_plan(plan.describe(), args.json)
@@ -145,6 +145,8 @@ def _print_plan(info: dict, as_json: bool) -> None:
           f"crop_pct {pre['crop_pct']}, {pre['interpolation']}")
     if info.get("augmentation"):
         print("  augment   " + ", ".join(f"{k} {v}" for k, v in info["augmentation"].items()))
+    if info.get("init"):
+        print(f"  init      {info['init']['path']} (sha256 {info['init']['sha256'][:12]})")
     print(f"  writes    {info['out']}/ (export name {info['export_name']})")
     for note in info["notes"]:
         print(f"  note: {note}")
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "when that is a timm model or a Python module)")
     r.add_argument("--budget", metavar="METRIC=VALUE", help="what the derived network may cost: flops=50%%, "
                    "flops=5M, params=1.2M; several (flops=50%%,25%%) search once per budget from one weights stage")
+    r.add_argument("--init", metavar="FILE", help="start from these trained weights (.safetensors, or a torch "
+                   "state dict read with weights_only), keyed like the space's network, as nasdsl import writes them")
     r.add_argument("--dry-run", action="store_true", help="check every input, print the plan and exit")
     r.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")

@@ -22,6 +22,7 @@ from nasdsl.graph.ir import Network
 from nasdsl.language.compiler import compile_source
 from nasdsl.language.source import read_source
 from nasdsl.pipeline.budgets import UNITS
+from nasdsl.pipeline.init import InitWeights, read_init
 from nasdsl.recipe import Recipe, load_recipe
 from nasdsl.supernet.build import place_gates
 from nasdsl.train import distributed as dist_utils
@@ -48,6 +49,7 @@ class RunRequest:
     name: str | None = None
     budget: str | None = None      # --budget: the same as --set architecture.budget=...
     progress: bool = True
+    init: Path | None = None       # --init: a trained network's state dict to start the supernet from
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     budgets: list[Budget] = field(default_factory=list)   # architecture.budget, parsed
     targets: list[int] = field(default_factory=list)      # each budget in MACs or parameters
+    init: InitWeights | None = None                       # --init, read and checked against the space
 
     @property
     def space_hash(self) -> str:
@@ -109,7 +112,8 @@ class Plan:
                 "flops": info["flops"], "params": info["params"], "gates": info["gates"],
                 "export_name": self.export_name, "preprocessing": self.data.preprocessing.to_dict(),
                 "augmentation": dict(self.data.augmentation), "notes": list(self.notes),
-                "budgets": [{"metric": b.metric, "target": t, "text": str(b)} for b, t in zip(self.budgets, self.targets)]}
+                "budgets": [{"metric": b.metric, "target": t, "text": str(b)} for b, t in zip(self.budgets, self.targets)],
+                "init": self.init.describe() if self.init else None}
 
 
 def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -131,8 +135,8 @@ def stage_epochs(recipe: Recipe, stage: str) -> int:
 
 
 def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
-    """Check every input in the order a user fixes them (recipe, space, data, device, names, folder)
-    and work out the run; raises a NasdslError on the first problem. Writes nothing."""
+    """Check every input in the order a user fixes them (recipe, space, data, device, names, --init,
+    folder) and work out the run; raises a NasdslError on the first problem. Writes nothing."""
     recipe_sets, space_sets = split_sets(request.sets)
     if request.seed is not None:
         recipe_sets["seed"] = str(request.seed)
@@ -161,10 +165,21 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / space.stem
     budgets, targets = plan_budgets(recipe, network)
+    init = read_init(request.init, network, str(space)) if request.init is not None else None
+    note_untrained_start(recipe, init, notes)
     plan = Plan(request, text, overrides, network, recipe, data, device, world, precision, out, export_name,
-                stages, notes, budgets, targets)
+                stages, notes, budgets, targets, init)
     check_run_folder(plan)
     return plan
+
+
+def note_untrained_start(recipe: Recipe, init: InitWeights | None, notes: list[str]) -> None:
+    """`weights.epochs: 0` belongs with --init (the weights are trained already); without it the
+    architecture stage would judge channels of a random network, which is almost surely a mistake.
+    A note, not an error: a quick smoke test of the later stages may want exactly that."""
+    if init is None and recipe.weights.epochs == 0:
+        notes.append("weights.epochs is 0 and there is no --init: the search starts from random weights "
+                     "(pass --init FILE to search a trained network, or give the weights stage epochs)")
 
 
 def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[int]]:
@@ -245,3 +260,19 @@ def check_run_folder(plan: Plan) -> None:
     if manifest.get("recipe") != plan.recipe.to_dict():
         raise NasdslError("this run used a different recipe; resume it with the same recipe and --set",
                           file=str(folder))
+    check_same_init(manifest.get("init"), plan.init, str(folder))
+
+
+def check_same_init(recorded: dict | None, init: InitWeights | None, folder: str) -> None:
+    """A resumed run takes its weights from its checkpoint, yet it must be the run it claims to be:
+    the --init file (compared by sha256, so a moved file still matches) is the manifest's, or
+    there is none on both sides."""
+    recorded_hash = (recorded or {}).get("sha256")
+    if recorded_hash == (init.sha256 if init else None):
+        return
+    if not recorded_hash:
+        raise NasdslError("this run started from random weights (no --init); resume it without --init",
+                          file=folder)
+    given = f", not {init.path} (sha256 {init.sha256[:12]})" if init else ""
+    raise NasdslError(f"this run started from --init {recorded.get('path')} (sha256 {recorded_hash[:12]}); "
+                      f"resume it with the same --init{given}", file=folder)

@@ -18,6 +18,7 @@ from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.ir import Network
 from nasdsl.pipeline import budgets
 from nasdsl.pipeline.folder import RunFolder, load_tensors, save_tensors, write_json
+from nasdsl.pipeline.init import load_init
 from nasdsl.pipeline.plan import Plan
 from nasdsl.pipeline.state import Measured, RunState
 from nasdsl.pipeline.summary import plot_search, summarize
@@ -71,7 +72,8 @@ class Pipeline:
         return summary
 
     def setup(self) -> None:
-        """Create the run folder (or restore its last checkpoint on --resume) and the supernet."""
+        """Create the run folder (or restore its last checkpoint on --resume) and the supernet, with
+        the --init weights on a fresh start (on resume the checkpoint's weights are newer)."""
         checkpoint = self.folder.load_checkpoint() if self.plan.request.resume else None
         if checkpoint is None:
             self.create_folder()
@@ -80,6 +82,8 @@ class Pipeline:
         if checkpoint is not None:
             self.restore(checkpoint)
             self.folder.truncate_metrics(lambda record: self.state.kept(record, self.names))
+        elif self.plan.init is not None:
+            load_init(self.model, self.plan.init, self.plan.network, self.recipe.gate_placement)
 
     def supernet(self) -> nn.Module:
         arch = self.recipe.architecture
@@ -97,7 +101,8 @@ class Pipeline:
                                    space_overrides=plan.overrides, recipe=self.recipe.to_dict(),
                                    seed=self.recipe.seed, data=plan.data.spec, device=str(plan.device),
                                    world_size=plan.world.size, precision=plan.precision,
-                                   export_name=plan.export_name)
+                                   export_name=plan.export_name,
+                                   init=plan.init.describe() if plan.init else None)
 
     def restore(self, checkpoint: dict) -> None:
         try:
