@@ -24,7 +24,12 @@ def build(network: Network):
 
 
 def load(path: str | Path):
-    """The derived network of a run folder or an export folder, with its weights."""
+    """The derived network of a run folder or an export folder, or the plain network of an import
+    folder (`nasdsl import`), with its weights."""
     from nasdsl.export.load import load as load_export
+    from nasdsl.importer import MARKER, load_import
+
+    if (Path(path) / MARKER).is_file():
+        return load_import(path)
 
     return load_export(path)

@@ -241,6 +241,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from nasdsl.importer import import_model
+
+    if args.resolution is not None and not 8 <= args.resolution <= 4096:
+        raise NasdslError(f"--resolution must be between 8 and 4096, got {args.resolution}")
+    done = import_model(args.model, args.out, args.weights, args.download, args.resolution)
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"wrote {done.space} ({human(done.params)} params, {human(done.flops)} FLOPs) and its weights "
+          f"({done.weights}); the imported network's logits equal the model's (largest relative difference "
+          f"{done.difference:.1e})")
+    print(f"next: nasdsl search {done.space} --init {done.folder / 'weights.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nasdsl", description="Supernet architecture search with a search-space language.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
@@ -298,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the export folder")
     x.add_argument("--onnx", action="store_true", help="also write a verified ONNX file")
     x.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("import", help="write a timm or torchvision CNN as a .space file and its weights")
+    m.add_argument("model", metavar="timm:NAME|torchvision:NAME")
+    m.add_argument("--weights", metavar="FILE", help="the model's state dict, under the library's names "
+                   "(safetensors, or a torch file read with weights_only); default: the library's pretrained "
+                   "weights if this machine has them cached, else the random initialisation")
+    m.add_argument("--out", metavar="DIR", help="the import folder (default: imports/NAME)")
+    m.add_argument("--resolution", type=int, help="the input size the space is written for (default: the "
+                   "model's pretrained config, else 224)")
+    m.add_argument("--download", action="store_true", help="allow fetching the library's pretrained weights")
+    m.set_defaults(func=cmd_import)
     return p
 
 
