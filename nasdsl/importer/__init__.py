@@ -39,7 +39,7 @@ class Imported:
 
 
 def space_text(spec: str, name: str, plans, in_chans: int, resolution: int, classes: int, weights: str) -> str:
-    from nasdsl import __version__
+    from nasdsl._version import __version__
 
     head = [f"# {spec}, imported by `nasdsl import` (nasdsl {__version__}) from its torch.fx trace.",
             f"# Weights: {weights} (weights.safetensors beside this file, keyed for this space).",
