@@ -86,13 +86,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _refusal(exc: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, in one line."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the class or function it refused
     if found:
         return (f"holds a Python object ({found.group(1)}), not only tensors: reading it would run pickled "
                 f"code, which nasdsl never does; save the model's state_dict() or a .safetensors file")
-    text = str(exc)
-    cut = text.find("WeightsUnpickler error:")  # torch's reason, after a paragraph about its defaults
-    text = text[cut + len("WeightsUnpickler error:"):] if cut >= 0 else text
+    text = str(exc)  # torch's reason comes after a paragraph about its defaults
+    cut = text.find("WeightsUnpickler error:")
+    if cut >= 0:
+        text = text[cut + len("WeightsUnpickler error:"):]
+    elif text.startswith("Weights only load failed"):
+        text = text.split("\n\n", 1)[-1]
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     detail = f"{type(exc).__name__}: {first[:120]}" if first else type(exc).__name__
     return f"corrupt or not a torch file ({detail})"

@@ -181,6 +181,9 @@ class Pipeline:
 
     def joint(self) -> None:
         wcfg, acfg = self.recipe.weights, self.recipe.architecture
+        if self.state.baseline is None and self.plan.init is not None:  # the imported model, before training
+            self.model.gate_set.set_mode("disabled")
+            self.state.baseline = self.measure(self.plan.network)
         weights, gates = dnal.train_jointly(self.model, self.state.epoch == 0)
         optimizer = sgd([{"params": weights}, {"params": gates, "weight_decay": acfg.weight_decay,
                                                     "lr_scale": acfg.lr / wcfg.lr}], wcfg)

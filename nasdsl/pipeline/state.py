@@ -22,7 +22,8 @@ class Measured:
 class RunState:
     stage: str                                   # the stage running (or next to run)
     epoch: int = 0                               # epochs of `stage` already done
-    baseline: Measured | None = None             # the supernet after stage 1, gates disabled
+    baseline: Measured | None = None             # the supernet after stage 1 (joint: after it, or with
+                                                 # --init before it), gates disabled
     searched: Measured | None = None             # the supernet with the settled hard gates
     derived: Measured | None = None              # the slim network after finetuning
     stage_seconds: dict[str, float] = field(default_factory=dict)
