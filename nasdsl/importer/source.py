@@ -60,6 +60,21 @@ def _fit(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
     return missing, unexpected
 
 
+def build_model(spec: str, num_classes: int | None = None) -> nn.Module | None:
+    """The library's model with random weights, or None when the library has no such model."""
+    library, name = parse_spec(spec)
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs) if name in timm.list_models() else None
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return None
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
 def _timm(spec: str, name: str, pretrained: bool, download: bool):
     import timm
 
@@ -72,8 +87,7 @@ def _timm(spec: str, name: str, pretrained: bool, download: bool):
         overlay = {"file": cached} if cached else None
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
         return model, resolution, "pretrained (timm)", []
-    model = timm.create_model(name, pretrained=False)
-    return model, resolution, "random", _random_note(pretrained)
+    return build_model(spec), resolution, "random", _random_note(pretrained)
 
 
 def _timm_cached(cfg) -> str | None:
@@ -103,7 +117,7 @@ def _torchvision(spec: str, name: str, pretrained: bool, download: bool):
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
         if cached.is_file() or download:
             return torchvision.models.get_model(name, weights=weights), 224, "pretrained (torchvision)", []
-    return torchvision.models.get_model(name, weights=None), 224, "random", _random_note(pretrained)
+    return build_model(spec), 224, "random", _random_note(pretrained)
 
 
 def _random_note(pretrained: bool) -> list[str]:

@@ -186,7 +186,8 @@ def se_args(se: Prim, cin: int, mid: int, act: str) -> dict | None:
     for of, base in (("in", cin), ("mid", mid)):
         for divisor in (1, 8):
             for ratio in (0.25, 0.125, 0.0625, _ratio(rd, base)):
-                if ratio is not None and se_channels(base, ratio, divisor) == rd:
+                if ratio is not None and se_channels({"se": ratio, "se_of": of, "se_divisor": divisor},
+                                                     cin, mid) == rd:
                     args = {"se": ratio}
                     if of != "in":
                         args["se_of"] = of

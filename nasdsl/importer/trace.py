@@ -126,7 +126,7 @@ class Converter:
     def src(self, node: fx.Node) -> Prim:
         arg = node.args[0] if node.args else None
         if not isinstance(arg, fx.Node) or arg not in self.of:
-            raise self.fail(node, f"{node.target} on something other than one tensor")
+            raise self.fail(node, f"{_what(node)} on something other than one tensor")
         return self.of[arg]
 
     def module_node(self, node: fx.Node, m: nn.Module) -> Prim:
@@ -189,22 +189,25 @@ class Converter:
         reduce, act, gate = (getattr(m, "conv_reduce", None) or getattr(m, "fc1", None),
                              getattr(m, "act1", None) or getattr(m, "activation", None),
                              getattr(m, "gate", None) or getattr(m, "scale_activation", None))
-        extra = [c for c in m.children() if c not in (reduce, act, gate, getattr(m, "conv_expand", None),
-                                                       getattr(m, "fc2", None), getattr(m, "bn", None))]
-        if (not isinstance(reduce, nn.Conv2d) or type(act) not in ACTIVATION_MODULES
-                or type(gate) not in GATE_FUNCTIONS or extra or type(getattr(m, "bn", nn.Identity())) is not nn.Identity):
-            raise self.fail(node, f"{type(m).__name__} with {type(act).__name__} and {type(gate).__name__}")
+        expand = getattr(m, "conv_expand", None) or getattr(m, "fc2", None)
+        extra = [c for c in m.children() if c.state_dict() and c not in (reduce, expand)]
+        if (not isinstance(reduce, nn.Conv2d) or not isinstance(expand, nn.Conv2d) or reduce.bias is None
+                or type(act) not in ACTIVATION_MODULES or type(gate) not in GATE_FUNCTIONS or extra):
+            raise self.fail(node, f"{type(m).__name__} with {type(act).__name__}, {type(gate).__name__}"
+                                  f"{' and ' + type(extra[0]).__name__ if extra else ''}")
         attrs = {"rd": reduce.out_channels, "act": ACTIVATION_MODULES[type(act)], "fn": GATE_FUNCTIONS[type(gate)]}
         return self.add(node, "se", attrs, x, node.target)
 
     def pool(self, node: fx.Node, m: nn.Module, x: Prim) -> Prim:
         kind = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
         k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
-        plain = not m.ceil_mode and (getattr(m, "dilation", 1) in (1, (1, 1))) and \
-            getattr(m, "count_include_pad", True) and getattr(m, "divisor_override", None) is None
-        if not plain or any(not isinstance(v, int) and len(set(v)) != 1
-                            for v in (m.kernel_size, m.stride or m.kernel_size, m.padding)):
-            raise self.fail(node, f"{type(m).__name__} with ceil_mode, dilation, a divisor or a non-square window")
+        odd = [f"{a}={getattr(m, a)}" for a, plain in (("ceil_mode", False), ("dilation", 1),
+                                                       ("count_include_pad", True), ("divisor_override", None))
+               if hasattr(m, a) and getattr(m, a) not in (plain, (plain, plain))]
+        odd += [f"{a}={v}" for a, v in (("kernel_size", m.kernel_size), ("stride", m.stride), ("padding", m.padding))
+                if not isinstance(v, int) and len(set(v)) != 1]
+        if odd:
+            raise self.fail(node, f"{type(m).__name__}({', '.join(odd)})")
         return self.add(node, kind, {"k": k, "stride": s, "padding": p}, x)
 
     def adaptive(self, node: fx.Node, size, x: Prim) -> Prim:
@@ -240,7 +243,7 @@ class Converter:
             return x if not p else self.add(node, "dropout", {"p": float(p)}, x)
         if fn is F.adaptive_avg_pool2d:
             return self.adaptive(node, node.args[1] if len(node.args) > 1 else node.kwargs["output_size"], x)
-        raise self.fail(node, f"{getattr(fn, '__name__', fn)}()")
+        raise self.fail(node, _what(node))
 
     def method_node(self, node: fx.Node) -> Prim:
         x = self.src(node)
@@ -251,6 +254,17 @@ class Converter:
         if node.target == "flatten" and (node.args[1:] or (node.kwargs.get("start_dim", 0),)) in ((1,), (1, -1)):
             return self.flatten(node, x)
         raise self.fail(node, f"tensor.{node.target}()")
+
+
+def _what(node: fx.Node) -> str:
+    """The operation a node calls, as its user would write it: `torch.cat()`, `tensor.permute()`."""
+    if node.op == "call_method":
+        return f"tensor.{node.target}()"
+    if node.op == "call_function":
+        fn = node.target
+        owner = "torch" if getattr(fn, "__module__", None) in (None, "torch") else fn.__module__
+        return f"{owner}.{getattr(fn, '__name__', fn)}()"
+    return str(node.target)
 
 
 def trace(model: nn.Module, source: str, in_chans: int, resolution: int) -> tuple[list[Prim], Prim]:
