@@ -23,8 +23,9 @@ from cli_helpers import TINY, run_nasdsl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHORT = ["--data", "fake", "--set", "resolution=8", "--set", "batch_size=32", "--set", "weights.epochs=0",
-         "--set", "architecture.epochs=1", "--set", "finetune.epochs=1", "-q"]
+#: on the CPU in fp32 wherever the tests run: accuracies and logits are compared with fp32 CPU results
+SHORT = ["--data", "fake", "--device", "cpu", "--set", "resolution=8", "--set", "batch_size=32",
+         "--set", "weights.epochs=0", "--set", "architecture.epochs=1", "--set", "finetune.epochs=1", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_supernet_after_init_computes_the_plain_network(space, trained, files, p
     sets = {"resolution": "8", "batch_size": "32", "gate_placement": placement, "architecture.block_cost": "1000",
             "architecture.penalty_weight": "flops"}  # depth gates too: more parameters the file lacks
     pipeline = Pipeline(make_plan(RunRequest(space=space, sets=sets, data="fake", out=tmp_path / "run",
-                                             progress=False, init=files["safetensors"])))
+                                             device="cpu", progress=False, init=files["safetensors"])))
     pipeline.setup()
     model = pipeline.model.eval()
     assert model.gate_set.state.mode == "disabled" and model.gate_set.depth_gates
