@@ -6,8 +6,15 @@ exporter can all use it.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
+
+from nasdsl.errors import NasdslError
+
+#: where a training checkpoint commonly keeps its state dict
+CHECKPOINT_KEYS = ("state_dict", "model")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -35,32 +42,69 @@ def save_tensors(path: Path, tensors: dict) -> None:
     atomic_write(path, lambda f: f.write(save(plain)))
 
 
-def read_state_dict(path: str | Path) -> dict:
-    """The tensors of a weights file: safetensors, or a torch file read with `weights_only=True`
-    (never by unpickling code). A checkpoint holding its weights under "state_dict" or "model" (as
-    timm's and many training scripts' do) gives those. Errors are one line naming the file."""
-    import torch
+def read_weights(file: Path) -> dict:
+    """The state dict in a safetensors file; a missing or corrupt file is a NasdslError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    from nasdsl.errors import NasdslError
+    if not file.is_file():
+        raise NasdslError("missing weights file", file=str(file))
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise NasdslError(f"corrupt weights file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                          file=str(file)) from None
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from a `.safetensors` file or a torch file read with weights_only=True: tensors
+    and plain data only, since unpickling arbitrary objects runs their code. A torch file may hold
+    the tensors directly or a checkpoint dict with them under 'state_dict' or 'model'."""
+    import torch
 
     path = Path(path)
     if not path.is_file():
-        raise NasdslError("no such weights file" if not path.exists() else "not a file", file=str(path))
+        raise NasdslError("no such file", file=str(path))
+    if path.suffix == ".safetensors":
+        return read_weights(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        with warnings.catch_warnings():  # the unpickler's warnings would break the one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure is a file that cannot be used
+        raise NasdslError(_refusal(exc), file=str(path)) from None
+    return _tensors_of(obj, str(path))
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds; one line names it
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NasdslError(f"cannot read weights (only tensors are read, never pickled code): {first[:200]}",
-                          file=str(path)) from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise NasdslError("not a state dict (a mapping of names to tensors)", file=str(path))
-    return dict(state)
+
+def _refusal(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the class or function it refused
+    if found:
+        return (f"holds a Python object ({found.group(1)}), not only tensors: reading it would run pickled "
+                f"code, which nasdsl never does; save the model's state_dict() or a .safetensors file")
+    text = str(exc)  # torch's reason comes after a paragraph about its defaults
+    cut = text.find("WeightsUnpickler error:")
+    if cut >= 0:
+        text = text[cut + len("WeightsUnpickler error:"):]
+    elif text.startswith("Weights only load failed"):
+        text = text.split("\n\n", 1)[-1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = f"{type(exc).__name__}: {first[:120]}" if first else type(exc).__name__
+    return f"corrupt or not a torch file ({detail})"
+
+
+def _tensors_of(obj, where: str) -> dict:
+    """The state dict in a loaded torch file: the dict itself, or the one under a checkpoint key."""
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        inner = next((obj[k] for k in CHECKPOINT_KEYS if isinstance(obj.get(k), dict)), None)
+        obj = inner if inner is not None else obj
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        raise NasdslError(f"holds no state dict: expected a dict of tensors, or a checkpoint with one under "
+                          f"{' or '.join(repr(k) for k in CHECKPOINT_KEYS)}", file=where)
+    return dict(obj)
+
+
+def _is_state_dict(obj: dict) -> bool:
+    import torch
+
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())

@@ -182,7 +182,7 @@ class RunsCode:
 def test_unreadable_files_are_one_line_errors(capsys, space, trained, tmp_path):
     out = tmp_path / "run"
     missing = tmp_path / "missing.pt"
-    assert one_line(*search(capsys, space, "--init", missing, "--out", out, *SHORT)) == f"{missing}: no such file (--init)"
+    assert one_line(*search(capsys, space, "--init", missing, "--out", out, *SHORT)) == f"{missing}: no such file"
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a torch file" * 8)

@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 
 from nasdsl.errors import NasdslError
+from nasdsl.files import read_weights  # noqa: F401 - the exporter reads weights through here too
 
 FORMAT = 2                 # 1: NasNet (network.py) copied with the architecture as a config literal
 CONFIG = "config.json"
@@ -65,20 +66,6 @@ def read_config(folder: Path, formats: tuple[int, ...] = (FORMAT,)) -> dict:
     if fmt == 1 and not isinstance((cfg.get("model_args") or {}).get("config"), dict):
         raise NasdslError("corrupt config: a format 1 export needs 'model_args.config'", file=str(file))
     return cfg
-
-
-def read_weights(file: Path) -> dict:
-    """The state dict in a safetensors file; a missing or corrupt file is a NasdslError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise NasdslError("missing weights file", file=str(file))
-    try:
-        return load_file(str(file), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise NasdslError(f"corrupt weights file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
-                          file=str(file)) from None
 
 
 def import_model_module(file: Path) -> types.ModuleType:

@@ -28,12 +28,13 @@ def candidates(name: str) -> list[str]:
 
 
 def library_model(state: dict[str, torch.Tensor], network: Network):
-    """(spec, model) of the first candidate whose state dict has the file's names and shapes."""
+    """(spec, model) of the first candidate whose state dict has the file's names and shapes (built
+    with the library's default classes, as trained checkpoints mostly are)."""
     from nasdsl.importer.source import build_model
 
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for spec in candidates(network.name):
-        model = build_model(spec, num_classes=network.num_classes)
+        model = build_model(spec)
         if model is not None and {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
             return spec, model
     return None, None
@@ -54,7 +55,8 @@ def translate(state: dict[str, torch.Tensor], network: Network, file: str) -> di
     shape = network.input_shape
     prims, output = trace(model, spec, shape.channels, shape.height)
     plans = split_layers(prims, output, spec)
-    net = NasNet(network.to_config())
+    # the file's classifier as it is: a different class count is the caller's to resolve
+    net = NasNet(network.to_config(), num_classes=output.out_shape.channels)
     try:
         renamed = map_weights(plans, model, net, spec)
         net.load_state_dict(renamed)

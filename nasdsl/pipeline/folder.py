@@ -6,10 +6,8 @@ temporary file, fsync, rename), so a killed run never leaves a half-written file
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,32 +15,9 @@ from pathlib import Path
 import torch
 
 from nasdsl.errors import NasdslError
+from nasdsl.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_tensors(path: Path, tensors: dict) -> None:
-    """A state dict as safetensors, atomically."""
-    from safetensors.torch import save
-
-    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda f: f.write(save(plain)))
 
 
 def load_tensors(path: Path) -> dict:

@@ -15,8 +15,6 @@ ops of a block are numbered by position, so the ops a gate moved past change num
 from __future__ import annotations
 
 import hashlib
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +22,11 @@ import torch
 import torch.nn as nn
 
 from nasdsl.errors import NasdslError
+from nasdsl.files import read_state_dict
 from nasdsl.graph.ir import Network
 from nasdsl.supernet.build import is_gate_param, place_gates
 from nasdsl.supernet.network import NasNet
 
-#: where a training checkpoint commonly keeps its state dict
-CHECKPOINT_KEYS = ("state_dict", "model")
 #: entries a file may leave out: a BN's batch counter is bookkeeping, not a trained weight (only
 #: momentum=None reads it), and files written without it (safetensors exports often drop it) still fit
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -42,6 +39,8 @@ class InitWeights:
     path: Path
     sha256: str
     state: dict[str, torch.Tensor]
+    # (the file's classes, the space's) when the file's classifier was left out for a new one
+    new_classifier: tuple[int, int] | None = None
 
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256}
@@ -51,9 +50,10 @@ def read_init(path: Path, network: Network, space: str) -> InitWeights:
     """The --init file read, translated and checked against the space's plain network; a file
     that cannot be read or does not fit is one NasdslError line naming it."""
     path = Path(path)
-    state = translate(read_state_dict(path), network)
-    check_fits(state, network, str(path), space)
-    return InitWeights(path, file_sha256(path), state)
+    state = translate(read_state_dict(path), network, str(path))
+    state, classes = without_other_classifier(state, network)
+    check_fits(state, network, str(path), space, new_classifier=classes is not None)
+    return InitWeights(path, file_sha256(path), state, classes)
 
 
 def file_sha256(path: Path) -> str:
@@ -64,64 +64,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a `.safetensors` file or a torch file read with weights_only=True: tensors
-    and plain data only, since unpickling arbitrary objects runs their code. A torch file may hold
-    the tensors directly or a checkpoint dict with them under 'state_dict' or 'model'."""
-    path = Path(path)
-    if not path.is_file():
-        raise NasdslError("no such file (--init)", file=str(path))
-    if path.suffix == ".safetensors":
-        from nasdsl.export.load import read_weights
+def translate(state: dict[str, torch.Tensor], network: Network, where: str) -> dict[str, torch.Tensor]:
+    """A file keyed by torchvision or timm, mapped onto the names of `network`'s plain NasNet when
+    the space describes a library model with exactly the file's names (nasdsl.importer.mapping);
+    any other file is returned as it is, and `check_fits` says what does not fit."""
+    if set(state) <= set(plain_shapes(network)):
+        return state
+    from nasdsl.importer.mapping import translate as from_library
 
-        return read_weights(path)
-    try:
-        with warnings.catch_warnings():  # the unpickler's warnings would break the one-line error
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure is a file that cannot be used
-        raise NasdslError(_refusal(exc), file=str(path)) from None
-    return _tensors_of(obj, str(path))
+    renamed = from_library(state, network, where)
+    return state if renamed is None else renamed
 
 
-def _refusal(exc: Exception) -> str:
-    """Why torch.load(weights_only=True) refused a file, in one line."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the class or function it refused
-    if found:
-        return (f"holds a Python object ({found.group(1)}), not only tensors: reading it would run pickled "
-                f"code, which nasdsl never does; save the model's state_dict() or a .safetensors file")
-    text = str(exc)  # torch's reason comes after a paragraph about its defaults
-    cut = text.find("WeightsUnpickler error:")
-    if cut >= 0:
-        text = text[cut + len("WeightsUnpickler error:"):]
-    elif text.startswith("Weights only load failed"):
-        text = text.split("\n\n", 1)[-1]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    detail = f"{type(exc).__name__}: {first[:120]}" if first else type(exc).__name__
-    return f"corrupt or not a torch file ({detail})"
-
-
-def _tensors_of(obj, where: str) -> dict[str, torch.Tensor]:
-    """The state dict in a loaded torch file: the dict itself, or the one under a checkpoint key."""
-    if isinstance(obj, dict) and not _is_state_dict(obj):
-        inner = next((obj[k] for k in CHECKPOINT_KEYS if isinstance(obj.get(k), dict)), None)
-        obj = inner if inner is not None else obj
-    if not isinstance(obj, dict) or not _is_state_dict(obj):
-        raise NasdslError(f"holds no state dict: expected a dict of tensors, or a checkpoint with one under "
-                          f"{' or '.join(repr(k) for k in CHECKPOINT_KEYS)}", file=where)
-    return dict(obj)
-
-
-def _is_state_dict(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def translate(state: dict[str, torch.Tensor], network: Network) -> dict[str, torch.Tensor]:
-    """The seam for files keyed by another library: maps a torchvision or timm state dict onto the
-    names of `network`'s plain NasNet (nasdsl import's mapping will go here). Today the identity:
-    a file must already be keyed like the space, as `nasdsl import` writes it; `check_fits` then
-    says exactly which names or shapes do not fit."""
-    return state
+def without_other_classifier(state: dict[str, torch.Tensor], network: Network):
+    """The state without its classifier when that is all that differs and the classes do: a network
+    trained on ImageNet, searched on a 10-class dataset, keeps everything but its last linear, and
+    the supernet's own (freshly initialised) classifier takes its place. Returns (state, (file's
+    classes, space's)) then, else (state, None)."""
+    expected = plain_shapes(network)
+    differ = {k for k in expected if k in state and tuple(state[k].shape) != expected[k]}
+    head = {k for k in expected if k.startswith("classifier.")}
+    if not differ or not differ <= head or "classifier.weight" not in differ:
+        return state, None
+    theirs = state["classifier.weight"].shape[0]
+    if tuple(state["classifier.weight"].shape[1:]) != expected["classifier.weight"][1:]:
+        return state, None        # the features it reads differ: a different network, not other classes
+    return {k: v for k, v in state.items() if k not in head}, (theirs, expected["classifier.weight"][0])
 
 
 def plain_shapes(network: Network) -> dict[str, tuple[int, ...]]:
@@ -132,11 +100,13 @@ def plain_shapes(network: Network) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_fits(state: dict[str, torch.Tensor], network: Network, where: str, space: str) -> None:
+def check_fits(state: dict[str, torch.Tensor], network: Network, where: str, space: str,
+               new_classifier: bool = False) -> None:
     """Every weight of the plain network present with its exact shape, and nothing else; otherwise
     one line with how many names are missing, unexpected and mis-shaped, and the first of each."""
     expected = plain_shapes(network)
-    missing = [k for k in expected if k not in state and not k.endswith(OPTIONAL_SUFFIXES)]
+    missing = [k for k in expected if k not in state and not k.endswith(OPTIONAL_SUFFIXES)
+               and not (new_classifier and k.startswith("classifier."))]
     unexpected = [k for k in state if k not in expected]
     misshaped = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     parts = []
@@ -187,7 +157,8 @@ def load_init(model: nn.Module, init: InitWeights, network: Network, placement: 
     renames = supernet_renames(network, placement)
     state = {_renamed(k, renames): v for k, v in init.state.items()}
     result = model.load_state_dict(state, strict=False)
-    stray = [k for k in result.missing_keys if not (is_gate_param(k) or k.endswith(OPTIONAL_SUFFIXES))]
+    stray = [k for k in result.missing_keys if not (is_gate_param(k) or k.endswith(OPTIONAL_SUFFIXES)
+                                                    or init.new_classifier and k.startswith("classifier."))]
     if stray or result.unexpected_keys:
         raise RuntimeError(f"--init does not load into the supernet: {len(stray)} missing (first: "
                            f"{stray[:1]}), {len(result.unexpected_keys)} unexpected (first: "

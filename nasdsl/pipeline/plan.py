@@ -180,6 +180,14 @@ def note_untrained_start(recipe: Recipe, init: InitWeights | None, notes: list[s
     if init is None and recipe.weights.epochs == 0:
         notes.append("weights.epochs is 0 and there is no --init: the search starts from random weights "
                      "(pass --init FILE to search a trained network, or give the weights stage epochs)")
+    if init is not None and init.new_classifier:
+        theirs, ours = init.new_classifier
+        if recipe.weights.epochs == 0:
+            raise NasdslError(f"its classifier has {theirs} outputs and the data {ours} classes: the new "
+                              f"classifier needs training; give the weights stage epochs "
+                              f"(--set weights.epochs=2)", file=str(init.path))
+        notes.append(f"--init {init.path}: everything but the classifier ({theirs} outputs; the data has {ours} "
+                     f"classes): the weights stage trains a new one")
 
 
 def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[int]]:

@@ -17,7 +17,8 @@ from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.ir import Network
 from nasdsl.pipeline import budgets
-from nasdsl.pipeline.folder import RunFolder, load_tensors, save_tensors, write_json
+from nasdsl.files import save_tensors
+from nasdsl.pipeline.folder import RunFolder, load_tensors, write_json
 from nasdsl.pipeline.init import load_init
 from nasdsl.pipeline.plan import Plan
 from nasdsl.pipeline.state import Measured, RunState

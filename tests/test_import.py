@@ -1,0 +1,188 @@
+"""`nasdsl import`: timm and torchvision CNNs become `.space` files whose plain network computes the
+model exactly (eval-mode logits within 1e-4 relative, the same parameter count), with the model's
+weights keyed for the space; the text is written with stages and composites; what the language
+cannot say is a one-line error naming the module and the operation. Nothing is downloaded: every
+model has random weights, made distinctive (BN statistics included) and given through --weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import nasdsl
+from nasdsl import cli
+from nasdsl.errors import NasdslError
+from nasdsl.importer import import_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# family -> the resolution it is checked at (VGG's 7x7 adaptive pooling is the identity only at 224)
+FAMILIES = {
+    "torchvision:vgg16": 224, "torchvision:vgg16_bn": 224, "torchvision:resnet18": 32, "torchvision:resnet50": 32,
+    "torchvision:resnext50_32x4d": 32, "torchvision:mobilenet_v2": 32,
+    "timm:resnet18": 32, "timm:resnet50": 32, "timm:mobilenetv2_100": 32,
+}
+
+
+def source_model(spec: str) -> torch.nn.Module:
+    """The library's model with seeded random weights and BN statistics that are not the defaults."""
+    import timm
+    import torchvision
+
+    library, name = spec.split(":")
+    torch.manual_seed(0)
+    model = timm.create_model(name) if library == "timm" else torchvision.models.get_model(name)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def saved(model: torch.nn.Module, folder: Path) -> Path:
+    path = folder / "source.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("spec", list(FAMILIES))
+def test_family_imports_exactly(spec, tmp_path):
+    model = source_model(spec)
+    res = FAMILIES[spec]
+    done = import_model(spec, tmp_path / "out", weights=str(saved(model, tmp_path)), resolution=res)
+    net = nasdsl.load(tmp_path / "out")           # through the folder, as a user loads it
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters()) == done.params
+    x = torch.randn(2, 3, res, res)
+    with torch.no_grad():
+        want, got = model(x), net(x)
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+    marker = json.loads((tmp_path / "out" / "import.json").read_text())
+    assert marker["source"] == spec and marker["weights_from"].endswith("source.safetensors")
+
+
+def test_the_space_is_written_as_a_person_would(tmp_path):
+    """Stages with repeat counts and strides, composites with only the arguments that differ from
+    their defaults: torchvision's ResNet-50 reads like spaces/resnet50.space."""
+    done = import_model("torchvision:resnet50", tmp_path, resolution=32)
+    body = [line for line in done.space.read_text().splitlines() if line and not line.startswith("#")]
+    assert body == [
+        "space resnet50(input=3, resolution=32, classes=1000)",
+        "layer stem [gate=off] = conv(64, k=7, stride=2) > bn > relu > maxpool(k=3, stride=2, padding=1)",
+        "stage layer1 [repeat=3] { layer = bottleneck(256) }",
+        "stage layer2 [repeat=4, stride=2] { layer = bottleneck(512) }",
+        "stage layer3 [repeat=6, stride=2] { layer = bottleneck(1024) }",
+        "stage layer4 [repeat=3, stride=2] { layer = bottleneck(2048) }",
+        "layer classifier [gate=off] = gap > linear(classes)",
+    ]
+    shipped = nasdsl.compile("spaces/resnet50.space", resolution=32)
+    imported = nasdsl.compile(done.space)
+    def ops(net):
+        return [(op.kind, op.out_shape) for layer in net.layers for op in layer.all_ops()]
+
+    assert ops(imported) == ops(shipped)   # gates included: the same search space
+
+
+def test_mobilenet_v2_is_mbconv_stages(tmp_path):
+    done = import_model("timm:mobilenetv2_100", tmp_path, resolution=32)
+    text = done.space.read_text()
+    assert "stage blocks_1 [repeat=2, stride=2] { layer = mbconv(24, k=3) }" in text
+    assert "layer blocks_0_0 = mbconv(16, k=3, e=1)" in text
+    assert len(text.splitlines()) < 20
+
+
+def test_check_show_and_search_accept_the_import(capsys, tmp_path):
+    """The CLI round: import, check, show; the weights file loads into the supernet with --init."""
+    rc = cli.main(["import", "torchvision:resnet18", "--out", str(tmp_path), "--resolution", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "resnet18.space" in out and "11.69M params" in out
+    assert cli.main(["check", str(tmp_path / "resnet18.space")]) == 0
+    assert cli.main(["show", str(tmp_path / "resnet18.space")]) == 0
+    assert "11,689,512 params" in capsys.readouterr().out
+    rc = cli.main(["search", str(tmp_path / "resnet18.space"), "--init", str(tmp_path / "weights.safetensors"),
+                   "--data", "fake", "--set", "resolution=32", "--dry-run"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def one_line_error(capsys, argv) -> str:
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("torchvision:squeezenet1_0", "cannot import features.2: MaxPool2d(ceil_mode=True)"),
+    ("torchvision:densenet121", "cannot import features.denseblock1: torch.cat()"),
+    ("timm:convnext_atto", "cannot import stem.1: tensor.permute()"),
+    ("timm:resnet5", "timm has no model 'resnet5' (did you mean 'resnet50'?)"),
+    ("keras:resnet50", "expected timm:NAME or torchvision:NAME"),
+])
+def test_what_the_language_cannot_say_is_a_one_line_error(capsys, tmp_path, spec, expected):
+    err = one_line_error(capsys, ["import", spec, "--out", str(tmp_path / "out"), "--resolution", "64"])
+    assert err.startswith(spec) and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_fit_are_refused(capsys, tmp_path):
+    model = source_model("torchvision:resnet18")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state.pop("fc.bias")
+    state["fc.weight"] = torch.zeros(10, 512)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    err = one_line_error(capsys, ["import", "torchvision:resnet18", "--weights", str(tmp_path / "bad.safetensors"),
+                                  "--out", str(tmp_path / "out")])
+    assert "bad.safetensors: does not fit torchvision:resnet18: 1 missing (first: ['fc.bias'])" in err
+    assert "1 unexpected or mis-shaped (first: ['fc.weight'])" in err
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert "junk.pt: corrupt or not a torch file" in one_line_error(
+        capsys, ["import", "torchvision:resnet18", "--weights", str(tmp_path / "junk.pt")])
+
+
+def test_a_second_import_replaces_the_first_whole(tmp_path):
+    """The folder is written file by file atomically, the marker last: a failed import leaves the
+    previous one as it was."""
+    import_model("torchvision:resnet18", tmp_path, resolution=32)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(NasdslError):
+        import_model("torchvision:densenet121", tmp_path, resolution=32)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("space, spec", [("spaces/resnet50.space", "torchvision:resnet50"),
+                                         ("spaces/mobilenetv2.space", "timm:mobilenetv2_100")])
+def test_a_library_checkpoint_initialises_the_shipped_space(space, spec, tmp_path):
+    """--init with torchvision's or timm's own names: mapped through the importer, and the supernet
+    (gates disabled) computes the model's features; the 1000-class classifier makes way for the
+    data's 10 classes, which the plan says."""
+    from nasdsl.pipeline.plan import RunRequest, make_plan
+    from nasdsl.pipeline.runner import Pipeline
+
+    model = source_model(spec)
+    plan = make_plan(RunRequest(space=Path(space), sets={"resolution": "32", "batch_size": "8"}, data="fake",
+                                out=tmp_path / "run", progress=False, init=saved(model, tmp_path)))
+    assert any("everything but the classifier (1000 outputs; the data has 10 classes)" in n for n in plan.notes)
+    pipeline = Pipeline(plan)
+    pipeline.setup()
+    net = pipeline.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = net.forward_head(net.forward_features(x), pre_logits=True)
+        theirs = (model.forward_head(model.forward_features(x), pre_logits=True) if spec.startswith("timm")
+                  else torch.flatten(torch.nn.Sequential(*list(model.children())[:-1])(x), 1))
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    pipeline.folder.close()
+
+
+def test_a_new_classifier_needs_a_weights_stage(capsys, tmp_path):
+    cli.main(["import", "torchvision:resnet18", "--out", str(tmp_path), "--resolution", "32"])
+    capsys.readouterr()
+    err = one_line_error(capsys, ["search", str(tmp_path / "resnet18.space"), "--init",
+                                  str(tmp_path / "weights.safetensors"), "--data", "fake", "--set", "weights.epochs=0",
+                                  "--dry-run"])
+    assert "weights.safetensors: its classifier has 1000 outputs and the data 10 classes" in err
+    assert "--set weights.epochs=" in err
