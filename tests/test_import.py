@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import nasdsl
 from nasdsl import cli
 from nasdsl.errors import NasdslError
-from nasdsl.importer import import_model
+from nasdsl.importer import WEIGHTS, import_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,3 +186,36 @@ def test_a_new_classifier_needs_a_weights_stage(capsys, tmp_path):
                                   "--dry-run"])
     assert "weights.safetensors: its classifier has 1000 outputs and the data 10 classes" in err
     assert "--set weights.epochs=" in err
+
+
+def test_search_from_an_imported_network_starts_at_its_accuracy(capsys, tmp_path):
+    """A torchvision ResNet-18 trained a little on 10 classes, imported (its class count read from
+    the file), then searched with no weights stage: the baseline is its own accuracy."""
+    import torch.nn.functional as F
+    import torchvision
+
+    from nasdsl.train.data import build_data
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    data = build_data("fake", 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.002)
+    for _ in range(2):
+        for x, y in torch.utils.data.DataLoader(data.train, batch_size=32, shuffle=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model.train()(x), y).backward()
+            optimizer.step()
+    model.eval()
+    val = [data.val[i] for i in range(len(data.val))]
+    with torch.no_grad():
+        expected = (model(torch.stack([x for x, _ in val])).argmax(1) == torch.tensor([y for _, y in val])).float().mean()
+    assert expected > 0.3
+    assert cli.main(["import", "torchvision:resnet18", "--weights", str(saved(model, tmp_path)), "--out",
+                     str(tmp_path / "imp"), "--resolution", "8"]) == 0
+    rc = cli.main(["search", str(tmp_path / "imp" / "resnet18.space"), "--init", str(tmp_path / "imp" / WEIGHTS),
+                   "--data", "fake", "--set", "resolution=8", "--set", "batch_size=32", "--set", "weights.epochs=0",
+                   "--set", "architecture.epochs=1", "--set", "finetune.epochs=1", "--out", str(tmp_path / "run"),
+                   "--device", "cpu", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["baseline"]["top1"] == pytest.approx(float(expected), abs=1e-9)

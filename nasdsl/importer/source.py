@@ -44,6 +44,9 @@ def load_source(spec: str, weights: str | None = None, download: bool = False,
     model, default_res, what, notes = build(spec, name, pretrained=weights is None, download=download)
     if weights is not None:
         state = read_state_dict(weights)
+        classes = _other_classes(model, state)
+        if classes is not None:       # a network finetuned on other data: the library's model for its classes
+            model = build_model(spec, num_classes=classes)
         missing, unexpected = _fit(model, state)
         if missing or unexpected:
             raise NasdslError(f"does not fit {spec}: {len(missing)} missing (first: {missing[:1]}), "
@@ -51,6 +54,16 @@ def load_source(spec: str, weights: str | None = None, download: bool = False,
         model.load_state_dict(state)
         what = str(Path(weights))
     return Source(spec, library, name, model.eval(), resolution or default_res, what, notes)
+
+
+def _other_classes(model: nn.Module, state: dict) -> int | None:
+    """The file's class count when its classifier (the model's last linear) has other rows."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    weight = state.get(f"{names[-1]}.weight") if names else None
+    ours = model.get_submodule(names[-1]).weight if names else None
+    if weight is None or weight.dim() != 2 or weight.shape[1:] != ours.shape[1:] or weight.shape[0] == ours.shape[0]:
+        return None
+    return int(weight.shape[0])
 
 
 def _fit(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
