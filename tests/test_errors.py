@@ -110,7 +110,7 @@ GOLDEN = [
     stage s [repeats=2] { layer = conv(8) }
              ^"""),
     ('unknown activation', H + "layer a = mbconv(8, act=relu5)\n" + T,
-     """t.space:2:25: mbconv: act expects one of relu, relu6, hswish, identity, got 'relu5' (did you mean 'relu'?)
+     """t.space:2:25: mbconv: act expects one of relu, relu6, hswish, identity, silu, got 'relu5' (did you mean 'relu'?)
     layer a = mbconv(8, act=relu5)
                             ^"""),
     ('unknown shortcut', H + "layer a = basic(8, shortcut=projection)\n" + T,

@@ -123,7 +123,7 @@ def test_random_overrides(name, overrides):
 
 # ---- well-formed programs from the grammar ----------------------------------------------------------
 NAMES = ["x", "y", "width", "c", "k", "e", "f", "g", "cand", "classes", "resolution", "input", "undefined_name"]
-WORDS = ["on", "off", "relu", "relu6", "hswish", "identity", "auto", "pad", "proj", "true"]
+WORDS = ["on", "off", "relu", "relu6", "hswish", "identity", "silu", "auto", "pad", "proj", "true"]
 CALLABLES = [*FUNCTIONS, "f", "g", "conv", "nofunc"]
 ARG_NAMES = sorted({a.name for b in BUILTINS.values() for a in b.args} | {"repeat", "residual", "x", "c"})
 OPERATORS = ["+", "-", "*", "/", "//", "%", "**"]

@@ -38,6 +38,7 @@ SAMPLES = {
     "select": ({"index": (2, 0)}, MAP),
     "linear": ({"out": 3, "bias": True}, Shape(4)),
     "mixconv": ({"kernels": (3, 5), "splits": (1, 3), "stride": 2}, MAP),
+    "se": ({"rd": 2, "act": "silu", "fn": "hsigmoid"}, MAP),
 }
 
 
@@ -77,7 +78,7 @@ def test_every_entry_provides_every_field(kind):
     else:
         assert isinstance(spec.slim_attrs(op, cin, cout), dict)
         weights = spec.slice_weights(op)
-        assert all(dims and set(dims) <= {"out", "in"} for dims in weights.values())
+        assert all(dims and set(dims) <= {"out", "in", None} for dims in weights.values())
         text = spec.print(op, False)
         name = text.split("(")[0]
         assert name in BUILTINS or name in ACTIVATIONS, f"{kind} prints as {text!r}, which no builtin parses"

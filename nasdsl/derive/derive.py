@@ -171,9 +171,17 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
         if op.is_gate:
             continue
         cin, cout = keeps[k], keeps[k + 1]
+        need = cout
+        if op.spec.channels(op).same_width and cout != cin:  # it computes every kept input's channel
+            cout = cin
         attrs = op.spec.slim_attrs(op, cin, cout)
         out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
         plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op)))
+        if need != cout:  # then keeps the channels the ops after it read
+            pos = {c: i for i, c in enumerate(cout)}
+            out_ops.append(Op("select", {"index": tuple(pos[c] for c in need)}, out_ops[-1].out_shape,
+                              _shape(op.out_shape, len(need))))
+            plans.append(None)
     return out_ops, plans
 
 
@@ -283,7 +291,8 @@ def _slice(module_state: dict[str, torch.Tensor], plan: OpPlan) -> dict:
             result[name] = t.clone()
             continue
         for dim, role in enumerate(plan.weights.get(name, ("out",))):  # unnamed: one entry per output
-            t = t.index_select(dim, index[role])
+            if role is not None:  # None: the dim is kept whole
+                t = t.index_select(dim, index[role])
         result[name] = t.clone()
     return result
 

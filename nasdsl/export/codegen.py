@@ -38,7 +38,7 @@ WIDTH = 110   # the longest line the generator writes where it can choose
 IMPORTS = ("os", "OrderedDict", "List", "Optional", "Tuple", "Union", "torch", "nn", "SelectAdaptivePool2d",
            "create_classifier", "build_model_with_cfg", "generate_default_cfgs", "register_model",
            "feature_take_indices")
-HELPERS = ("Select", "Subsample", "MixConv", "GlobalAvgPool", "spread_index", "place", "add_at")
+HELPERS = ("Select", "Subsample", "MixConv", "GlobalAvgPool", "SqueezeExcite", "spread_index", "place", "add_at")
 RESERVED = frozenset(IMPORTS + HELPERS + ("default_cfgs", "__nasdsl_export__", "_WEIGHTS", "annotations"))
 
 Position = tuple   # (layer, "block", block, op) | (layer, "shortcut", op) | (layer, "post", op)
@@ -173,7 +173,8 @@ def conv_role(op: Op) -> str:
 _MBCONV_NAMES = {("pw", "dw", "pw"): ("conv_pw", "conv_dw", "conv_pwl"), ("dw", "pw"): ("conv_dw", "conv_pw"),
                  ("pw", "dw"): ("conv_pw", "conv_dw")}
 _SHORT = {"bn": "bn", "act": "act", "dropout": "drop", "maxpool": "pool", "avgpool": "pool", "gap": "pool",
-          "flatten": "flatten", "subsample": "subsample", "select": "select"}
+          "flatten": "flatten", "subsample": "subsample", "select": "select", "se": "se"}
+_UNNUMBERED = ("se",)   # timm's blocks name their squeeze-and-excitation `se`, whichever conv it follows
 
 
 def op_names(ops) -> list[str | None]:
@@ -198,7 +199,7 @@ def op_names(ops) -> list[str | None]:
             fc_i += 1
             name = f"fc{fc_i}" if linears > 1 else "fc"
         else:
-            name = _SHORT[op.kind] + (str(dense) if numbered and dense else "")
+            name = _SHORT[op.kind] + (str(dense) if numbered and dense and op.kind not in _UNNUMBERED else "")
         dense += op.kind in _DENSE
         base, n = name, 2
         while name in used:
@@ -224,7 +225,8 @@ class Builder:
         return self.slot(f"chs:{key}", value)
 
 
-_ACTS = {"relu": "nn.ReLU", "relu6": "nn.ReLU6", "hswish": "nn.Hardswish"}
+_ACTS = {"relu": "nn.ReLU", "relu6": "nn.ReLU6", "hswish": "nn.Hardswish", "silu": "nn.SiLU", "identity": "nn.Identity"}
+_SE_GATES = {"sigmoid": "nn.Sigmoid", "hsigmoid": "nn.Hardsigmoid"}
 
 
 def op_call(op: Op, b: Builder, q: str, cin: str, cout: str, inplace: bool) -> Call:
@@ -254,6 +256,9 @@ def op_call(op: Op, b: Builder, q: str, cin: str, cout: str, inplace: bool) -> C
                      Arg(b.slot(q + "momentum", a["momentum"]), "momentum", 0.1)))
     if kind == "act":
         return Call(_ACTS[a["fn"]], (Arg("True", "inplace"),) if inplace else ())
+    if kind == "se":
+        return Call("SqueezeExcite", (Arg(win()), Arg(b.slot(q + "rd_channels", a["rd"])),
+                                      Arg(_ACTS[a["act"]], "act_layer"), Arg(_SE_GATES[a["fn"]], "gate_layer")))
     if kind == "dropout":
         return Call("nn.Dropout", (Arg(b.slot(q + "p", a["p"])),))
     if kind in ("maxpool", "avgpool"):
@@ -276,8 +281,9 @@ def op_call(op: Op, b: Builder, q: str, cin: str, cout: str, inplace: bool) -> C
 
 def changes_width(op: Op) -> bool:
     """The op makes a tensor of a new width (a new width symbol), rather than keeping its input's:
-    any op the catalogue does not call channelwise."""
-    return op.spec.channels(op) is not CHANNELWISE
+    any op the catalogue does not call channelwise or same-width (an SE)."""
+    cmap = op.spec.channels(op)
+    return cmap is not CHANNELWISE and not cmap.same_width
 
 
 def chain(ops, positions, b: Builder, scope: str, cin: str, cout: str | None, fresh: bool,
@@ -364,7 +370,7 @@ def dense_skip(layer: Layer) -> bool | None:
 _KINDS = {"basic": "BasicBlock", "bottleneck": "Bottleneck", "mbconv": "MBConv"}
 _CAMEL = {"conv": "Conv", "mixconv": "MixConv", "bn": "Bn", "act": "Act", "dropout": "Drop", "maxpool": "Pool",
           "avgpool": "Pool", "gap": "Pool", "flatten": "Flatten", "linear": "Fc", "subsample": "Subsample",
-          "select": "Select"}
+          "select": "Select", "se": "SE"}
 
 
 def chain_base(ops, kind: str) -> str:
@@ -908,8 +914,8 @@ def helpers(classes: list, codes: list, head: Head) -> str:
 
     text = "\n".join([*(c.text() for c in classes), *(instance(c, {}, 0) for c in codes if c.single is not None),
                       head.pool, *(s for _, s in head.pre_pool + head.pre_logits if isinstance(s, str))])
-    parts = [inspect.getsource(getattr(net, n)) for n in ("Select", "Subsample", "MixConv", "GlobalAvgPool")
-             if re.search(rf"\b{n}\(", text)]
+    parts = [inspect.getsource(getattr(net, n)) for n in ("Select", "Subsample", "MixConv", "GlobalAvgPool",
+                                                          "SqueezeExcite") if re.search(rf"\b{n}\(", text)]
     if "place(" in text or "add_at(" in text:
         parts.append(_PLACEMENT)
     return "\n\n\n".join(p.strip("\n") for p in parts)

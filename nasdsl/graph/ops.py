@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 Channels = tuple[int, ...]
 
+# the activations a chain may hold: each maps 0 to 0, so a closed gate's zero stays zero through
+# it and derivation stays exact (sigmoid and hard sigmoid map 0 to 0.5: they are only an SE's
+# scale function, SE_GATES)
+ACTIVATIONS = ("relu", "relu6", "hswish", "identity", "silu")
+SE_GATES = ("sigmoid", "hsigmoid")
+
 
 class ShapeError(ValueError):
     """An impossible shape; the compiler turns it into a located NasdslError."""
@@ -34,6 +40,10 @@ class ChannelMap:
     # every output channel reads every input channel (conv, linear): a gate group's MAC share ends
     # at the first such op, and its weights are indexed by kept inputs as well as kept outputs
     dense: bool = False
+    # the output channels are the input channels (same number, same order), yet each output reads
+    # every live input (an SE's scale): slimmed, the op keeps as many outputs as inputs, and where
+    # fewer are needed after it derivation selects them after the op (nasdsl.derive.derive._slim_ops)
+    same_width: bool = False
 
 
 def _flat_forward(op, live):
@@ -52,6 +62,10 @@ DENSE = ChannelMap(lambda op, live: set(range(op.out_shape.channels)) if live el
 FLATTEN = ChannelMap(_flat_forward, _flat_backward)
 SELECT = ChannelMap(lambda op, live: {j for j, c in enumerate(op.attrs["index"]) if c in live},
                     lambda op, need, live_in: {op.attrs["index"][j] for j in need})
+# squeeze-and-excitation: a zero input channel gives a zero output channel (x * scale), but the
+# scale of every channel reads the mean of all of them
+SCALE_ALL = ChannelMap(lambda op, live: set(live), lambda op, need, live_in: set(live_in) if need else set(),
+                       same_width=True)
 
 
 def _zero(a, i, o) -> int:
@@ -97,8 +111,9 @@ class OpKind:
     channels: Callable[["Op"], ChannelMap] = _channelwise
     # the op's attrs once derivation keeps input channels `cin` and output channels `cout`
     slim_attrs: Callable[["Op", Channels, Channels], dict] = _same_attrs
-    # its weight tensors and, per dim, which kept channels index it: "out" or "in"; a tensor it
-    # does not name is a vector with one entry per output channel, a scalar is copied as is
+    # its weight tensors and, per dim, which kept channels index it: "out", "in", or None (kept
+    # whole: an SE's reduced channels); a tensor it does not name is a vector with one entry per
+    # output channel, a scalar is copied as is; dims after the listed ones are kept whole
     slice_weights: Callable[["Op"], dict[str, tuple[str, ...]]] = _no_weights
     # its `.space` text; `gated`: a gate follows that the op's builtin adds by default
     print: Callable[["Op", bool], str] = _bare
@@ -220,17 +235,19 @@ def _conv_channels(op) -> ChannelMap:
 
 
 def _conv_slim(op, cin: Channels, cout: Channels) -> dict:
-    """Depthwise convs keep one group per kept channel; other grouped convs cannot be cut."""
+    """Depthwise convs keep one group per kept channel; other grouped convs cannot be cut (a
+    ResNeXt bottleneck leaves them ungated, so they keep every channel)."""
     attrs = dict(op.attrs, out=len(cout))
     if is_depthwise(op):
         attrs["groups"] = len(cout)
-    elif op.attrs["groups"] != 1:
+    elif op.attrs["groups"] != 1 and (len(cin), len(cout)) != (op.in_shape.channels, op.out_shape.channels):
         raise ValueError(f"cannot slim a grouped conv (groups={op.attrs['groups']}) whose channels changed")
     return attrs
 
 
 def _conv_weights(op) -> dict[str, tuple[str, ...]]:
-    weight = ("out",) if is_depthwise(op) else ("out", "in")
+    """A grouped conv's weight holds in / groups input channels per group: never cut (_conv_slim)."""
+    weight = ("out",) if is_depthwise(op) else ("out", "in") if op.attrs["groups"] == 1 else ("out", None)
     return {"weight": weight, "bias": ("out",)}
 
 
@@ -310,7 +327,39 @@ def _select_slim(op, cin: Channels, cout: Channels) -> dict:
 
 
 # act -> the input ranges on which it is the identity (the activations whose output it leaves as is)
-_IDLE_ON = {"relu": ("relu", "relu6"), "relu6": ("relu6",), "identity": ("relu", "relu6", "hswish", None)}
+_IDLE_ON = {"relu": ("relu", "relu6"), "relu6": ("relu6",), "identity": (*ACTIVATIONS, None)}
+
+
+def _se_infer(a: dict, s: Shape) -> Shape:
+    _need_map(s, "se (squeeze-and-excitation)")
+    if a["act"] not in ACTIVATIONS or a["fn"] not in SE_GATES:
+        raise ShapeError(f"se takes act in {ACTIVATIONS} and fn in {SE_GATES}, got {a['act']!r}, {a['fn']!r}")
+    if a["rd"] < 1:
+        raise ShapeError(f"se needs at least one reduced channel, got rd={a['rd']}")
+    return s
+
+
+def _se_params(a, i: Shape, o: Shape) -> int:
+    """conv_reduce (c -> rd, bias) and conv_expand (rd -> c, bias)."""
+    return 2 * i.channels * a["rd"] + a["rd"] + i.channels
+
+
+def _se_slim(op, cin: Channels, cout: Channels) -> dict:
+    """The reduced channels are not searched: rd stays; derivation keeps cin == cout (same_width)."""
+    if cin != cout:
+        raise ValueError(f"an se keeps its input channels as outputs, got {len(cin)} in and {len(cout)} out")
+    return dict(op.attrs)
+
+
+# conv_reduce reads the kept inputs and keeps every reduced channel; conv_expand writes the kept outputs
+_SE_WEIGHTS = {"conv_reduce.weight": (None, "in"), "conv_reduce.bias": (None,),
+               "conv_expand.weight": ("out", None), "conv_expand.bias": ("out",)}
+_SE_DEFAULTS = {"act": "relu", "fn": "sigmoid"}
+
+
+def _se_print(op, gated: bool) -> str:
+    return spacetext.call("se", rd=op.attrs["rd"],
+                          **{k: op.attrs[k] for k, v in _SE_DEFAULTS.items() if op.attrs[k] != v})
 
 
 def _act_range(attrs: dict, in_range: str | None) -> str | None:
@@ -353,14 +402,19 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("mixconv", _mixconv_infer, lambda a, i, o: sum(c * k * k for c, k in zip(a["splits"], a["kernels"])),
            _mixconv_macs, slim_attrs=_not_after_merge("slimming"), slice_weights=_not_after_merge("slicing"),
            print=_not_after_merge("the .space text"), allocates=_yes, searchable=False),
+    # squeeze-and-excitation (timm's SqueezeExcite): x * fn(conv_expand(act(conv_reduce(mean_hw(x))))),
+    # both 1x1 convs with bias. Gating: the channels it scales follow the gate before it (an MBConv's
+    # depthwise BN gate: a closed channel is zero, so its mean adds nothing and its output stays
+    # zero); its rd reduced channels are not searched (a small share of the block's MACs, though not
+    # of its params: its convs' other dim follows the gate). Not merged (merge=None).
+    OpKind("se", _se_infer, _se_params, lambda a, i, o: 2 * i.channels * a["rd"], channels=lambda op: SCALE_ALL,
+           slim_attrs=_se_slim, slice_weights=lambda op: dict(_SE_WEIGHTS), print=_se_print, allocates=_yes),
     OpKind("linear", _linear_infer, lambda a, i, o: o.channels * i.channels + (o.channels if a["bias"] else 0),
            lambda a, i, o: o.channels * i.channels, channels=lambda op: DENSE, slim_attrs=_out_attr,
            slice_weights=lambda op: dict(_LINEAR_WEIGHTS), allocates=_yes,
            print=lambda op, gated: spacetext.call("linear", (op.out_shape.channels,),
                                                   **({} if op.attrs["bias"] else {"bias": False}))),
 )}
-
-ACTIVATIONS = ("relu", "relu6", "hswish", "identity")
 
 
 def infer(kind: str, attrs: dict, shape: Shape) -> Shape:

@@ -2,7 +2,8 @@
 
 Each builtin lowers to `Parts`: the ops of the block's main path, an optional internal shortcut and
 ops after the add. Gates are inserted here, where the paper places them: after each BN, before the
-activation; on MBConv's mid and output channels; never on shortcuts.
+activation; on MBConv's mid and output channels; never on shortcuts. An SE has no gate of its own
+(it follows the gate before it), and a grouped conv's neighbouring BNs none (it cannot be cut).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from nasdsl.graph.ir import Op, Shape, Shortcut
-from nasdsl.graph.ops import ACTIVATIONS, infer
+from nasdsl.graph.ops import ACTIVATIONS, SE_GATES, infer
 
 
 class Symbol(str):
@@ -23,7 +24,7 @@ BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
 @dataclass(frozen=True)
 class Arg:
     name: str
-    type: str                 # channels | kernel | stride | int0 | float | prob | bool | enum
+    type: str                 # channels | kernel | stride | int0 | float | float0 | prob | bool | enum
     default: Any = None       # None: derived from other arguments (or required, see `required`)
     required: bool = False
     choices: tuple[str, ...] = ()
@@ -70,8 +71,26 @@ class Lowering:
                        padding=k // 2 if padding is None else padding, bias=bias)
 
 
+def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
+    """Round channels to a multiple of `divisor`, never more than 10% down (the MobileNet rule)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < round_limit * v else new_v
+
+
 # ---- composite blocks ------------------------------------------------------------------------
+def _se_channels(a: dict, cin: int, mid: int) -> int:
+    """An MBConv's SE reduced channels: `se` times the block's input (timm's EfficientNet) or mid
+    channels (MobileNetV3), rounded, or made divisible by `se_divisor` as MobileNetV3 does."""
+    base = cin if a["se_of"] == "in" else mid
+    if a["se_divisor"] == 1:
+        return max(1, round(base * a["se"]))
+    return make_divisible(base * a["se"], a["se_divisor"])
+
+
 def _mbconv(lo: Lowering, a: dict) -> Parts:
+    """Expand, depthwise, [SE], project. The SE scales the depthwise output after its gate and
+    activation, so it follows the mid gate; its reduced channels are not gated (ops.py, `se`)."""
     cin = lo.shape.channels
     mid = a["mid"] if a["mid"] is not None else max(1, round(cin * a["e"]))
     ops: list[Op] = []
@@ -82,6 +101,8 @@ def _mbconv(lo: Lowering, a: dict) -> Parts:
     ops.append(lo.conv(mid, a["k"], a["stride"], groups=mid))
     lo.bn(ops, a["eps"], gate="mid")
     ops.append(lo.op("act", fn=a["act"]))
+    if a["se"] > 0:
+        ops.append(lo.op("se", rd=_se_channels(a, cin, mid), act=a["se_act"] or a["act"], fn=a["se_fn"]))
     ops.append(lo.conv(a["out"]))
     lo.bn(ops, a["eps"], gate="out")
     return Parts(ops)
@@ -126,13 +147,16 @@ def _basic(lo: Lowering, a: dict) -> Parts:
 
 
 def _bottleneck(lo: Lowering, a: dict) -> Parts:
+    """1x1, 3x3 (grouped for ResNeXt), 1x1. A grouped conv cannot lose channels unevenly between
+    its groups, so with groups > 1 neither its input (bn1) nor its output (bn2) is gated; bn3 is."""
     shape_in = lo.shape
     mid = a["mid"] if a["mid"] is not None else max(1, a["out"] // 4)
+    gated = a["groups"] == 1
     ops: list[Op] = [lo.conv(mid, 1)]
-    lo.bn(ops, a["eps"], gate="bn1")
+    lo.bn(ops, a["eps"], gate="bn1" if gated else None)
     ops.append(lo.op("act", fn=a["act"]))
-    ops.append(lo.conv(mid, 3, a["stride"]))
-    lo.bn(ops, a["eps"], gate="bn2")
+    ops.append(lo.conv(mid, 3, a["stride"], groups=a["groups"]))
+    lo.bn(ops, a["eps"], gate="bn2" if gated else None)
     ops.append(lo.op("act", fn=a["act"]))
     ops.append(lo.conv(a["out"], 1))
     lo.bn(ops, a["eps"], gate="bn3")
@@ -154,6 +178,10 @@ def _bn(lo, a):
     ops: list[Op] = []
     lo.bn(ops, a["eps"], a["momentum"], gate="bn" if a["gate"] else None)
     return Parts(ops)
+
+
+def _se(lo, a):
+    return Parts([lo.op("se", rd=a["rd"], act=a["act"], fn=a["fn"])])
 
 
 def _gate(lo, a):
@@ -189,6 +217,7 @@ _ACT = Arg("act", "enum", "relu", choices=ACTIVATIONS)
 _EPS = Arg("eps", "float", 1e-5)
 _GATE = Arg("gate", "bool", True)
 _SHORTCUT = Arg("shortcut", "enum", "auto", choices=("auto", "identity", "pad", "proj"))
+_SE_FN = Arg("fn", "enum", "sigmoid", choices=SE_GATES)
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("conv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("stride", "stride", 1),
@@ -213,14 +242,21 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("linear", (Arg("out", "channels", required=True), Arg("bias", "bool", True)),
             lambda lo, a: Parts([lo.op("linear", out=a["out"], bias=a["bias"])])),
     Builtin("dropout", (Arg("p", "prob", 0.5),), lambda lo, a: Parts([lo.op("dropout", p=a["p"])])),
+    Builtin("se", (Arg("rd", "channels", required=True), _ACT, _SE_FN), _se,
+            doc="squeeze-and-excitation: x * fn(conv(act(conv(mean(x))))), rd reduced channels (not gated)"),
     Builtin("mbconv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("e", "float", 6),
                        Arg("stride", "stride", 1), Arg("act", "enum", "relu6", choices=ACTIVATIONS),
-                       Arg("mid", "channels"), _EPS, _GATE), _mbconv, composite=True, auto_residual=True,
-            doc="inverted residual: 1x1 expand, kxk depthwise, 1x1 project; residual when stride 1 and in == out"),
+                       Arg("mid", "channels"), _EPS, _GATE, Arg("se", "float0", 0.0),
+                       Arg("se_of", "enum", "in", choices=("in", "mid")), Arg("se_divisor", "stride", 1),
+                       Arg("se_act", "enum", None, choices=ACTIVATIONS), Arg("se_fn", "enum", "sigmoid", choices=SE_GATES)),
+            _mbconv, composite=True, auto_residual=True,
+            doc="inverted residual: 1x1 expand, kxk depthwise, [SE], 1x1 project; residual when stride 1 and "
+                "in == out; se > 0 adds squeeze-and-excitation with the block's act unless se_act"),
     Builtin("basic", (Arg("out", "channels", required=True), Arg("stride", "stride", 1), _SHORTCUT, _ACT,
                       Arg("mid", "channels"), _EPS, _GATE), _basic, composite=True,
             doc="ResNet basic block; shortcut=pad is CIFAR option A, proj the 1x1 projection"),
     Builtin("bottleneck", (Arg("out", "channels", required=True), Arg("stride", "stride", 1),
-                           Arg("mid", "channels"), _SHORTCUT, _ACT, _EPS, _GATE), _bottleneck, composite=True,
-            doc="ResNet bottleneck (1x1, 3x3, 1x1); mid defaults to out / 4"),
+                           Arg("mid", "channels"), _SHORTCUT, _ACT, _EPS, _GATE, Arg("groups", "stride", 1)),
+            _bottleneck, composite=True,
+            doc="ResNet bottleneck (1x1, 3x3, 1x1); mid defaults to out / 4; groups > 1: ResNeXt (bn3 gated only)"),
 )}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from nasdsl.errors import NasdslError, did_you_mean
 from nasdsl.graph.ir import Block, Layer, Network, Shape, Shortcut
-from nasdsl.graph.ops import ACTIVATIONS, ShapeError
+from nasdsl.graph.ops import ACTIVATIONS, SE_GATES, ShapeError
 from nasdsl.language import ast
-from nasdsl.language.builtins import BOOL_WORDS, BUILTINS, Arg, Lowering, Parts, Symbol
+from nasdsl.language.builtins import BOOL_WORDS, BUILTINS, Arg, Lowering, Parts, Symbol, make_divisible
 from nasdsl.language.parser import MAX_NUMBER, parse, parse_expr
 
 HEADER_FIELDS = {"input": 3, "resolution": 224, "classes": 1000}
@@ -20,13 +20,6 @@ MAX_FUNCTION_CALLS = 100_000  # calls of `let` functions in one compilation
 MAX_SIZE = 1_000_000        # channels, kernels, strides, padding, resolution, classes
 MAX_RANGE = 100_000         # values of one range()
 MAX_OPS = 20_000            # op calls after expanding defs, stages and `for`s, in one network
-
-
-def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
-    """Round channels to a multiple of `divisor`, never more than 10% down (the MobileNet rule)."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < round_limit * v else new_v
 
 
 def _range(*args):
@@ -315,7 +308,7 @@ class Compiler:
     def is_word(self, value: str) -> bool:
         """A bare word the language knows (an op, on/off, an activation, a shortcut kind): not a typo."""
         return (value in BUILTINS or value in self.defs or value.lower() in BOOL_WORDS or value in ACTIVATIONS
-                or value in ("auto", "identity", "pad", "proj"))
+                or value in SE_GATES or value in ("auto", "identity", "pad", "proj", "in", "mid"))
 
     def visible(self, scope: _Scope):
         return {n for n in scope.names() if n not in FUNCTIONS}
@@ -388,11 +381,13 @@ class Compiler:
             hint = did_you_mean(str(value), spec.choices) if isinstance(value, str) else ""
             raise self.error(f"{what} expects one of {', '.join(spec.choices)}, got {_show(value)}{hint}", expr.pos)
         self.number(value, expr, scope, what)
-        if spec.type in ("float", "prob"):
+        if spec.type in ("float", "float0", "prob"):
             if spec.type == "prob" and not 0 <= value < 1:
                 raise self.error(f"{what} must be in [0, 1), got {value}", expr.pos)
             if spec.type == "float" and value <= 0:
                 raise self.error(f"{what} must be positive, got {value}", expr.pos)
+            if spec.type == "float0" and value < 0:
+                raise self.error(f"{what} must be 0 or more, got {value}", expr.pos)
             return float(value)
         if isinstance(value, float):
             if not value.is_integer():
@@ -723,7 +718,7 @@ def _show(value) -> str:
 
 def _label(name: str, a: dict, builtin) -> str:
     """A compact description: `mbconv k5 e3`, `conv 64 k3 s2`."""
-    short = {"out": "", "k": "k", "e": "e", "stride": "s", "groups": "g", "p": "p"}
+    short = {"out": "", "k": "k", "e": "e", "stride": "s", "groups": "g", "p": "p", "se": "se"}
     bits = [name]
     for spec in builtin.args:
         v = a.get(spec.name)

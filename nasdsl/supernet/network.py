@@ -4,7 +4,7 @@ The supernet is a NasNet with gates (`gate_factory`, nasdsl.supernet.build); the
 and every derived network use it as it is: finetuning trains a derived network as a NasNet.
 An export does not ship it: nasdsl.export.codegen generates plain PyTorch from the (merged)
 graph, and copies from here only the small modules it needs (Select, Subsample, MixConv,
-GlobalAvgPool), which is why this file imports only torch and timm.
+GlobalAvgPool, SqueezeExcite), which is why this file imports only torch and timm.
 
 Follows timm's model API: num_classes, num_features, forward_features (the unpooled map),
 forward_head(x, pre_logits), get_classifier, reset_classifier, and for `features_only=True`
@@ -66,13 +66,34 @@ class Subsample(nn.Module):
         return x[:, :, ::self.stride, ::self.stride]
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) as timm's EfficientNet and MobileNetV3 blocks hold it
+    (timm.models._efficientnet_blocks.SqueezeExcite, with its module names, so timm's weights map
+    one to one): x * gate(conv_expand(act1(conv_reduce(mean_hw(x)))))."""
+
+    def __init__(self, channels: int, rd_channels: int, act_layer: type = nn.ReLU, gate_layer: type = nn.Sigmoid):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, rd_channels, 1, bias=True)
+        self.act1 = act_layer(inplace=True)
+        self.conv_expand = nn.Conv2d(rd_channels, channels, 1, bias=True)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        return x * self.gate(scale)
+
+
+# the graph's activation names (nasdsl.graph.ops.ACTIVATIONS, SE_GATES) -> torch module classes
+ACT_LAYERS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish, "silu": nn.SiLU, "identity": nn.Identity}
+GATE_LAYERS = {"sigmoid": nn.Sigmoid, "hsigmoid": nn.Hardsigmoid}
+
+
 def _act(fn: str, inplace: bool) -> nn.Module:
-    return {"relu": lambda: nn.ReLU(inplace=inplace), "relu6": lambda: nn.ReLU6(inplace=inplace),
-            "hswish": lambda: nn.Hardswish(inplace=inplace), "identity": nn.Identity}[fn]()
+    return ACT_LAYERS[fn](inplace=inplace)  # nn.Identity takes and ignores it
 
 
 # ops whose output is always a new tensor (never their input or a view of it)
-_ALLOCATING = ("conv", "mixconv", "bn", "linear", "maxpool", "avgpool", "gap", "select")
+_ALLOCATING = ("conv", "mixconv", "bn", "linear", "maxpool", "avgpool", "gap", "select", "se")
 
 
 def build_chain(cfgs: List[dict], gate_factory: Optional[Callable] = None, fresh: bool = False):
@@ -101,6 +122,8 @@ def build_op(cfg: dict, gate_factory: Optional[Callable] = None, inplace: bool =
         return bn(cfg["in"], eps=cfg["eps"], momentum=cfg["momentum"])
     if kind == "act":
         return _act(cfg["fn"], inplace)
+    if kind == "se":
+        return SqueezeExcite(cfg["in"], cfg["rd"], ACT_LAYERS[cfg["act"]], GATE_LAYERS[cfg["fn"]])
     if kind == "gate":
         return gate_factory(cfg["in"], cfg["key"]) if gate_factory else nn.Identity()
     if kind == "linear":
