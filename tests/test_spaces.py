@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "spaces"
 FILES = sorted(SPACES.glob("*.space"))
 CIFAR = ["vgg16_cifar", "resnet56_cifar", "mobilenetv2_cifar", "proxyless_cifar"]
-IMAGENET = ["vgg16", "resnet50", "mobilenetv2", "proxyless"]
+IMAGENET = ["vgg16", "resnet50", "mobilenetv2", "proxyless", "efficientnet_b0", "mobilenetv3_large", "resnext50"]
 
 
 @lru_cache(maxsize=None)
@@ -80,6 +80,9 @@ REFERENCES = {
     "vgg16": lambda: _torchvision("vgg16"),
     "resnet50": lambda: _torchvision("resnet50"),
     "mobilenetv2": lambda: _timm("mobilenetv2_100"),
+    "efficientnet_b0": lambda: _timm("efficientnet_b0"),               # 5,288,548 params
+    "mobilenetv3_large": lambda: _timm("mobilenetv3_large_100"),       # 5,483,032 params
+    "resnext50": lambda: _torchvision("resnext50_32x4d"),              # 25,028,904 params
 }
 
 
@@ -97,8 +100,10 @@ def test_param_parity_with_reference(name):
         ours = NasNet(net.to_config())
     assert accounting.network_cost(net).params == n_params(ref)
     assert n_params(ours) == n_params(ref)
-    # the same tensors, not just the same total
-    shapes = lambda m: Counter(tuple(p.shape) for p in m.parameters())  # noqa: E731
+    # the same tensors, not just the same total (a 1x1 conv's weight counted as a linear's: timm's
+    # MobileNetV3 conv_head acts on the pooled map, where the space has a linear)
+    shapes = lambda m: Counter(tuple(p.shape[:2] if p.shape[2:] == (1, 1) else p.shape)  # noqa: E731
+                               for p in m.parameters())
     assert shapes(ours) == shapes(ref)
 
 
@@ -109,6 +114,12 @@ STAGE_ENDS = {
                     "blocks.3": "s3.3", "blocks.4": "s4.2", "blocks.5": "s5.2", "blocks.6": "s6.0",
                     "conv_head": "head"},
     "vgg16": {f"features.{i}": f"pool{k + 1}" for k, i in enumerate([4, 9, 16, 23, 30])},
+    "efficientnet_b0": {"conv_stem": "stem", "blocks.0": "first", "blocks.1": "s1.1", "blocks.2": "s2.1",
+                        "blocks.3": "s3.2", "blocks.4": "s4.2", "blocks.5": "s5.3", "blocks.6": "s6.0",
+                        "conv_head": "head"},
+    "mobilenetv3_large": {"conv_stem": "stem", "blocks.0": "first", "blocks.1": "s1.0.b", "blocks.2": "s2.2",
+                          "blocks.3": "s3.0.d", "blocks.4": "s4.1", "blocks.5": "s5.2", "blocks.6": "head"},
+    "resnext50": {"layer1": "layer1.2", "layer2": "layer2.3", "layer3": "layer3.5", "layer4": "layer4.2"},
 }
 
 
@@ -134,10 +145,12 @@ def test_stage_params_match_reference(name):
     """Per stage, not just in total: a miscount in one stage cannot hide behind another."""
     ref = reference(name)
     net = compiled(name)
-    if name == "resnet50":
+    if name in ("resnet50", "resnext50"):
         pairs = {f"layer{i}": f"layer{i}." for i in range(1, 5)}
-    elif name == "mobilenetv2":
+    elif name in ("mobilenetv2", "efficientnet_b0"):
         pairs = {"blocks.0": "first", **{f"blocks.{i}": f"s{i}." for i in range(1, 7)}}
+    elif name == "mobilenetv3_large":
+        pairs = {"blocks.0": "first", **{f"blocks.{i}": f"s{i}." for i in range(1, 6)}, "blocks.6": "head"}
     else:
         pairs = {"features": "conv", "classifier": "classifier"}
     modules = dict(ref.named_modules())
@@ -174,8 +187,9 @@ def _zero(m, x, y):
 
 
 ZERO_OPS = {cls: _zero for cls in (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Identity, nn.Dropout, nn.Flatten,
-    nn.MaxPool2d, nn.AvgPool2d, torchnet.GlobalAvgPool, torchnet.Subsample, torchnet.Select)}
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid,
+    nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, torchnet.GlobalAvgPool, torchnet.Subsample,
+    torchnet.Select)}
 
 
 def thop_macs(model: nn.Module, shape) -> int:
@@ -189,7 +203,8 @@ def thop_macs(model: nn.Module, shape) -> int:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # thop's use of distutils
 @pytest.mark.parametrize("name,resolution", [(n, None) for n in CIFAR] +
-                         [("vgg16", 32), ("resnet50", 64), ("mobilenetv2", 64)])
+                         [("vgg16", 32), ("resnet50", 64), ("mobilenetv2", 64), ("efficientnet_b0", 64),
+                          ("mobilenetv3_large", 64), ("resnext50", 64)])
 def test_flops_equal_thop(name, resolution):
     net = compiled(name, resolution)
     model = NasNet(net.to_config())
