@@ -219,3 +219,15 @@ def test_search_from_an_imported_network_starts_at_its_accuracy(capsys, tmp_path
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["baseline"]["top1"] == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_torchvision_vgg16_names_map_onto_the_shipped_space():
+    """The mapping checks the logits itself; here its names must be the space's plain network's."""
+    from nasdsl.importer.mapping import translate
+    from nasdsl.pipeline.init import plain_shapes
+
+    model = source_model("torchvision:vgg16")
+    network = nasdsl.compile("spaces/vgg16.space")
+    renamed = translate(model.state_dict(), network, "vgg16.pth")
+    shapes = plain_shapes(network)
+    assert renamed is not None and {k: tuple(v.shape) for k, v in renamed.items()} == shapes
