@@ -5,6 +5,17 @@
     cifar10:DIR       torchvision's CIFAR-10 python format: DIR/cifar-10-batches-py/
     cifar100:DIR      torchvision's CIFAR-100 python format: DIR/cifar-100-python/
     imagefolder:DIR   DIR/train/<class>/*.jpg|png|... and DIR/val/<class>/...
+    mnist:DIR         MNIST's four IDX files (gzipped or not) in DIR, DIR/raw or DIR/MNIST/raw
+    fashion-mnist[:DIR]  Fashion-MNIST, likewise (DIR/FashionMNIST/raw); without DIR, Debian's
+                      /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`)
+
+MNIST and Fashion-MNIST take subset options after a '?': `fashion-mnist:DIR?train=10000,val=2000`
+('&' separates too; quote the spec in a shell). train=N keeps N of the training images, val=N N of
+the test images, which are the validation set. The subset is stratified and fixed, never drawn from
+the run's seed: each class keeps its share of N (N x its count / all, rounded down, the images left
+over going to the classes with the largest remainders, ties to the lower label) and takes its
+FIRST images in file order. The published files are already shuffled, so these are a random sample,
+the same on every machine and run.
 
 `build_data(spec, resolution, augmentation=..., download=...)` returns a `DataBundle`. Every problem
 with the data is found here, at build time, and reported as one `NasdslError` naming the `--data`
@@ -48,6 +59,13 @@ Decisions, documented here once:
   does a user of the export: `Image.open(f).convert("L")` for a 1-channel model).
 - digits / fake: resized once to the resolution at build time (bilinear) and kept in memory as
   float tensors; mean/std are computed from the train split at that resolution.
+- MNIST / Fashion-MNIST: 1 channel; resized once at build time (bilinear, as digits) but kept as
+  uint8 (60000 images are 61 MB at 32 px, not 246 MB as floats, and 3 GB at 224 px instead of 12),
+  converted and normalized per sample; mean/std from the (subset's) training images at the
+  resolution; augmentation as the digits' (small random affine, no flips: flipped digits are other
+  symbols; Fashion-MNIST's items survive a flip, `augmentation.hflip` turns it on). Crop_pct 1.0:
+  timm's eval transform of the export on a PIL 'L' image of the 28 px file reproduces the input.
+  The files are read and checked by `nasdsl.train.idx` (content, not archive checksums).
 """
 from __future__ import annotations
 
@@ -64,9 +82,19 @@ from torch.utils.data import Dataset
 
 from nasdsl.errors import NasdslError, did_you_mean
 
-#: source name -> whether it needs a PATH
+#: source name -> whether it takes a PATH
 SOURCES: dict[str, bool] = {"digits": False, "fake": False, "cifar10": True, "cifar100": True,
-                            "imagefolder": True}
+                            "imagefolder": True, "mnist": True, "fashion-mnist": True}
+#: sources whose PATH may be left out, and where they then look
+DEFAULT_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+DEFAULT_DIR_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
+#: sources that take '?train=N,val=N' subset options
+SUBSET_SOURCES = ("mnist", "fashion-mnist")
+SUBSET_OPTIONS = ("train", "val")
+MNIST_CLASSES = {"mnist": tuple(str(i) for i in range(10)),
+                 "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                   "Sneaker", "Bag", "Ankle boot")}
+RESIZE_CHUNK = 4096        # images resized (and summed for mean/std) at a time: bounds the float copies
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -289,9 +317,12 @@ def _clamp01(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- entry point
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
-    """'cifar10:/x' -> ('cifar10', '/x'); 'digits' -> ('digits', None). Raises on unknown names."""
+    """'cifar10:/x' -> ('cifar10', '/x'); 'digits' -> ('digits', None). Raises on unknown names.
+
+    Options after a '?' are left to `parse_options`; a source with a default directory
+    (`DEFAULT_DIRS`) given none gives None, and its builder looks there."""
     where = f"--data {spec}"
-    name, sep, path = spec.strip().partition(":")
+    name, sep, path = spec.partition("?")[0].strip().partition(":")
     name = name.strip().lower()
     if not name:
         raise NasdslError("empty data source; expected NAME[:PATH] with NAME one of " + _known(), file=where)
@@ -299,11 +330,42 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         raise NasdslError(f"unknown data source '{name}'{did_you_mean(name, SOURCES)}; known: {_known()}",
                           file=where)
     path = path.strip() if sep else ""
-    if SOURCES[name] and not path:
+    if SOURCES[name] and not path and name not in DEFAULT_DIRS:
         raise NasdslError(f"{name} needs a directory: --data {name}:DIR", file=where)
     if not SOURCES[name] and path:
         raise NasdslError(f"{name} is built in and takes no PATH (got '{path}')", file=where)
     return name, (os.path.expanduser(path) if path else None)
+
+
+def parse_options(spec: str) -> dict[str, int]:
+    """The subset options after a '?' ('train=10000,val=2000', '&' works too) as {'train': 10000, ...};
+    {} without a '?'. Only `SUBSET_SOURCES` take them; every mistake is one line."""
+    where = f"--data {spec}"
+    base, sep, text = spec.partition("?")
+    if not sep:
+        return {}
+    name = base.partition(":")[0].strip().lower()
+    if name not in SUBSET_SOURCES:
+        raise NasdslError(f"{name} takes no options (got '?{text}'); the subset options train=N and val=N are "
+                          f"for {' and '.join(SUBSET_SOURCES)}", file=where)
+    items = [t.strip() for t in text.replace("&", ",").split(",")]
+    if not any(items):
+        raise NasdslError("nothing after '?'; expected subset options such as ?train=10000,val=2000", file=where)
+    options: dict[str, int] = {}
+    for item in items:
+        key, eq, value = (part.strip() for part in item.partition("="))
+        key = key.lower()
+        if not eq or not key:
+            raise NasdslError(f"option '{item}' is not KEY=N (e.g. train=10000)", file=where)
+        if key not in SUBSET_OPTIONS:
+            raise NasdslError(f"unknown option '{key}'{did_you_mean(key, SUBSET_OPTIONS)}; "
+                              f"known: {', '.join(k + '=N' for k in SUBSET_OPTIONS)}", file=where)
+        if key in options:
+            raise NasdslError(f"option {key} is given twice", file=where)
+        if not value.isascii() or not value.isdigit() or int(value) == 0:
+            raise NasdslError(f"{key} must be a positive whole number of images, got '{value}'", file=where)
+        options[key] = int(value)
+    return options
 
 
 def build_data(spec: str, resolution: int, *, augmentation=None, download: bool = False) -> DataBundle:
@@ -312,9 +374,12 @@ def build_data(spec: str, resolution: int, *, augmentation=None, download: bool 
     `augmentation` is the recipe's augmentation section, any object with `scale`, `ratio`, `hflip`,
     `auto_augment` and `re_prob` attributes (None: all auto); see the module docstring."""
     name, path = parse_spec(spec)
+    options = parse_options(spec)
     where = f"--data {spec}"
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise NasdslError(f"resolution must be a positive integer, got {resolution!r}", file=where)
+    if name in SUBSET_SOURCES:
+        return _build_mnist(spec, name, path, resolution, augmentation, options)
     if name == "digits":
         return _build_digits(spec, resolution, augmentation)
     if name == "fake":
@@ -349,7 +414,7 @@ def resolve_augmentation(source: str, resolution: int, augmentation=None, *, sma
         hflip = (0.0 if small else 0.5) if hflip is None else hflip
     else:
         fallback = {"cifar10": f"pad-{_cifar_pad(resolution)}", "cifar100": f"pad-{_cifar_pad(resolution)}",
-                    "digits": "affine"}.get(source, "none")
+                    "digits": "affine", "mnist": "affine", "fashion-mnist": "affine"}.get(source, "none")
         crop = "random-resized" if scale is not None else fallback
         hflip = (0.5 if source.startswith("cifar") else 0.0) if hflip is None else hflip
     return {"crop": crop, "scale": scale, "ratio": ratio, "hflip": hflip, "auto_augment": auto, "re_prob": re_prob}
@@ -399,7 +464,8 @@ def _timm_train(prep: Preprocessing, aug: dict, pre: list | None = None) -> Torc
 
 
 def _known() -> str:
-    return ", ".join(f"{n}:DIR" if needs else n for n, needs in SOURCES.items())
+    return ", ".join(f"{n}[:DIR]" if n in DEFAULT_DIRS else f"{n}:DIR" if needs else n
+                     for n, needs in SOURCES.items())
 
 
 def _reason(exc: BaseException) -> str:
@@ -583,6 +649,100 @@ def _cifar_split(folder: Path, files: list[str], num_classes: int, title: str, w
         raise NasdslError(f"{title} files {', '.join(files)} in {folder} hold no images", file=where)
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # stored CHW, as the format is
     return images, torch.from_numpy(np.concatenate(labels))
+
+
+# --------------------------------------------------------------------------- MNIST and Fashion-MNIST
+
+def _build_mnist(spec: str, name: str, path: str | None, resolution: int, augmentation,
+                 options: dict[str, int]) -> DataBundle:
+    """MNIST / Fashion-MNIST from their IDX files: train = the train files, val = the t10k files,
+    each optionally a stratified subset (module docstring); uint8 in memory at the resolution."""
+    from nasdsl.train.idx import read_mnist
+
+    where = f"--data {spec}"
+    root = _mnist_root(name, path, where)
+    train, test = read_mnist(root, name, where)
+    keep_train = stratified_subset(train.labels, options.get("train"), f"train={options.get('train')}",
+                                   str(train.image_file), where)
+    keep_val = stratified_subset(test.labels, options.get("val"), f"val={options.get('val')}",
+                                 str(test.image_file), where)
+    train_x = _resize_uint8(torch.from_numpy(train.images[keep_train]), resolution)
+    val_x = _resize_uint8(torch.from_numpy(test.images[keep_val]), resolution)
+    mean, std = _uint8_stats(train_x)
+    if std[0] <= 0:
+        raise NasdslError(f"the training images of {train.image_file} are all one grey level", file=where)
+    prep = Preprocessing((1, resolution, resolution), mean, std)
+    aug = resolve_augmentation(name, resolution, augmentation)
+    v2 = _v2()
+    to_float, normalize = v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)
+    affine = [RandomAffine(degrees=10.0, translate=0.1, scale=0.1)] if aug["crop"] == "affine" else []
+    if _plain(aug, flips=False):
+        train_tf = v2.Compose([to_float, *affine, normalize])
+    else:
+        train_tf = _timm_train(prep, aug, [to_float, *affine, v2.Lambda(_clamp01), v2.ToPILImage()])
+    train_y, val_y = torch.from_numpy(train.labels[keep_train]), torch.from_numpy(test.labels[keep_val])
+    return DataBundle(name=name, spec=spec, train=TensorImageDataset(train_x, train_y, train_tf),
+                      val=TensorImageDataset(val_x, val_y, v2.Compose([to_float, normalize])), num_classes=10,
+                      preprocessing=prep, classes=MNIST_CLASSES[name], path=str(root), augmentation=aug)
+
+
+def _mnist_root(name: str, path: str | None, where: str) -> Path:
+    """The DIR given, or the source's default directory, whose absence names the package to install."""
+    if path is not None:
+        return Path(path)
+    root = Path(DEFAULT_DIRS[name])
+    if not root.is_dir():
+        raise NasdslError(f"{root} is absent: apt-get install {DEFAULT_DIR_PACKAGES[name]}, or pass "
+                          f"--data {name}:DIR", file=where)
+    return root
+
+
+def stratified_subset(labels, n: int | None, option: str, file: str, where: str):
+    """Indices (ascending, i.e. file order) of `n` images: each class keeps n x its count / all, rounded
+    down, the rest going one each to the largest remainders (ties: lower label); a class keeps its
+    first images in file order. Deterministic: no seed, the same subset on every run. None: every index."""
+    import numpy as np
+
+    total = len(labels)
+    if n is None:
+        return np.arange(total)
+    if n > total:
+        raise NasdslError(f"{option} asks for more than the {total} images in {file}", file=where)
+    counts = np.bincount(labels, minlength=10).astype(np.int64)
+    take, remainder = (n * counts) // total, (n * counts) % total
+    short = n - int(take.sum())
+    for k in sorted(range(len(counts)), key=lambda k: (-int(remainder[k]), k))[:short]:
+        take[k] += 1
+    keep = [np.flatnonzero(labels == k)[:take[k]] for k in range(len(counts))]
+    return np.sort(np.concatenate(keep))
+
+
+def _resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """N x H x W uint8 -> N x 1 x resolution x resolution uint8, resized as digits are (bilinear,
+    antialiased when shrinking), rounded back to bytes, in chunks so no full float copy exists."""
+    images = images.unsqueeze(1)
+    if images.shape[-2:] == (resolution, resolution):
+        return images.contiguous()
+    out = torch.empty((images.shape[0], 1, resolution, resolution), dtype=torch.uint8)
+    for start in range(0, images.shape[0], RESIZE_CHUNK):
+        chunk = images[start:start + RESIZE_CHUNK].float().div_(255.0)
+        out[start:start + RESIZE_CHUNK] = _resize_float(chunk, resolution).mul_(255.0).round_().to(torch.uint8)
+    return out
+
+
+def _uint8_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and (sample) std of N x C x H x W uint8 images scaled to [0, 1], as `_stats`
+    gives for floats, summed in float64 chunks."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(RESIZE_CHUNK):
+        x = chunk.double().div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    n = images.numel() // images.shape[1]
+    mean = total / n
+    var = ((squares - n * mean.square()) / max(n - 1, 1)).clamp_(min=0.0)
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in var.sqrt())
 
 
 # --------------------------------------------------------------------------- image folders
