@@ -246,22 +246,29 @@ def test_grouped_bottleneck_gates_only_bn3_and_derives():
         assert _normalised(again.to_config()) == _normalised(d.network.to_config())
 
 
-def test_resnext50_stages_have_torchvision_param_count():
-    """ResNeXt-50 32x4d from inline stages of grouped bottlenecks: torchvision's 25,028,904 params."""
-    net = compile_source("""
-space rx50(input=3, resolution=224, classes=1000)
-def block(c) = bottleneck(4 * c, mid=2 * c, groups=32)
+# ResNeXt-50 32x4d (torchvision's resnext50_32x4d) in stages of grouped bottlenecks. Not shipped as a
+# space: with only bn3 gated, a block's cost comes and goes whole with its last channel, and a budget
+# fit at 25% of its FLOPs lands at 0.898 of the target, below the 0.9 that tests/test_budget.py holds
+# every shipped space to.
+RESNEXT50 = """
+space resnext50(input=3, resolution=224, classes=1000)
+def block(c) = bottleneck(4 * c, mid=2 * c, groups=32)      # c: the base width; 32 groups of c / 16
 layer stem [gate=off] = conv(64, k=7, stride=2) > bn > relu > maxpool(k=3, stride=2, padding=1)
 stage layer1 [repeat=3]           { layer = block(64) }
 stage layer2 [repeat=4, stride=2] { layer = block(128) }
 stage layer3 [repeat=6, stride=2] { layer = block(256) }
 stage layer4 [repeat=3, stride=2] { layer = block(512) }
 layer classifier = gap > linear(classes)
-""", "rx50.space")
+"""
+
+
+def test_resnext50_stages_have_torchvision_param_count():
+    net = compile_source(RESNEXT50, "resnext50.space")
     assert accounting.network_cost(net).params == 25_028_904
+    assert sum(g.channels for g in net.gates()) == 15_104 and all(g.key.endswith(".bn3") for g in net.gates())
 
 
-# ---- the shipped spaces are the networks they name, to the logits --------------------------------------
+# ---- the shipped spaces (and ResNeXt-50) are the networks they name, to the logits ---------------------
 def _reference(name: str) -> nn.Module:
     import timm
     import torchvision
@@ -272,8 +279,8 @@ def _reference(name: str) -> nn.Module:
 
 @pytest.mark.parametrize("stem, reference", [("efficientnet_b0", "efficientnet_b0"),
                                              ("mobilenetv3_large", "mobilenetv3_large_100"),
-                                             ("resnext50", "resnext50_32x4d")])
-def test_shipped_space_computes_the_reference_network(stem, reference):
+                                             (None, "resnext50_32x4d")])
+def test_space_computes_the_reference_network(stem, reference):
     """The reference's tensors, copied in order into the space's NasNet (both list conv, BN, SE and
     classifier tensors in the same order; timm's conv_head on the pooled map is our linear), give
     the reference's eval-mode logits, with random BN statistics so every BN matters."""
@@ -285,7 +292,9 @@ def test_shipped_space_computes_the_reference_network(stem, reference):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
                 m.bias.normal_(0, 0.1, generator=g)
-    ours = NasNet(compile_file(ROOT / "spaces" / f"{stem}.space", {"resolution": "32"}).to_config()).eval()
+    net = compile_file(ROOT / "spaces" / f"{stem}.space", {"resolution": "32"}) if stem else \
+        compile_source(RESNEXT50, "resnext50.space", {"resolution": "32"})
+    ours = NasNet(net.to_config()).eval()
     tensors = lambda m: [(k, v) for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")]  # noqa: E731
     pairs = list(zip(tensors(ref), tensors(ours)))
     assert len(tensors(ref)) == len(tensors(ours)) and all(a.numel() == b.numel() for (_, a), (_, b) in pairs)
