@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("search", help="run DNAL on a .space file: weights -> architecture -> derive -> finetune")
     r.add_argument("space", metavar="SPACE")
     r.add_argument("--recipe", help="recipe name in recipes/ or a YAML path (default: cpu)")
-    r.add_argument("--data", help="digits | fake | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the recipe's)")
+    r.add_argument("--data", help="digits | fake | cifar10:DIR | cifar100:DIR | imagefolder:DIR | mnist:DIR | "
+                   "fashion-mnist[:DIR] (mnist sets take ?train=N,val=N: a fixed class-stratified subset; "
+                   "default: the recipe's)")
     r.add_argument("--out", help="run folder (default: runs/<space name>)")
     r.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="override a space parameter (width=0.5) or a recipe key (architecture.lambda_a=1e-4)")
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy of a derived model (a run or an export folder)")
     e.add_argument("path", metavar="PATH")
-    e.add_argument("--data", help="data spec (default: the run's)")
+    e.add_argument("--data", help="data spec, as search's --data (default: the run's)")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, samples, params)")
