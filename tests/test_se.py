@@ -22,6 +22,7 @@ from nasdsl.graph.printer import to_space
 from nasdsl.language.compiler import compile_file, compile_source
 from nasdsl.supernet.build import build_supernet
 from nasdsl.supernet.network import NasNet, SqueezeExcite
+from nasdsl.train.data import Preprocessing
 from test_derive import (ROOT, _normalised, assert_counts, assert_equivalent, gen, random_masks,
                          slim_and_masked)
 
@@ -203,7 +204,6 @@ def test_export_of_a_derived_se_network(tiny_supernet, tmp_path):
     masks, strength = random_masks(net, "0.5", seed=32)
     d = derive(net, masks, strength)
     slim = slim_and_masked(d, tiny_supernet, seed=5)
-    from nasdsl.train.data import Preprocessing
     prep = Preprocessing((3, 16, 16), (0.5,) * 3, (0.25,) * 3)
     folder = export_model(d.network, slim.state_dict(), tmp_path / "se", "nasdsl_se_tiny", preprocessing=prep,
                           space_text=to_space(d.network))
