@@ -108,3 +108,23 @@ def _is_state_dict(obj: dict) -> bool:
     import torch
 
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def misfit(expected: dict[str, tuple], state: dict, owner: str, optional: tuple[str, ...] = (),
+           left_out: tuple[str, ...] = ()) -> str:
+    """How a state dict fails to fit the `expected` names and shapes, in one line: how many names
+    are missing, unexpected and mis-shaped, with the first of each; '' when it fits. Names ending
+    in `optional` may be absent; names starting with `left_out` are not asked for."""
+    missing = [k for k in expected if k not in state and not k.endswith(optional) and not k.startswith(left_out)]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {missing[0]} {list(expected[missing[0]])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]} {list(state[unexpected[0]].shape)})")
+    if misshaped:
+        k = misshaped[0]
+        parts.append(f"{len(misshaped)} mis-shaped (first: {k} {list(state[k].shape)} in the file, "
+                     f"{list(expected[k])} in the {owner})")
+    return ", ".join(parts)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from nasdsl.errors import NasdslError, did_you_mean
-from nasdsl.files import read_state_dict
+from nasdsl.files import misfit, read_state_dict
 
 LIBRARIES = ("timm", "torchvision")
 
@@ -47,10 +47,9 @@ def load_source(spec: str, weights: str | None = None, download: bool = False,
         classes = _other_classes(model, state)
         if classes is not None:       # a network finetuned on other data: the library's model for its classes
             model = build_model(spec, num_classes=classes)
-        missing, unexpected = _fit(model, state)
-        if missing or unexpected:
-            raise NasdslError(f"does not fit {spec}: {len(missing)} missing (first: {missing[:1]}), "
-                              f"{len(unexpected)} unexpected or mis-shaped (first: {unexpected[:1]})", file=weights)
+        problem = misfit({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, "model")
+        if problem:
+            raise NasdslError(f"does not fit {spec}: {problem}", file=weights)
         model.load_state_dict(state)
         what = str(Path(weights))
     return Source(spec, library, name, model.eval(), resolution or default_res, what, notes)
@@ -64,13 +63,6 @@ def _other_classes(model: nn.Module, state: dict) -> int | None:
     if weight is None or weight.dim() != 2 or weight.shape[1:] != ours.shape[1:] or weight.shape[0] == ours.shape[0]:
         return None
     return int(weight.shape[0])
-
-
-def _fit(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k, v in state.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
-    return missing, unexpected
 
 
 def build_model(spec: str, num_classes: int | None = None) -> nn.Module | None:

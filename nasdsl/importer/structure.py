@@ -124,11 +124,11 @@ def _plain_conv(p: Prim, k: int | None = None, stride: int | None = 1) -> bool:
 
 
 def _bn_args(bns: list[Prim]) -> dict | None:
-    """A composite's `eps` argument, when its BNs agree and keep the default momentum."""
-    if len({b.attrs["eps"] for b in bns}) != 1 or any(b.attrs["momentum"] != 0.1 for b in bns):
+    """A composite's `eps` and `momentum` arguments (where not the defaults), when its BNs agree."""
+    if len({(b.attrs["eps"], b.attrs["momentum"]) for b in bns}) != 1:
         return None
-    eps = bns[0].attrs["eps"]
-    return {} if eps == 1e-5 else {"eps": eps}
+    eps, momentum = bns[0].attrs["eps"], bns[0].attrs["momentum"]
+    return {**({"eps": eps} if eps != 1e-5 else {}), **({"momentum": momentum} if momentum != 0.1 else {})}
 
 
 def _ratio(num: int, den: int):
@@ -183,21 +183,20 @@ def se_args(se: Prim, cin: int, mid: int, act: str) -> dict | None:
     from nasdsl.language.builtins import se_channels
 
     rd = se.attrs["rd"]
-    for of, base in (("in", cin), ("mid", mid)):
-        for divisor in (1, 8):
-            for ratio in (0.25, 0.125, 0.0625, _ratio(rd, base)):
-                if ratio is not None and se_channels({"se": ratio, "se_of": of, "se_divisor": divisor},
-                                                     cin, mid) == rd:
-                    args = {"se": ratio}
-                    if of != "in":
-                        args["se_of"] = of
-                    if divisor != 1:
-                        args["se_divisor"] = divisor
-                    if se.attrs["act"] != act:
-                        args["se_act"] = se.attrs["act"]
-                    if se.attrs["fn"] != "sigmoid":
-                        args["se_fn"] = se.attrs["fn"]
-                    return args
+    usual = [(of, divisor, ratio) for ratio in (0.25, 0.125, 0.0625) for of in ("in", "mid") for divisor in (1, 8)]
+    exact = [(of, 1, _ratio(rd, base)) for of, base in (("in", cin), ("mid", mid))]
+    for of, divisor, ratio in usual + exact:   # the libraries' own rules first, so a stage says one rule
+        if ratio is not None and se_channels({"se": ratio, "se_of": of, "se_divisor": divisor}, cin, mid) == rd:
+            args = {"se": ratio}
+            if of != "in":
+                args["se_of"] = of
+            if divisor != 1:
+                args["se_divisor"] = divisor
+            if se.attrs["act"] != act:
+                args["se_act"] = se.attrs["act"]
+            if se.attrs["fn"] != "sigmoid":
+                args["se_fn"] = se.attrs["fn"]
+            return args
     return None
 
 

@@ -79,7 +79,7 @@ def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
 
 
 # ---- composite blocks ------------------------------------------------------------------------
-def _se_channels(a: dict, cin: int, mid: int) -> int:
+def se_channels(a: dict, cin: int, mid: int) -> int:
     """An MBConv's SE reduced channels: `se` times the block's input (timm's EfficientNet) or mid
     channels (MobileNetV3), rounded, or made divisible by `se_divisor` as MobileNetV3 does."""
     base = cin if a["se_of"] == "in" else mid
@@ -96,19 +96,20 @@ def _mbconv(lo: Lowering, a: dict) -> Parts:
     ops: list[Op] = []
     if mid != cin or a["e"] != 1:
         ops.append(lo.conv(mid))
-        lo.bn(ops, a["eps"])
+        lo.bn(ops, a["eps"], a["momentum"])
         ops.append(lo.op("act", fn=a["act"]))
     ops.append(lo.conv(mid, a["k"], a["stride"], groups=mid))
-    lo.bn(ops, a["eps"], gate="mid")
+    lo.bn(ops, a["eps"], a["momentum"], gate="mid")
     ops.append(lo.op("act", fn=a["act"]))
     if a["se"] > 0:
-        ops.append(lo.op("se", rd=_se_channels(a, cin, mid), act=a["se_act"] or a["act"], fn=a["se_fn"]))
+        ops.append(lo.op("se", rd=se_channels(a, cin, mid), act=a["se_act"] or a["act"], fn=a["se_fn"]))
     ops.append(lo.conv(a["out"]))
-    lo.bn(ops, a["eps"], gate="out")
+    lo.bn(ops, a["eps"], a["momentum"], gate="out")
     return Parts(ops)
 
 
-def _shortcut(lo: Lowering, kind: str, shape_in: Shape, out: int, stride: int, eps: float) -> Shortcut | None:
+def _shortcut(lo: Lowering, kind: str, shape_in: Shape, out: int, stride: int, eps: float,
+              momentum: float) -> Shortcut | None:
     """The ResNet shortcut: identity, option A (subsample + zero-padded channels) or 1x1 projection."""
     if kind == "auto":
         kind = "identity" if stride == 1 and shape_in.channels == out else "proj"
@@ -128,7 +129,7 @@ def _shortcut(lo: Lowering, kind: str, shape_in: Shape, out: int, stride: int, e
             index = tuple(range(front, front + shape_in.channels))
             return Shortcut(ops, None if index == tuple(range(out)) else index)
         ops = [lo.conv(out, 1, stride)]
-        lo.bn(ops, eps)
+        lo.bn(ops, eps, momentum)
         return Shortcut(tuple(ops))
     finally:
         lo.shape = saved
@@ -138,11 +139,11 @@ def _basic(lo: Lowering, a: dict) -> Parts:
     shape_in = lo.shape
     mid = a["mid"] if a["mid"] is not None else a["out"]
     ops: list[Op] = [lo.conv(mid, 3, a["stride"])]
-    lo.bn(ops, a["eps"], gate="bn1")
+    lo.bn(ops, a["eps"], a["momentum"], gate="bn1")
     ops.append(lo.op("act", fn=a["act"]))
     ops.append(lo.conv(a["out"], 3))
-    lo.bn(ops, a["eps"], gate="bn2")
-    sc = _shortcut(lo, a["shortcut"], shape_in, a["out"], a["stride"], a["eps"])
+    lo.bn(ops, a["eps"], a["momentum"], gate="bn2")
+    sc = _shortcut(lo, a["shortcut"], shape_in, a["out"], a["stride"], a["eps"], a["momentum"])
     return Parts(ops, sc, [lo.op("act", fn=a["act"])])
 
 
@@ -153,14 +154,14 @@ def _bottleneck(lo: Lowering, a: dict) -> Parts:
     mid = a["mid"] if a["mid"] is not None else max(1, a["out"] // 4)
     gated = a["groups"] == 1
     ops: list[Op] = [lo.conv(mid, 1)]
-    lo.bn(ops, a["eps"], gate="bn1" if gated else None)
+    lo.bn(ops, a["eps"], a["momentum"], gate="bn1" if gated else None)
     ops.append(lo.op("act", fn=a["act"]))
     ops.append(lo.conv(mid, 3, a["stride"], groups=a["groups"]))
-    lo.bn(ops, a["eps"], gate="bn2" if gated else None)
+    lo.bn(ops, a["eps"], a["momentum"], gate="bn2" if gated else None)
     ops.append(lo.op("act", fn=a["act"]))
     ops.append(lo.conv(a["out"], 1))
-    lo.bn(ops, a["eps"], gate="bn3")
-    sc = _shortcut(lo, a["shortcut"], shape_in, a["out"], a["stride"], a["eps"])
+    lo.bn(ops, a["eps"], a["momentum"], gate="bn3")
+    sc = _shortcut(lo, a["shortcut"], shape_in, a["out"], a["stride"], a["eps"], a["momentum"])
     return Parts(ops, sc, [lo.op("act", fn=a["act"])])
 
 
@@ -215,6 +216,8 @@ class Builtin:
 
 _ACT = Arg("act", "enum", "relu", choices=ACTIVATIONS)
 _EPS = Arg("eps", "float", 1e-5)
+# the composites' BN momentum (torchvision's MobileNetV3 and EfficientNet train with 0.01)
+_MOMENTUM = Arg("momentum", "float", 0.1)
 _GATE = Arg("gate", "bool", True)
 _SHORTCUT = Arg("shortcut", "enum", "auto", choices=("auto", "identity", "pad", "proj"))
 _SE_FN = Arg("fn", "enum", "sigmoid", choices=SE_GATES)
@@ -225,7 +228,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
             doc="convolution; padding defaults to k // 2"),
     Builtin("dwconv", (Arg("k", "kernel", 3), Arg("stride", "stride", 1), Arg("padding", "int0"),
                        Arg("bias", "bool", False)), _dwconv, doc="depthwise convolution"),
-    Builtin("bn", (_EPS, Arg("momentum", "float", 0.1), _GATE), _bn,
+    Builtin("bn", (_EPS, _MOMENTUM, _GATE), _bn,
             doc="batch norm (1d or 2d from the input); gated by default"),
     *(Builtin(fn, (), lambda lo, a, fn=fn: Parts([lo.op("act", fn=fn)]), doc="activation") for fn in ACTIVATIONS),
     Builtin("gate", (), _gate, doc="a gate on every channel, for networks without BN (put it where the BN "
@@ -246,17 +249,17 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
             doc="squeeze-and-excitation: x * fn(conv(act(conv(mean(x))))), rd reduced channels (not gated)"),
     Builtin("mbconv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("e", "float", 6),
                        Arg("stride", "stride", 1), Arg("act", "enum", "relu6", choices=ACTIVATIONS),
-                       Arg("mid", "channels"), _EPS, _GATE, Arg("se", "float0", 0.0),
+                       Arg("mid", "channels"), _EPS, _MOMENTUM, _GATE, Arg("se", "float0", 0.0),
                        Arg("se_of", "enum", "in", choices=("in", "mid")), Arg("se_divisor", "stride", 1),
                        Arg("se_act", "enum", None, choices=ACTIVATIONS), Arg("se_fn", "enum", "sigmoid", choices=SE_GATES)),
             _mbconv, composite=True, auto_residual=True,
             doc="inverted residual: 1x1 expand, kxk depthwise, [SE], 1x1 project; residual when stride 1 and "
                 "in == out; se > 0 adds squeeze-and-excitation with the block's act unless se_act"),
     Builtin("basic", (Arg("out", "channels", required=True), Arg("stride", "stride", 1), _SHORTCUT, _ACT,
-                      Arg("mid", "channels"), _EPS, _GATE), _basic, composite=True,
+                      Arg("mid", "channels"), _EPS, _MOMENTUM, _GATE), _basic, composite=True,
             doc="ResNet basic block; shortcut=pad is CIFAR option A, proj the 1x1 projection"),
     Builtin("bottleneck", (Arg("out", "channels", required=True), Arg("stride", "stride", 1),
-                           Arg("mid", "channels"), _SHORTCUT, _ACT, _EPS, _GATE, Arg("groups", "stride", 1)),
+                           Arg("mid", "channels"), _SHORTCUT, _ACT, _EPS, _MOMENTUM, _GATE, Arg("groups", "stride", 1)),
             _bottleneck, composite=True,
             doc="ResNet bottleneck (1x1, 3x3, 1x1); mid defaults to out / 4; groups > 1: ResNeXt (bn3 gated only)"),
 )}

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from nasdsl.errors import NasdslError
-from nasdsl.files import read_state_dict
+from nasdsl.files import misfit, read_state_dict
 from nasdsl.graph.ir import Network
 from nasdsl.supernet.build import is_gate_param, place_gates
 from nasdsl.supernet.network import NasNet
@@ -105,21 +105,10 @@ def check_fits(state: dict[str, torch.Tensor], network: Network, where: str, spa
     """Every weight of the plain network present with its exact shape, and nothing else; otherwise
     one line with how many names are missing, unexpected and mis-shaped, and the first of each."""
     expected = plain_shapes(network)
-    missing = [k for k in expected if k not in state and not k.endswith(OPTIONAL_SUFFIXES)
-               and not (new_classifier and k.startswith("classifier."))]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (first: {missing[0]} {list(expected[missing[0]])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]} {list(state[unexpected[0]].shape)})")
-    if misshaped:
-        k = misshaped[0]
-        parts.append(f"{len(misshaped)} mis-shaped (first: {k} {list(state[k].shape)} in the file, "
-                     f"{list(expected[k])} in the space)")
-    if parts:
-        raise NasdslError(f"does not fit {space}: {', '.join(parts)}", file=where)
+    skip = ("classifier.",) if new_classifier else ()
+    problem = misfit(expected, state, "space", optional=OPTIONAL_SUFFIXES, left_out=skip)
+    if problem:
+        raise NasdslError(f"does not fit {space}: {problem}", file=where)
 
 
 def _block_op_names(network: Network) -> list[list[str]]:
