@@ -105,14 +105,25 @@ def _print_show(info: dict, as_json: bool) -> None:
 
 
 def cmd_search(args) -> int:
+    return _run(args, train=False)
+
+
+def cmd_train(args) -> int:
+    return _run(args, train=True)
+
+
+def _run(args, train: bool) -> int:
+    """`nasdsl search` and `nasdsl train`: one plan step and one pipeline; train has one stage."""
     from pathlib import Path
 
     from nasdsl.pipeline.plan import RunRequest, make_plan
 
     request = RunRequest(space=Path(args.space), recipe=args.recipe, sets=parse_sets(args.set), data=args.data,
                          out=Path(args.out) if args.out else None, seed=args.seed, device=args.device,
-                         resume=args.resume, download=args.download, name=args.name, budget=args.budget,
-                         progress=not (args.quiet or args.dry_run), init=Path(args.init) if args.init else None)
+                         resume=args.resume, download=args.download, name=args.name,
+                         budget=None if train else args.budget, progress=not (args.quiet or args.dry_run),
+                         init=Path(args.init) if args.init else None, train=train,
+                         epochs=args.epochs if train else None)
     plan = make_plan(request, join_world=not args.dry_run)
     if args.dry_run:
         _print_plan(plan.describe(), args.json)
@@ -124,7 +135,7 @@ def cmd_search(args) -> int:
 
     summary = Pipeline(plan).execute()
     if not args.quiet and _is_main_process():
-        _print_summary(summary, plan.out)
+        _print_summary(summary, plan.out, "training" if train else "search")
     return 0
 
 
@@ -134,7 +145,8 @@ def _print_plan(info: dict, as_json: bool) -> None:
         return
     print(f"plan for {info['space']} ({info['network']}): recipe {info['recipe']}, data {info['data']}, "
           f"{info['device']} x{info['world_size']}, {info['precision']}")
-    print(f"  supernet  {human(info['flops'])} FLOPs, {human(info['params'])} params, {info['gates']:,} gated channels")
+    label = "network" if [s["name"] for s in info["stages"]] == ["train"] else "supernet"
+    print(f"  {label:<9} {human(info['flops'])} FLOPs, {human(info['params'])} params, {info['gates']:,} gated channels")
     for s in info["stages"]:
         budget = f"   ({s['budget']})" if "budget" in s else ""
         print(f"  stage     {s['name']:<13} {s['epochs']:>4} epochs x {s['steps_per_epoch']} steps{budget}")
@@ -157,16 +169,17 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _print_summary(summary: dict, out) -> None:
+def _print_summary(summary: dict, out, what: str = "search") -> None:
     def line(label, r):
         if r:
             print(f"  {label:<9} top-1 {100 * r['top1']:6.2f}%   {human(r['flops']):>8} FLOPs   {human(r['params']):>8} params")
-    print(f"\nsearch finished: {out}")
+    print(f"\n{what} finished: {out}")
     line("supernet", summary.get("baseline"))
     line("searched", summary.get("searched"))
     line("derived", summary.get("derived"))
     g = summary["gates"]
-    print(f"  gates     {g['kept']:,} of {g['total']:,} kept, {100 * g['binarized_fraction']:.2f}% binary")
+    if g["total"]:
+        print(f"  gates     {g['kept']:,} of {g['total']:,} kept, {100 * g['binarized_fraction']:.2f}% binary")
     if "reduction" in summary:
         print(f"  reduction {summary['reduction']['flops']:.2f}x FLOPs, {summary['reduction']['params']:.2f}x params")
     for note in summary.get("notes", []):
@@ -256,6 +269,29 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _run_arguments(r: argparse.ArgumentParser, default_out: str) -> None:
+    """The arguments `search` and `train` share: the space, recipe, data, run folder and where it runs."""
+    r.add_argument("space", metavar="SPACE")
+    r.add_argument("--recipe", help="recipe name in recipes/ or a YAML path (default: cpu)")
+    r.add_argument("--data", help="digits | fake | cifar10:DIR | cifar100:DIR | imagefolder:DIR | mnist:DIR | "
+                   "fashion-mnist[:DIR] (mnist sets take ?train=N,val=N: a fixed class-stratified subset; "
+                   "default: the recipe's)")
+    r.add_argument("--out", help=f"run folder (default: {default_out})")
+    r.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="override a space parameter (width=0.5) or a recipe key (architecture.lambda_a=1e-4)")
+    r.add_argument("--seed", type=int, help="random seed (default: the recipe's)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
+    r.add_argument("--name", help="the exported model's timm name (default: the space's name, or NAME_nasdsl "
+                                  "when that is a timm model or a Python module)")
+    r.add_argument("--init", metavar="FILE", help="start from these trained weights (.safetensors, or a torch "
+                   "state dict read with weights_only), keyed like the space's network, as nasdsl import writes them")
+    r.add_argument("--dry-run", action="store_true", help="check every input, print the plan and exit")
+    r.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nasdsl", description="Supernet architecture search with a search-space language.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
@@ -275,28 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
 
     r = sub.add_parser("search", help="run DNAL on a .space file: weights -> architecture -> derive -> finetune")
-    r.add_argument("space", metavar="SPACE")
-    r.add_argument("--recipe", help="recipe name in recipes/ or a YAML path (default: cpu)")
-    r.add_argument("--data", help="digits | fake | cifar10:DIR | cifar100:DIR | imagefolder:DIR | mnist:DIR | "
-                   "fashion-mnist[:DIR] (mnist sets take ?train=N,val=N: a fixed class-stratified subset; "
-                   "default: the recipe's)")
-    r.add_argument("--out", help="run folder (default: runs/<space name>)")
-    r.add_argument("--set", action="append", metavar="NAME=VALUE",
-                   help="override a space parameter (width=0.5) or a recipe key (architecture.lambda_a=1e-4)")
-    r.add_argument("--seed", type=int, help="random seed (default: the recipe's)")
-    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
-    r.add_argument("--name", help="the exported model's timm name (default: the space's name, or NAME_nasdsl "
-                                  "when that is a timm model or a Python module)")
+    _run_arguments(r, "runs/<space name>")
     r.add_argument("--budget", metavar="METRIC=VALUE", help="what the derived network may cost: flops=50%%, "
                    "flops=5M, params=1.2M; several (flops=50%%,25%%) search once per budget from one weights stage")
-    r.add_argument("--init", metavar="FILE", help="start from these trained weights (.safetensors, or a torch "
-                   "state dict read with weights_only), keyed like the space's network, as nasdsl import writes them")
-    r.add_argument("--dry-run", action="store_true", help="check every input, print the plan and exit")
-    r.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or final table")
     r.set_defaults(func=cmd_search)
+
+    t = sub.add_parser("train", help="train a .space file's network as it is (no search), with a recipe's "
+                                     "weights-stage optimizer and schedule")
+    _run_arguments(t, "runs/<space name>_train")
+    t.add_argument("--epochs", type=int, help="epochs (default: the recipe's weights + finetune epochs)")
+    t.set_defaults(func=cmd_train)
 
     rc = sub.add_parser("recipes", help="list the shipped recipes (--recipe NAME)")
     rc.set_defaults(func=cmd_recipes)

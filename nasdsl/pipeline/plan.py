@@ -50,6 +50,8 @@ class RunRequest:
     budget: str | None = None      # --budget: the same as --set architecture.budget=...
     progress: bool = True
     init: Path | None = None       # --init: a trained network's state dict to start the supernet from
+    train: bool = False            # `nasdsl train`: the space's network as it is, no search
+    epochs: int | None = None      # train --epochs (default: the recipe's weights + finetune epochs)
 
 
 @dataclass(frozen=True)
@@ -125,13 +127,33 @@ def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     return recipe, space
 
 
-def stage_names(recipe: Recipe) -> list[str]:
+def stage_names(recipe: Recipe, train: bool = False) -> list[str]:
+    if train:
+        return ["train"]
     return ["joint", "finetune"] if recipe.strategy == "joint" else ["weights", "architecture", "finetune"]
 
 
 def stage_epochs(recipe: Recipe, stage: str) -> int:
-    return {"weights": recipe.weights.epochs, "joint": recipe.weights.epochs,
+    """A stage's epochs (`nasdsl train`'s one stage: its recipe's weights epochs, see train_recipe)."""
+    return {"weights": recipe.weights.epochs, "joint": recipe.weights.epochs, "train": recipe.weights.epochs,
             "architecture": recipe.architecture.epochs, "finetune": recipe.finetune.epochs}[stage]
+
+
+def train_recipe(recipe: Recipe, epochs: int | None) -> Recipe:
+    """`nasdsl train`'s recipe: its one stage uses the weights stage's optimizer and schedule over
+    --epochs (or weights + finetune epochs); a schedule that cannot span them is an error on --epochs."""
+    from pydantic import ValidationError
+
+    total = epochs if epochs is not None else recipe.weights.epochs + recipe.finetune.epochs  # a search's weight training
+    if total < 1:
+        raise NasdslError(f"must be at least 1, got {total}" if epochs is not None else
+                          "the recipe's weights + finetune epochs are 0: give --epochs N", file="--epochs")
+    try:
+        weights = type(recipe.weights).model_validate({**recipe.weights.model_dump(), "epochs": total})
+    except ValidationError as exc:
+        raise NasdslError(f"{total} epochs do not fit the weights stage's schedule: "
+                          f"{exc.errors()[0]['msg']}", file="--epochs") from None
+    return recipe.model_copy(update={"weights": weights})
 
 
 def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
@@ -160,13 +182,16 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     if steps == 0:
         raise NasdslError(f"the training set ({len(data.train)} samples over {world.size} process(es)) is "
                           f"smaller than one batch ({recipe.batch_size})", file="batch_size")
-    stages = [StagePlan(s, stage_epochs(recipe, s), steps) for s in stage_names(recipe)]
+    if request.train:
+        recipe = train_recipe(recipe, request.epochs)
+    stages = [StagePlan(s, stage_epochs(recipe, s), steps) for s in stage_names(recipe, request.train)]
     notes: list[str] = []
     export_name = choose_export_name(request.name, network.name, notes)
-    out = Path(request.out) if request.out else Path("runs") / space.stem
-    budgets, targets = plan_budgets(recipe, network)
+    out = Path(request.out) if request.out else Path("runs") / (space.stem + ("_train" if request.train else ""))
+    budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
     init = read_init(request.init, network, str(space)) if request.init is not None else None
-    note_untrained_start(recipe, init, notes)
+    if not request.train:
+        note_untrained_start(recipe, init, notes)
     plan = Plan(request, text, overrides, network, recipe, data, device, world, precision, out, export_name,
                 stages, notes, budgets, targets, init)
     check_run_folder(plan)

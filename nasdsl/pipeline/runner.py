@@ -61,7 +61,7 @@ class Pipeline:
         try:
             while self.state.stage != DONE:
                 {"weights": self.weights, "architecture": self.architecture, "joint": self.joint,
-                 "finetune": self.finetune}[self.state.stage]()
+                 "finetune": self.finetune, "train": self.train_fixed}[self.state.stage]()
         finally:
             self.folder.close()
         summary = summarize(self.plan, self.state)
@@ -79,12 +79,17 @@ class Pipeline:
         if checkpoint is None:
             self.create_folder()
         seed_all(self.recipe.seed)
-        self.model = self.supernet()
+        self.model = self.plain() if self.plan.request.train else self.supernet()
         if checkpoint is not None:
             self.restore(checkpoint)
             self.folder.truncate_metrics(lambda record: self.state.kept(record, self.names))
         elif self.plan.init is not None:
-            load_init(self.model, self.plan.init, self.plan.network, self.recipe.gate_placement)
+            placement = "after_bn" if self.plan.request.train else self.recipe.gate_placement  # after_bn: as compiled
+            load_init(self.model, self.plan.init, self.plan.network, placement)
+
+    def plain(self) -> nn.Module:
+        """`nasdsl train`'s network: the space's, without gates (as nasdsl.build makes it)."""
+        return self.trainer.place(NasNet(self.plan.network.to_config()))
 
     def supernet(self) -> nn.Module:
         arch = self.recipe.architecture
@@ -111,7 +116,7 @@ class Pipeline:
         except (KeyError, TypeError):
             raise NasdslError("this checkpoint was written by an older nasdsl; start the run again in a new "
                               "folder", file=str(self.plan.out / "checkpoint.pt")) from None
-        if self.state.stage in ("finetune", DONE):
+        if self.state.stage in ("finetune", DONE) and not self.plan.request.train:
             self.derivation = self.derive(self.state.gates)
             self.model = self.trainer.place(NasNet(self.derivation.network.to_config()))
         self.model.load_state_dict(checkpoint["model"])
@@ -225,6 +230,16 @@ class Pipeline:
             self.save_model()
         self.next_model()
 
+    def train_fixed(self) -> None:
+        """`nasdsl train`: the space's network trained as it is, with the weights stage's optimizer
+        and schedule; it is the run's `derived` network (summary.json keeps a search's shape)."""
+        cfg = self.recipe.weights
+        self.train("train", sgd(list(self.model.parameters()), cfg), cfg)
+        self.state.derived = self.measure(self.plan.network)
+        if self.plan.world.is_main:
+            self.save_model()
+        self.state.stage = DONE
+
     def next_model(self) -> None:
         """After a budget's finetuning: its summary entry, then the next budget from the stage-1 weights."""
         if self.plan.budgets:
@@ -308,7 +323,8 @@ class Pipeline:
         from nasdsl.export.exporter import export_model
         from nasdsl.graph.printer import to_space
 
-        network, data = self.derivation.network, self.plan.data
+        network = self.derivation.network if self.derivation is not None else self.plan.network
+        data = self.plan.data
         export_model(network, self.model.state_dict(), self.plan.out / budgets.model_dir(self.plan, self.state.budget),
                      self.plan.export_name, preprocessing=data.preprocessing, space_text=to_space(network))
         if self.state.histograms or self.derivation is not None:
