@@ -1,0 +1,106 @@
+"""Classic channel-pruning criteria at a cost budget: the baselines DNAL is measured against
+(benchmarks/quality.py), on the same gate groups, derivation and accounting as DNAL itself.
+
+- `l1`: in every gate group the channels whose filters (the conv that computes them) have the
+  smallest L1 norm go, each group losing the same fraction (Li et al. 2017, "Pruning Filters for
+  Efficient ConvNets");
+- `bn`: the channels with the smallest |BN scale| go, one threshold for the whole network (Liu et al.
+  2017, "network slimming", here without its sparsity training: the network is the one DNAL starts from);
+- `random`: every group loses the same fraction, chosen at random (the floor).
+
+The fraction (or the threshold's rank) is bisected until the derived network, with derivation's
+repair and `channel_multiple`, costs at most the target: "the same FLOPs" as DNAL's budget fit, to
+the granularity of one channel. Torch-Pruning's pruners would need our graph's channel groups
+(parallel blocks placed by index) explained to them; these are a few lines each on derive's own.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from nasdsl.derive.derive import Derivation, derive
+from nasdsl.errors import NasdslError
+from nasdsl.graph.accounting import network_cost
+from nasdsl.graph.ir import Network
+
+CRITERIA = ("l1", "bn", "random")
+
+
+def channel_scores(net: Network, model: nn.Module, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per gate key, one score per channel (higher: more worth keeping). `model` is the plain
+    network of `net` (a NasNet: its op_modules follow the graph's ops, gates as identities)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for (layer, block), modules in zip(net.blocks(), _block_modules(net, model)):
+        for i, op in enumerate(block.ops):
+            if op.is_gate:
+                scores[op.attrs["key"]] = (torch.rand(op.in_shape.channels, generator=gen) if criterion == "random"
+                                           else _score(block.ops[:i], modules[:i], criterion, op.attrs["key"]))
+    return scores
+
+
+def _block_modules(net: Network, model: nn.Module) -> list[list[nn.Module]]:
+    """Per block of `net`, in `net.blocks()` order, the modules of its ops."""
+    return [[m for _, m in chain] for layer in model.op_modules() for chain in layer["blocks"]]
+
+
+def _score(ops, modules, criterion: str, key: str) -> torch.Tensor:
+    """The channels' BN |scale|, or their filters' L1 norm, from the ops before the gate."""
+    for op, module in zip(reversed(ops), reversed(modules)):
+        if criterion == "bn" and op.kind == "bn":
+            return module.weight.detach().abs().cpu()
+        if criterion == "l1" and op.kind == "conv":
+            return module.weight.detach().abs().flatten(1).sum(1).cpu()
+    raise NasdslError(f"gate {key}: no {'BN' if criterion == 'bn' else 'conv'} before it to score its channels "
+                      f"by", file=f"criterion {criterion}")
+
+
+def _uniform(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Each group keeps its best ceil((1 - fraction) x n) channels (at least one)."""
+    masks = {}
+    for key, s in scores.items():
+        keep = max(1, math.ceil((1 - fraction) * s.numel() - 1e-9))
+        mask = torch.zeros(s.numel(), dtype=torch.bool)
+        mask[s.argsort(descending=True)[:keep]] = True
+        masks[key] = mask
+    return masks
+
+
+def _global(scores: dict[str, torch.Tensor], pruned: int) -> dict[str, torch.Tensor]:
+    """The `pruned` lowest-scoring channels of the whole network closed."""
+    keys = list(scores)
+    flat = torch.cat([scores[k] for k in keys])
+    closed = torch.zeros(flat.numel(), dtype=torch.bool)
+    closed[flat.argsort()[:pruned]] = True
+    return dict(zip(keys, (~closed).split([scores[k].numel() for k in keys])))
+
+
+def prune_to_budget(net: Network, scores: dict[str, torch.Tensor], target: int, metric: str = "flops",
+                    uniform: bool = True, channel_multiple: int = 1, steps: int = 40) -> Derivation:
+    """The derivation that prunes the fewest channels (by `scores`: the same fraction of each group,
+    or one global ranking) while costing at most `target`."""
+    def cost(d: Derivation) -> int:
+        return getattr(network_cost(d.network), metric)
+
+    def at(x):
+        masks = _uniform(scores, x) if uniform else _global(scores, int(x))
+        return derive(net, masks, None, channel_multiple)
+
+    lo, hi = 0.0, 1.0 if uniform else float(sum(s.numel() for s in scores.values()))
+    best = at(hi)
+    if cost(best) > target:
+        raise NasdslError(f"no pruning reaches {target:,} {metric}: the smallest network costs {cost(best):,}")
+    for _ in range(steps):  # invariant: `hi` fits, `lo` does not (or is nothing pruned)
+        mid = (lo + hi) / 2 if uniform else float((int(lo) + int(hi)) // 2)
+        if mid in (lo, hi) or (uniform and hi - lo < 1e-4):
+            break
+        d = at(mid)
+        if cost(d) <= target:
+            best, hi = d, mid
+        else:
+            lo = mid
+    return best
