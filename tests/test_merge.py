@@ -81,7 +81,8 @@ def test_candidates_in_any_kernel_order_make_one_depthwise_stage_and_dense_adds(
     assert [op.kind for op in a.blocks[0].ops] == ["conv", "bn", "act", dw.kind, "bn", "act", "conv"]
     if depthwise == "mixed":
         assert dw.kind == "mixconv" and dw.attrs["kernels"] == (3, 5, 7)
-        assert sum(dw.attrs["splits"]) == dw.in_shape.channels
+        assert dw.attrs["depthwise"] and dw.attrs["in_splits"] == dw.attrs["out_splits"]
+        assert sum(dw.attrs["in_splits"]) == dw.in_shape.channels
     else:   # the smaller kernels zero-padded to 7x7
         assert dw.kind == "conv" and dw.attrs["k"] == 7 and dw.attrs["groups"] == dw.in_shape.channels
     assert [op.kind for op in b.blocks[0].ops][3] == "conv"          # one kernel: a plain depthwise conv

@@ -37,7 +37,7 @@ SAMPLES = {
     "flatten": ({}, MAP),
     "select": ({"index": (2, 0)}, MAP),
     "linear": ({"out": 3, "bias": True}, Shape(4)),
-    "mixconv": ({"kernels": (3, 5), "splits": (1, 3), "stride": 2}, MAP),
+    "mixconv": ({"kernels": (1, 3), "in_splits": (1, 3), "out_splits": (2, 5), "stride": 2, "depthwise": False}, MAP),
     "se": ({"rd": 2, "act": "silu", "fn": "hsigmoid"}, MAP),
 }
 
@@ -58,7 +58,7 @@ def test_every_entry_provides_every_field(kind):
     assert spec.name == kind
     for f in dataclasses.fields(OpKind):
         value = getattr(spec, f.name)
-        assert value is not None or f.name in ("out_range", "eval_affine"), f"{kind} lacks {f.name}"
+        assert value is not None or f.name in ("out_range", "eval_affine", "slice_state"), f"{kind} lacks {f.name}"
     op = sample(kind)
     assert spec.merge(op) in (None, "dense", "depthwise", "channelwise")
     assert isinstance(spec.params(op.attrs, op.in_shape, op.out_shape), int)

@@ -6,8 +6,9 @@ Passes over the graph:
    oneDNN, 8 for tensor cores), so a conv with 3 channels costs what one with 16 does: fewer
    FLOPs, no speed. Counts are rounded to the nearest allowed value, so a block keeping a
    handful of channels closes and its layer can vanish; closed channels reopen strongest first.
-1. `repair_masks`: a block whose path is cut (an inner gate group all off) can only output BN
-   offsets, so the whole block is switched off; a layer without a residual that would lose every
+1. `repair_masks`: a gate closes the channels no input reaches (a split conv's output group whose
+   input group is all closed: past a BN they would hold its offset alone); a block whose path is
+   cut (an inner gate group all off) can only output BN offsets, so the whole block is switched off; a layer without a residual that would lose every
    channel keeps its strongest one (highest s) and the run is told so. The result, the
    *effective* masks, is what the searched network is; loading them into the supernet gives
    exactly the slim network's function.
@@ -21,6 +22,8 @@ Weights are sliced op by op (`slim_state_dict`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -38,6 +41,9 @@ class OpPlan:
     # the source op's weight tensors and the kept channels indexing each dim (OpKind.slice_weights):
     # read from the graph here, so slicing needs no guesses from torch module types
     weights: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the source op's own slicing (OpKind.slice_state) given its tensors, bound to its op and kept
+    # channels; None: sliced dim by dim by `weights`
+    slice_state: Callable[[dict], dict] | None = None
 
 
 @dataclass
@@ -90,48 +96,91 @@ def _block_path_alive(block: Block, masks: dict[str, torch.Tensor]) -> bool:
         (not gates or bool(masks[gates[-1].attrs["key"]].any()))
 
 
+def _reach(ops, live: set[int], masks: dict[str, torch.Tensor], close: bool) -> tuple[set[int], dict]:
+    """The channels some live input reaches at the end of a chain, masks applied, and per gate the
+    channels reaching its input. With `close`, each gate also closes the channels nothing reaches:
+    past a BN such a channel holds only the BN's offset, which the slim network cannot keep (the
+    output group of a split conv whose inputs are all dead or closed, a depthwise channel of a
+    dead input)."""
+    at = {}
+    for op in ops:
+        if op.is_gate:
+            key = op.attrs["key"]
+            at[key] = live
+            if close and len(live) < masks[key].numel():
+                masks[key][sorted(set(range(masks[key].numel())) - live)] = False
+        live = _live_after(op, live, masks)
+    return live, at
+
+
+def _layer_reach(layer: Layer, live: set[int], masks) -> set[int]:
+    """The layer's output channels some live input reaches: its blocks' and shortcut's, placed."""
+    out: set[int] = set()
+    paths = [(b.ops, b.index) for b in layer.blocks]
+    if layer.shortcut is not None:
+        paths.append((layer.shortcut.ops, layer.shortcut.index))
+    for ops, index in paths:
+        reached, _ = _reach(ops, live, masks, close=False)
+        out |= {index[c] for c in reached} if index else reached
+    return _reach(layer.post, out, masks, close=False)[0]
+
+
+def _keep_strongest(layer: Layer, live: set[int], masks, strength) -> str | None:
+    """A layer that would lose every channel keeps its strongest one: the block whose last gate has
+    the strongest channel reopens its strongest inner channel where a gate group is all closed, and
+    its last gate the strongest channel that path reaches. Returns the note, None if no block is gated."""
+    best = None
+    for block in layer.blocks:
+        gates = [op.attrs["key"] for op in block.ops if op.is_gate]
+        if not gates:
+            continue
+        s = strength[gates[-1]] if strength else torch.zeros(masks[gates[-1]].numel())
+        value, idx = s.max(0)
+        if best is None or value > best[0]:
+            best = (float(value), block, gates)
+    if best is None:
+        return None
+    _, block, gates = best
+    for key in gates:  # reopen a path through the block, in order: its strongest reachable channel
+        if not masks[key].any():
+            s = strength[key] if strength else torch.zeros(masks[key].numel())
+            reachable = sorted(_reach(block.ops, live, masks, close=False)[1][key])
+            masks[key][max(reachable, key=lambda c: float(s[c]))] = True
+    idx = int(masks[gates[-1]].nonzero()[0])
+    value = float(strength[gates[-1]][idx]) if strength else 0.0
+    return (f"layer {layer.name}: every channel was pruned, but the network cannot lose this layer; "
+            f"kept its strongest channel ({block.name}, channel {idx}, s={value:.4g})")
+
+
 def repair_masks(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None = None):
-    """Effective masks and notes (see the module docstring)."""
+    """Effective masks and notes (see the module docstring). One pass in network order, carrying
+    which channels of the stream some input reaches."""
     masks = {k: v.clone().bool() for k, v in masks.items()}
     notes: list[str] = []
+    live = set(range(net.input_shape.channels))
     for layer in net.layers:
         alive = []
         for block in layer.blocks:
+            _reach(block.ops, live, masks, close=True)
             gates = [op.attrs["key"] for op in block.ops if op.is_gate]
             if gates and not _block_path_alive(block, masks):
                 for key in gates:
                     masks[key].zero_()
             else:
                 alive.append(block)
-        if alive or layer.shortcut is not None:
-            continue
-        # Every block vanished and nothing else carries the signal: keep the strongest channel.
-        best = None
-        for block in layer.blocks:
-            gates = [op.attrs["key"] for op in block.ops if op.is_gate]
-            if not gates:
-                continue
-            s = strength[gates[-1]] if strength else torch.zeros(masks[gates[-1]].numel())
-            value, idx = s.max(0)
-            if best is None or value > best[0]:
-                best = (float(value), int(idx), block, gates)
-        if best is None:
-            continue
-        value, idx, block, gates = best
-        for key in gates[:-1]:  # reopen a path through the block: its strongest inner channel
-            if not masks[key].any():
-                s = strength[key] if strength else torch.zeros(masks[key].numel())
-                masks[key][int(s.argmax())] = True
-        masks[gates[-1]][idx] = True
-        notes.append(f"layer {layer.name}: every channel was pruned, but the network cannot lose this layer; "
-                     f"kept its strongest channel ({block.name}, channel {idx}, s={value:.4g})")
+        if not alive and layer.shortcut is None:
+            # every block vanished and nothing else carries the signal: keep the strongest channel
+            note = _keep_strongest(layer, live, masks, strength)
+            if note:
+                notes.append(note)
+        live = _layer_reach(layer, live, masks)
     return masks, notes
 
 
 # ---- pass 2: the slim graph --------------------------------------------------------------------
 def _live_after(op: Op, live: set[int], masks) -> set[int]:
     if op.is_gate:
-        keep = masks[op.attrs["key"]]
+        keep = masks[op.attrs["key"]].tolist()
         return {c for c in live if keep[c]}
     return op.spec.channels(op).forward(op, live)
 
@@ -176,7 +225,9 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
             cout = cin
         attrs = op.spec.slim_attrs(op, cin, cout)
         out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
-        plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op)))
+        own = op.spec.slice_state
+        plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op),
+                            partial(own, op, cin=cin, cout=cout) if own else None))
         if need != cout:  # then keeps the channels the ops after it read
             pos = {c: i for i, c in enumerate(cout)}
             out_ops.append(Op("select", {"index": tuple(pos[c] for c in need)}, out_ops[-1].out_shape,
@@ -282,7 +333,10 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
 
 # ---- weights -----------------------------------------------------------------------------------
 def _slice(module_state: dict[str, torch.Tensor], plan: OpPlan) -> dict:
-    """One op's tensors cut to its kept channels, each dim as the catalogue says (OpPlan.weights)."""
+    """One op's tensors cut to its kept channels, each dim as the catalogue says (OpPlan.weights),
+    or by the op's own slicing where it has one."""
+    if plan.slice_state is not None:
+        return {name: t.clone() for name, t in plan.slice_state(module_state).items()}
     index = {"out": torch.tensor(plan.out_index, dtype=torch.long),
              "in": torch.tensor(plan.in_index, dtype=torch.long)}
     result = {}

@@ -225,8 +225,8 @@ def _merged_op(part: _Part, outputs: list[int], depthwise: str) -> Op:
             k = kernels[-1]
             return Op(op.kind, dict(op.attrs, out=channels, groups=channels, k=k, padding=k // 2), in_shape, out_shape)
         splits = [sum(o.out_shape.channels for o in ops if o.attrs["k"] == k) for k in kernels]
-        return Op("mixconv", {"kernels": tuple(kernels), "splits": tuple(splits), "stride": op.attrs["stride"]},
-                  in_shape, out_shape)
+        return Op("mixconv", {"kernels": tuple(kernels), "in_splits": tuple(splits), "out_splits": tuple(splits),
+                              "stride": op.attrs["stride"], "depthwise": True}, in_shape, out_shape)
     attrs = dict(op.attrs, out=channels) if dense else dict(op.attrs)
     return Op(op.kind, attrs, in_shape, out_shape)
 

@@ -163,11 +163,14 @@ def skipped(op: Op) -> bool:
 
 
 def conv_role(op: Op) -> str:
-    if op.kind == "mixconv" or is_depthwise(op):
+    """dw (depthwise, mixed kernels included), pw (1x1, split or not: MixNet's) or conv."""
+    if is_depthwise(op) or (op.kind == "mixconv" and op.attrs["depthwise"]):
         return "dw"
-    if op.kind == "conv" and op.attrs["k"] == 1 and op.attrs["groups"] == 1:
+    if op.kind == "mixconv":
+        return "pw" if set(op.attrs["kernels"]) == {1} else "conv"
+    if op.attrs["k"] == 1 and op.attrs["groups"] == 1:
         return "pw"
-    return "conv" if op.kind == "conv" else ""
+    return "conv"
 
 
 _MBCONV_NAMES = {("pw", "dw", "pw"): ("conv_pw", "conv_dw", "conv_pwl"), ("dw", "pw"): ("conv_dw", "conv_pw"),
@@ -247,9 +250,11 @@ def op_call(op: Op, b: Builder, q: str, cin: str, cout: str, inplace: bool) -> C
             args.append(Arg("False", "bias"))
         return Call("nn.Conv2d", tuple(args))
     if kind == "mixconv":
-        return Call("MixConv", (Arg(b.slot(q + "kernels", tuple(a["kernels"]))),
-                                Arg(b.slot(q + "splits", tuple(a["splits"]))),
-                                Arg(b.slot(q + "stride", a["stride"]), "stride")))
+        return Call("MixConv", (Arg(b.slot(q + "in_splits", tuple(a["in_splits"]))),
+                                Arg(b.slot(q + "out_splits", tuple(a["out_splits"]))),
+                                Arg(b.slot(q + "kernels", tuple(a["kernels"]))),
+                                Arg(b.slot(q + "stride", a["stride"]), "stride", 1),
+                                Arg(b.slot(q + "depthwise", a["depthwise"]), "depthwise", False)))
     if kind == "bn":
         return Call("nn.BatchNorm1d" if op.in_shape.is_flat else "nn.BatchNorm2d",
                     (Arg(win()), Arg(b.slot(q + "eps", a["eps"]), "eps", 1e-5),

@@ -115,6 +115,10 @@ class OpKind:
     # whole: an SE's reduced channels); a tensor it does not name is a vector with one entry per
     # output channel, a scalar is copied as is; dims after the listed ones are kept whole
     slice_weights: Callable[["Op"], dict[str, tuple[str, ...]]] = _no_weights
+    # an op whose tensors do not cut dim by dim cuts its own (mixconv: one tensor per channel group,
+    # renumbered when a group vanishes): (op, its tensors, kept inputs, kept outputs) -> the slim
+    # op's tensors, by tensor indexing alone (this module imports no torch). None: `slice_weights`
+    slice_state: Callable[["Op", dict, Channels, Channels], dict] | None = None
     # its `.space` text; `gated`: a gate follows that the op's builtin adds by default
     print: Callable[["Op", bool], str] = _bare
     # every output value is one of the input values (a view, a subset, a maximum): a tensor keeps
@@ -283,29 +287,116 @@ def _pool_print(op, gated: bool) -> str:
     return spacetext.call(op.kind, k=a["k"], stride=a["stride"], **extra)
 
 
+def split_channels(channels: int, groups: int) -> tuple[int, ...]:
+    """timm's `_split_channels`: `groups` equal shares of `channels`, the first taking the remainder
+    (MixedConv2d's split, and the language's equal split of `dwconv(k=[...])`, `conv(..., split=G)`)."""
+    split = [channels // groups] * groups
+    split[0] += channels - sum(split)
+    return tuple(split)
+
+
+def _spans(splits) -> list[range]:
+    """Each group's channels, as a range of the op's channel numbers."""
+    out, start = [], 0
+    for n in splits:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
 def _mixconv_infer(a: dict, s: Shape) -> Shape:
     _need_map(s, "mixconv")
-    kernels, splits = tuple(a["kernels"]), tuple(a["splits"])
-    if len(kernels) != len(splits) or not kernels or min(splits) < 1 or any(k % 2 == 0 for k in kernels):
-        raise ShapeError(f"mixconv needs one odd kernel per channel group, got kernels {list(kernels)} "
-                         f"for groups {list(splits)}")
-    if sum(splits) != s.channels:
-        raise ShapeError(f"mixconv groups {list(splits)} cover {sum(splits)} channels, the input has {s.channels}")
+    kernels, ins, outs = tuple(a["kernels"]), tuple(a["in_splits"]), tuple(a["out_splits"])
+    if not kernels or not len(kernels) == len(ins) == len(outs) or any(k % 2 == 0 or k < 1 for k in kernels):
+        raise ShapeError(f"mixconv needs one odd kernel per channel group, got kernels {list(kernels)} for "
+                         f"input groups {list(ins)} and output groups {list(outs)}")
+    if min(ins + outs) < 1:
+        raise ShapeError(f"mixconv groups need at least one channel each, got input groups {list(ins)} and "
+                         f"output groups {list(outs)} (fewer channels than groups?)")
+    if a["depthwise"] and ins != outs:
+        raise ShapeError(f"a depthwise mixconv keeps each group's channels, got input groups {list(ins)} "
+                         f"and output groups {list(outs)}")
+    if sum(ins) != s.channels:
+        raise ShapeError(f"mixconv groups {list(ins)} cover {sum(ins)} channels, the input has {s.channels}")
     st = a["stride"]
     sizes = {(_spatial(s.height, k, st, k // 2, "mixconv"), _spatial(s.width, k, st, k // 2, "mixconv"))
              for k in kernels}
-    return Shape(s.channels, sizes.pop())
+    return Shape(sum(outs), sizes.pop())
 
 
-def _mixconv_macs(a, i: Shape, o: Shape) -> int:
-    return o.height * o.width * sum(c * k * k for c, k in zip(a["splits"], a["kernels"]))
+def _mixconv_weights_per_position(a) -> int:
+    """Weights of all groups: group i's conv reads its in_splits[i] channels (one, depthwise)."""
+    return sum(o * (1 if a["depthwise"] else i) * k * k
+               for k, i, o in zip(a["kernels"], a["in_splits"], a["out_splits"]))
 
 
-def _not_after_merge(what: str):
-    def refuse(op, *args):
-        raise ValueError(f"{what} of a mixconv: it exists only in merged networks, which are not searched "
-                         f"or printed (derive and print the network before merge)")
-    return refuse
+def _grouped_forward(op, live):
+    ins, outs = _spans(op.attrs["in_splits"]), _spans(op.attrs["out_splits"])
+    return {c for i, o in zip(ins, outs) if live & set(i) for c in o}
+
+
+def _grouped_backward(op, need, live_in):
+    ins, outs = _spans(op.attrs["in_splits"]), _spans(op.attrs["out_splits"])
+    return {c for i, o in zip(ins, outs) if need & set(o) for c in i if c in live_in}
+
+
+# a split conv (timm's MixedConv2d, not depthwise): group g's outputs read every input of group g and
+# nothing else, so they can be non-zero only while some input of group g is, and need only those
+GROUPED = ChannelMap(_grouped_forward, _grouped_backward, dense=True)
+
+
+def _mixconv_channels(op) -> ChannelMap:
+    return CHANNELWISE if op.attrs["depthwise"] else GROUPED
+
+
+def _kept_groups(op, cin: Channels, cout: Channels) -> list[tuple[int, list[int], list[int]]]:
+    """(group, its kept inputs, its kept outputs), both numbered inside the group, for every group
+    that keeps a channel; a group that keeps none vanishes with its kernel."""
+    cin_set, cout_set = set(cin), set(cout)
+    kept = []
+    for g, (i, o) in enumerate(zip(_spans(op.attrs["in_splits"]), _spans(op.attrs["out_splits"]))):
+        ins = [c - i.start for c in i if c in cin_set]
+        outs = [c - o.start for c in o if c in cout_set]
+        if bool(ins) != bool(outs):   # derivation's channel map never asks for this
+            raise ValueError(f"mixconv group {g} keeps {len(ins)} inputs but {len(outs)} outputs")
+        if outs:
+            kept.append((g, ins, outs))
+    return kept
+
+
+def _mixconv_slim(op, cin: Channels, cout: Channels) -> dict:
+    """The kept channels of each group are the new splits; a group left with none is dropped."""
+    kept = _kept_groups(op, cin, cout)
+    return dict(op.attrs, kernels=tuple(op.attrs["kernels"][g] for g, _, _ in kept),
+                in_splits=tuple(len(i) for _, i, _ in kept), out_splits=tuple(len(o) for _, _, o in kept))
+
+
+def _mixconv_slice(op, tensors: dict, cin: Channels, cout: Channels) -> dict:
+    """Group g's tensor `convs.g.weight` (out, in or 1, k, k) cut to its kept channels, renumbered
+    inside the group; kept groups are renumbered in order. List indexing copies: no torch import."""
+    out = {}
+    for new, (g, ins, outs) in enumerate(_kept_groups(op, cin, cout)):
+        w = tensors[f"convs.{g}.weight"][outs]
+        out[f"convs.{new}.weight"] = w if op.attrs["depthwise"] else w[:, ins]
+    return out
+
+
+def _mixconv_print(op, gated: bool) -> str:
+    """The readable forms where the groups are timm's equal split (`dwconv(k=[3, 5])`, `conv(24, k=1,
+    split=2)`), else the explicit `mixconv(...)` every derived mixconv prints as."""
+    a = op.attrs
+    kernels, groups = tuple(a["kernels"]), len(a["kernels"])
+    cin, cout = op.in_shape.channels, op.out_shape.channels
+    equal = tuple(a["in_splits"]) == split_channels(cin, groups) and tuple(a["out_splits"]) == split_channels(cout, groups)
+    extra = {"stride": a["stride"]} if a["stride"] != 1 else {}
+    if equal and a["depthwise"]:
+        return spacetext.call("dwconv", k=list(kernels), **extra)
+    if equal and groups > 1 and len(set(kernels)) == 1:
+        return spacetext.call("conv", (cout,), k=kernels[0], split=groups, **extra)
+    k = kernels[0] if len(set(kernels)) == 1 else list(kernels)
+    out = {} if a["depthwise"] else {"out": list(a["out_splits"])}
+    return spacetext.call("mixconv", k=k, split=list(a["in_splits"]), **out, **extra,
+                          **({"depthwise": True} if a["depthwise"] else {}))
 
 
 def _conv_merge(op) -> str | None:
@@ -397,11 +488,17 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("select", _select_infer, channels=lambda op: SELECT, slim_attrs=_select_slim,
            print=lambda op, gated: f"select({spacetext.index(op.attrs['index'])})", keeps_values=True,
            allocates=_yes),
-    # a depthwise conv whose consecutive channel groups use different kernels (MixConv): the merged
-    # depthwise stage of parallel MBConv candidates (nasdsl.derive.merge); padding k // 2 per group
-    OpKind("mixconv", _mixconv_infer, lambda a, i, o: sum(c * k * k for c, k in zip(a["splits"], a["kernels"])),
-           _mixconv_macs, slim_attrs=_not_after_merge("slimming"), slice_weights=_not_after_merge("slicing"),
-           print=_not_after_merge("the .space text"), allocates=_yes, searchable=False),
+    # timm's MixedConv2d (MixConv, Tan & Le 2019): the input split into consecutive channel groups
+    # (in_splits), group i a conv with kernel kernels[i], padding k // 2, the op's stride and no bias,
+    # into out_splits[i] channels, the outputs concatenated. `depthwise`: each group's conv is
+    # depthwise (in == out split: MixNet's mixed-kernel depthwise stage; merge.py's "mixed" one); else
+    # dense within its group (MixNet's split 1x1 expansion and projection). Gating: gates work per
+    # channel, as everywhere; derivation keeps each group's kept channels (the new splits: group g's
+    # outputs live only while one of its inputs is, and read only those), and a group left with no
+    # channel vanishes with its kernel. Weights are one tensor per group, sliced by `slice_state`.
+    OpKind("mixconv", _mixconv_infer, lambda a, i, o: _mixconv_weights_per_position(a),
+           lambda a, i, o: o.height * o.width * _mixconv_weights_per_position(a), channels=_mixconv_channels,
+           slim_attrs=_mixconv_slim, slice_state=_mixconv_slice, print=_mixconv_print, allocates=_yes),
     # squeeze-and-excitation (timm's SqueezeExcite): x * fn(conv_expand(act(conv_reduce(mean_hw(x))))),
     # both 1x1 convs with bias. Gating: the channels it scales follow the gate before it (an MBConv's
     # depthwise BN gate: a closed channel is zero, so its mean adds nothing and its output stays

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 
 def num(v) -> str:
-    """A value as the language writes it: on/off for booleans, floats with a decimal point."""
+    """A value as the language writes it: on/off for booleans, floats with a decimal point, lists in brackets."""
     if isinstance(v, bool):
         return "on" if v else "off"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(num(x) for x in v) + "]"
     if isinstance(v, float):
         text = repr(v)
         return text if ("." in text or "e" in text) else text + ".0"

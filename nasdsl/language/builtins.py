@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from nasdsl.graph.ir import Op, Shape, Shortcut
-from nasdsl.graph.ops import ACTIVATIONS, SE_GATES, infer
+from nasdsl.graph.ops import ACTIVATIONS, SE_GATES, infer, split_channels
 
 
 class Symbol(str):
@@ -24,7 +24,8 @@ BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
 @dataclass(frozen=True)
 class Arg:
     name: str
-    type: str                 # channels | kernel | stride | int0 | float | float0 | prob | bool | enum
+    type: str                 # channels | kernel | kernels (one or a list) | counts (a list of channels) |
+                              # index | stride | int0 | float | float0 | prob | bool | enum
     default: Any = None       # None: derived from other arguments (or required, see `required`)
     required: bool = False
     choices: tuple[str, ...] = ()
@@ -66,9 +67,32 @@ class Lowering:
             ops.append(self.op("gate", key=f"{self.block_name}.{name}"))
 
     def conv(self, out: int, k: int = 1, stride: int = 1, groups: int = 1, padding: int | None = None,
-             bias: bool = False) -> Op:
-        return self.op("conv", out=out, k=k, stride=stride, groups=groups,
-                       padding=k // 2 if padding is None else padding, bias=bias)
+             bias: bool = False, split: int = 1) -> Op:
+        """A conv; with split > 1, timm's split conv (a mixconv): input and output cut into `split`
+        equal groups (timm's _split_channels), group i a dense conv from its inputs to its outputs."""
+        if split == 1:
+            return self.op("conv", out=out, k=k, stride=stride, groups=groups,
+                           padding=k // 2 if padding is None else padding, bias=bias)
+        if groups != 1 or bias or padding not in (None, k // 2):
+            raise ValueError(f"split={split} takes neither groups, bias nor a padding other than k // 2 "
+                             f"(timm's MixedConv2d)")
+        return self.mixconv((k,) * split, split_channels(self.shape.channels, split), split_channels(out, split),
+                            stride, depthwise=False)
+
+    def dwconv(self, k, stride: int = 1, padding: int | None = None, bias: bool = False) -> Op:
+        """A depthwise conv; with a list of kernels, timm's mixed depthwise conv (a mixconv): the
+        channels cut into one equal group per kernel (timm's _split_channels)."""
+        c = self.shape.channels
+        if not isinstance(k, tuple):
+            return self.conv(c, k, stride, c, padding, bias)
+        if bias or padding is not None:
+            raise ValueError("mixed kernels (k=[...]) take no bias and pad each kernel by k // 2")
+        splits = split_channels(c, len(k))
+        return self.mixconv(k, splits, splits, stride, depthwise=True)
+
+    def mixconv(self, kernels, in_splits, out_splits, stride: int, depthwise: bool) -> Op:
+        return self.op("mixconv", kernels=tuple(kernels), in_splits=tuple(in_splits), out_splits=tuple(out_splits),
+                       stride=stride, depthwise=depthwise)
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
@@ -95,15 +119,17 @@ def _mbconv(lo: Lowering, a: dict) -> Parts:
     mid = a["mid"] if a["mid"] is not None else max(1, round(cin * a["e"]))
     ops: list[Op] = []
     if mid != cin or a["e"] != 1:
-        ops.append(lo.conv(mid))
+        ops.append(lo.conv(mid, split=a["expand_split"]))
         lo.bn(ops, a["eps"], a["momentum"])
         ops.append(lo.op("act", fn=a["act"]))
-    ops.append(lo.conv(mid, a["k"], a["stride"], groups=mid))
+    elif a["expand_split"] != 1:
+        raise ValueError(f"expand_split={a['expand_split']} needs an expansion conv, and e=1 has none")
+    ops.append(lo.dwconv(a["k"], a["stride"]))
     lo.bn(ops, a["eps"], a["momentum"], gate="mid")
     ops.append(lo.op("act", fn=a["act"]))
     if a["se"] > 0:
         ops.append(lo.op("se", rd=se_channels(a, cin, mid), act=a["se_act"] or a["act"], fn=a["se_fn"]))
-    ops.append(lo.conv(a["out"]))
+    ops.append(lo.conv(a["out"], split=a["project_split"]))
     lo.bn(ops, a["eps"], a["momentum"], gate="out")
     return Parts(ops)
 
@@ -167,12 +193,19 @@ def _bottleneck(lo: Lowering, a: dict) -> Parts:
 
 # ---- primitive ops ---------------------------------------------------------------------------
 def _conv(lo, a):
-    return Parts([lo.conv(a["out"], a["k"], a["stride"], a["groups"], a["padding"], a["bias"])])
+    return Parts([lo.conv(a["out"], a["k"], a["stride"], a["groups"], a["padding"], a["bias"], a["split"])])
 
 
 def _dwconv(lo, a):
-    c = lo.shape.channels
-    return Parts([lo.conv(c, a["k"], a["stride"], c, a["padding"], a["bias"])])
+    return Parts([lo.dwconv(a["k"], a["stride"], a["padding"], a["bias"])])
+
+
+def _mixconv(lo, a):
+    """Every group explicit (what a derived network prints): a kernel per group, or one for all."""
+    splits = a["split"]
+    kernels = a["k"] if isinstance(a["k"], tuple) else (a["k"],) * len(splits)
+    return Parts([lo.mixconv(kernels, splits, a["out"] if a["out"] is not None else splits, a["stride"],
+                             a["depthwise"])])
 
 
 def _bn(lo, a):
@@ -224,10 +257,17 @@ _SE_FN = Arg("fn", "enum", "sigmoid", choices=SE_GATES)
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("conv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("stride", "stride", 1),
-                     Arg("groups", "stride", 1), Arg("padding", "int0"), Arg("bias", "bool", False)), _conv,
-            doc="convolution; padding defaults to k // 2"),
-    Builtin("dwconv", (Arg("k", "kernel", 3), Arg("stride", "stride", 1), Arg("padding", "int0"),
-                       Arg("bias", "bool", False)), _dwconv, doc="depthwise convolution"),
+                     Arg("groups", "stride", 1), Arg("padding", "int0"), Arg("bias", "bool", False),
+                     Arg("split", "stride", 1)), _conv,
+            doc="convolution; padding defaults to k // 2; split=G: G equal channel groups, each its own conv "
+                "(timm's MixedConv2d, MixNet's split 1x1 convs)"),
+    Builtin("dwconv", (Arg("k", "kernels", 3), Arg("stride", "stride", 1), Arg("padding", "int0"),
+                       Arg("bias", "bool", False)), _dwconv,
+            doc="depthwise convolution; k=[3, 5, 7]: mixed kernels, one per equal channel group (MixConv)"),
+    Builtin("mixconv", (Arg("k", "kernels", required=True), Arg("split", "counts", required=True),
+                        Arg("out", "counts"), Arg("stride", "stride", 1), Arg("depthwise", "bool", False)), _mixconv,
+            doc="timm's MixedConv2d with explicit groups: input groups `split`, output groups `out` (default: "
+                "split), a kernel per group (or one for all); depthwise=on: depthwise groups"),
     Builtin("bn", (_EPS, _MOMENTUM, _GATE), _bn,
             doc="batch norm (1d or 2d from the input); gated by default"),
     *(Builtin(fn, (), lambda lo, a, fn=fn: Parts([lo.op("act", fn=fn)]), doc="activation") for fn in ACTIVATIONS),
@@ -247,14 +287,16 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("dropout", (Arg("p", "prob", 0.5),), lambda lo, a: Parts([lo.op("dropout", p=a["p"])])),
     Builtin("se", (Arg("rd", "channels", required=True), _ACT, _SE_FN), _se,
             doc="squeeze-and-excitation: x * fn(conv(act(conv(mean(x))))), rd reduced channels (not gated)"),
-    Builtin("mbconv", (Arg("out", "channels", required=True), Arg("k", "kernel", 3), Arg("e", "float", 6),
+    Builtin("mbconv", (Arg("out", "channels", required=True), Arg("k", "kernels", 3), Arg("e", "float", 6),
                        Arg("stride", "stride", 1), Arg("act", "enum", "relu6", choices=ACTIVATIONS),
                        Arg("mid", "channels"), _EPS, _MOMENTUM, _GATE, Arg("se", "float0", 0.0),
                        Arg("se_of", "enum", "in", choices=("in", "mid")), Arg("se_divisor", "stride", 1),
-                       Arg("se_act", "enum", None, choices=ACTIVATIONS), Arg("se_fn", "enum", "sigmoid", choices=SE_GATES)),
+                       Arg("se_act", "enum", None, choices=ACTIVATIONS), Arg("se_fn", "enum", "sigmoid", choices=SE_GATES),
+                       Arg("expand_split", "stride", 1), Arg("project_split", "stride", 1)),
             _mbconv, composite=True, auto_residual=True,
             doc="inverted residual: 1x1 expand, kxk depthwise, [SE], 1x1 project; residual when stride 1 and "
-                "in == out; se > 0 adds squeeze-and-excitation with the block's act unless se_act"),
+                "in == out; se > 0 adds squeeze-and-excitation with the block's act unless se_act; k=[3, 5]: "
+                "mixed depthwise kernels; expand_split, project_split: split 1x1 convs (MixNet)"),
     Builtin("basic", (Arg("out", "channels", required=True), Arg("stride", "stride", 1), _SHORTCUT, _ACT,
                       Arg("mid", "channels"), _EPS, _MOMENTUM, _GATE), _basic, composite=True,
             doc="ResNet basic block; shortcut=pad is CIFAR option A, proj the 1x1 projection"),

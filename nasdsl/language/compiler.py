@@ -369,6 +369,8 @@ class Compiler:
                 raise self.error(f"{what} expects a list of channel indices like [0, 2, 5], got {_show(value)}",
                                  expr.pos)
             return value
+        if spec.type in ("kernels", "counts"):
+            return self.int_list(op, spec, value, expr, scope)
         if spec.type == "bool":
             if isinstance(value, bool):
                 return value
@@ -401,6 +403,19 @@ class Compiler:
         if value > MAX_SIZE:
             raise self.error(f"{what} must be at most {MAX_SIZE:,}, got {value}", expr.pos)
         return value
+
+    def int_list(self, op: str, spec: Arg, value, expr, scope):
+        """`kernels`: a kernel or a list of them (mixed kernels); `counts`: a list of channel counts.
+        Each number is checked as a kernel or a channel count is."""
+        if spec.type == "kernels" and not isinstance(value, tuple):
+            return self.check_type(op, replace(spec, type="kernel"), value, expr, scope)
+        if not isinstance(value, tuple) or not value:
+            what = f"{op}: {spec.name}"
+            example = "3 or [3, 5, 7]" if spec.type == "kernels" else "[48, 48]"
+            raise self.error(f"{what} expects {'a kernel or ' if spec.type == 'kernels' else ''}a list like "
+                             f"{example}, got {_show(value)}", expr.pos)
+        one = replace(spec, type="kernel" if spec.type == "kernels" else "channels")
+        return tuple(self.check_type(op, one, v, expr, scope) for v in value)
 
     # ---- layers ------------------------------------------------------------------------------
     LAYER_OPTIONS = (Arg("gate", "bool", True), Arg("residual", "enum", "auto", choices=("auto", "on", "off")))
@@ -727,5 +742,7 @@ def _label(name: str, a: dict, builtin) -> str:
                 continue
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
+            if isinstance(v, tuple):   # mixed kernels, as timm's block strings write them: k3.5.7
+                v = ".".join(map(str, v))
             bits.append(f"{short[spec.name]}{v}")
     return " ".join(bits)

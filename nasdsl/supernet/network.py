@@ -31,16 +31,20 @@ class Select(nn.Module):
 
 
 class MixConv(nn.Module):
-    """A depthwise conv whose consecutive channel groups use different kernels (MixConv, Tan & Le
-    2019): the depthwise stage of merged parallel MBConv candidates. One conv per group, not one
-    conv with kernels zero-padded to the largest: as many MACs as the candidates had, and it trains
-    as they did."""
+    """timm's MixedConv2d (MixConv, Tan & Le 2019): the input split into channel groups of
+    `in_splits`, group i convolved by its own conv (kernel kernels[i], padding k // 2, no bias)
+    into out_splits[i] channels, the outputs concatenated. `depthwise`: each group's conv is
+    depthwise (MixNet's mixed-kernel depthwise stage), else dense within its group (MixNet's split
+    1x1 expansion and projection). The splits are explicit, not timm's equal split, because a
+    derived network keeps a different number of channels in each group. `convs.{i}.weight` holds
+    what timm's `{i}.weight` does."""
 
-    def __init__(self, kernels: List[int], splits: List[int], stride: int):
+    def __init__(self, in_splits: List[int], out_splits: List[int], kernels: List[int], stride: int = 1,
+                 depthwise: bool = False):
         super().__init__()
-        self.splits = list(splits)
-        self.convs = nn.ModuleList([nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
-                                    for k, c in zip(kernels, splits)])
+        self.splits = list(in_splits)
+        self.convs = nn.ModuleList([nn.Conv2d(i, o, k, stride, k // 2, groups=i if depthwise else 1, bias=False)
+                                    for i, o, k in zip(in_splits, out_splits, kernels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = x.split(self.splits, 1)
@@ -116,7 +120,8 @@ def build_op(cfg: dict, gate_factory: Optional[Callable] = None, inplace: bool =
         return nn.Conv2d(cfg["in"], cfg["out"], cfg["k"], cfg["stride"], cfg["padding"],
                          groups=cfg["groups"], bias=cfg["bias"])
     if kind == "mixconv":
-        return MixConv(list(cfg["kernels"]), list(cfg["splits"]), cfg["stride"])
+        return MixConv(list(cfg["in_splits"]), list(cfg["out_splits"]), list(cfg["kernels"]), cfg["stride"],
+                       cfg["depthwise"])
     if kind == "bn":
         bn = nn.BatchNorm1d if cfg["flat"] else nn.BatchNorm2d
         return bn(cfg["in"], eps=cfg["eps"], momentum=cfg["momentum"])
