@@ -1,0 +1,204 @@
+"""Does DNAL beat the obvious alternatives at equal FLOPs? (issue 15)
+
+    .venv/bin/python benchmarks/quality.py --space spaces/resnet56_cifar.space --set depth=3 \\
+        --data 'fashion-mnist?train=5000,val=2000' --budgets 50% 25% --seeds 0 1 2 \\
+        --epochs 6 3 6 --work runs/quality --out benchmarks/results/quality_resnet20
+
+For each seed, one network is trained first (stage 1: `nasdsl train SPACE --epochs W`, the weights
+stage as a search runs it: a search's stage 1 trains the supernet with its gates disabled, which is
+this plain network). Then, for each FLOPs budget:
+- DNAL: `nasdsl search SPACE --init STAGE1 --budget flops=B` with no weights stage, A architecture
+  epochs and F finetuning epochs; its derived network's FLOPs are "the same FLOPs" below;
+- (a) width: the space's `width` parameter, the largest that costs at most DNAL's FLOPs, trained
+  from scratch for W + A + F epochs (`nasdsl train`);
+- (b) l1, (c) bn, (d) random: the stage-1 network pruned to at most DNAL's FLOPs by filter L1 norm,
+  by BN |scale| or at random (nasdsl.derive.criteria), then finetuned like DNAL's (F epochs with the
+  recipe's finetune optimizer and schedule: `nasdsl train` of the pruned network from its weights).
+Every method uses the same recipe, data and seed. Prints the table (method, FLOPs, params, top-1
+mean +- std over the seeds), writes OUT.json and OUT.png (top-1 against FLOPs). Runs go to --work,
+one folder each; a finished one is reused, so an interrupted benchmark continues where it stopped.
+Run it alone: it is training, hours of it at full size (the README gives the commands).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nasdsl  # noqa: E402
+from nasdsl.derive.criteria import channel_scores, prune_to_budget  # noqa: E402
+from nasdsl.derive.derive import slim_state_dict  # noqa: E402
+from nasdsl.files import save_tensors  # noqa: E402
+from nasdsl.graph.accounting import network_cost  # noqa: E402
+from nasdsl.graph.printer import to_space  # noqa: E402
+from nasdsl.pipeline.plan import RunRequest, make_plan, split_sets  # noqa: E402
+from nasdsl.pipeline.runner import Pipeline  # noqa: E402
+from nasdsl.recipe import load_recipe  # noqa: E402
+from nasdsl.supernet.network import NasNet  # noqa: E402
+
+PRUNERS = {"l1": True, "bn": False, "random": True}     # criterion -> the same fraction of every group
+METHODS = ("dnal", "width", *PRUNERS)
+
+
+def run(space: Path, out: Path, common: dict, **request) -> dict:
+    """One nasdsl run (search, or train with train=True), or its summary if it finished before."""
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    resume = out.exists()
+    sets = {**common["sets"], **request.pop("sets", {})}
+    plan = make_plan(RunRequest(space=space, recipe=common["recipe"], data=common["data"], sets=sets, out=out,
+                                seed=common["seed"], resume=resume, progress=False, **request))
+    print(f"  {'train' if request.get('train') else 'search'} {space.name} -> {out}", flush=True)
+    return Pipeline(plan).execute()
+
+
+def network(space: Path, common: dict, **params):
+    """The space compiled as the runs compile it (the data's input, the recipe's resolution)."""
+    recipe = load_recipe(common["recipe"], split_sets(common["sets"])[0])
+    shape = common["input"]
+    settings = {**split_sets(common["sets"])[1], **params}
+    return nasdsl.compile(space, input=shape, resolution=recipe.resolution, classes=common["classes"], **settings)
+
+
+def widest(space: Path, common: dict, target: int) -> float:
+    """The largest `width` (to 1e-3) whose network costs at most `target` MACs."""
+    lo, hi = 0.01, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if network_cost(network(space, common, width=mid)).flops <= target:
+            lo = mid
+        else:
+            hi = mid
+    return round(lo, 4)
+
+
+def finetune_sets(common: dict) -> dict:
+    """`nasdsl train` with the recipe's finetune optimizer and schedule instead of the weights stage's."""
+    recipe = load_recipe(common["recipe"], split_sets(common["sets"])[0])
+    fields = recipe.finetune.model_dump()
+    return {f"weights.{k}": json.dumps(v) for k, v in fields.items() if k != "epochs" and k in type(recipe.weights).model_fields}
+
+
+def pruned(space: Path, common: dict, stage1: dict, criterion: str, target: int, work: Path, epochs: int) -> dict:
+    """The stage-1 network pruned by `criterion` to at most `target` MACs, finetuned like DNAL's."""
+    out = work / f"{criterion}"
+    if not (out / "summary.json").is_file():
+        net = network(space, common)
+        model = NasNet(net.to_config())
+        model.load_state_dict(stage1)
+        d = prune_to_budget(net, channel_scores(net, model, criterion, seed=common["seed"]), target,
+                            uniform=PRUNERS[criterion])
+        slim = NasNet(d.network.to_config())
+        work.mkdir(parents=True, exist_ok=True)
+        (work / f"{criterion}.space").write_text(to_space(d.network))
+        save_tensors(work / f"{criterion}.safetensors", slim_state_dict(d, model, slim))
+    recipe_sets = split_sets(common["sets"])[0]    # the derived space has none of the space's parameters
+    return run(work / f"{criterion}.space", out, {**common, "sets": {**recipe_sets, **finetune_sets(common)}},
+               train=True, epochs=epochs, init=work / f"{criterion}.safetensors")
+
+
+def one_seed(args, seed: int) -> dict:
+    """{method: [{budget, flops, params, top1}]} for one seed."""
+    W, A, F = args.epochs
+    data = nasdsl_data(args)
+    common = {"recipe": args.recipe, "data": args.data, "sets": dict(s.split("=", 1) for s in args.set),
+              "seed": seed, "input": data.in_channels, "classes": data.num_classes}
+    space, work = Path(args.space), Path(args.work) / f"seed{seed}"
+    run(space, work / "stage1", common, train=True, epochs=W)
+    stage1 = torch.load(work / "stage1" / "checkpoint.pt", weights_only=True)["model"]
+    save_tensors(work / "stage1.safetensors", stage1)
+    rows: dict[str, list] = {m: [] for m in METHODS}
+    for budget in args.budgets:
+        b = work / f"flops{budget.rstrip('%')}"
+        dnal = run(space, b / "dnal", {**common, "sets": {**common["sets"], "weights.epochs": "0",
+                                                         "architecture.epochs": str(A), "finetune.epochs": str(F)}},
+                   init=work / "stage1.safetensors", budget=f"flops={budget}")
+        target = dnal["derived"]["flops"]
+        results = {"dnal": dnal,
+                   "width": run(space, b / "width", {**common, "sets": {**common["sets"],
+                                                                         "width": str(widest(space, common, target))}},
+                                train=True, epochs=W + A + F)}
+        for criterion in PRUNERS:
+            results[criterion] = pruned(space, common, stage1, criterion, target, b, F)
+        for method, summary in results.items():
+            rows[method].append({"budget": budget, **summary["derived"]})
+    return rows
+
+
+def nasdsl_data(args):
+    from nasdsl.train.data import build_data
+
+    recipe = load_recipe(args.recipe, split_sets(dict(s.split("=", 1) for s in args.set))[0])
+    return build_data(args.data, recipe.resolution)
+
+
+def table(results: dict, budgets: list[str]) -> list[dict]:
+    rows = []
+    for budget in budgets:
+        for method in METHODS:
+            runs = [r for seed in results.values() for r in seed[method] if r["budget"] == budget]
+            top1 = [100 * r["top1"] for r in runs]
+            rows.append({"budget": budget, "method": method, "flops": statistics.mean(r["flops"] for r in runs),
+                         "params": statistics.mean(r["params"] for r in runs), "top1_mean": statistics.mean(top1),
+                         "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "seeds": len(top1)})
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        ax.errorbar([r["flops"] / 1e6 for r in mine], [r["top1_mean"] for r in mine],
+                    yerr=[r["top1_std"] for r in mine], marker="o", capsize=3, label=method)
+    ax.set_xlabel("MFLOPs (MACs)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--space", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="space parameters, recipe keys")
+    p.add_argument("--data", default="fashion-mnist?train=5000,val=2000")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--budgets", nargs="+", default=["50%", "25%"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", nargs=3, type=int, default=[6, 3, 6], metavar=("W", "A", "F"))
+    p.add_argument("--work", default="runs/quality")
+    p.add_argument("--out", default=None, help="OUT.json and OUT.png (default: WORK/quality)")
+    args = p.parse_args(argv)
+    results = {}
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        results[seed] = one_seed(args, seed)
+    rows = table(results, args.budgets)
+    print(f"\n{Path(args.space).name} {' '.join(args.set)} on {args.data}, epochs W A F = {args.epochs}, "
+          f"seeds {args.seeds}")
+    print(f"{'budget':>7}  {'method':<7} {'MFLOPs':>8} {'params':>9}  top-1 mean +- std")
+    for r in rows:
+        print(f"{r['budget']:>7}  {r['method']:<7} {r['flops'] / 1e6:8.2f} {r['params']:9,.0f}  "
+              f"{r['top1_mean']:6.2f} +- {r['top1_std']:.2f}")
+    out = Path(args.out) if args.out else Path(args.work) / "quality"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "runs": results}, indent=2))
+    plot(rows, out.with_suffix(".png"), f"{Path(args.space).stem} {' '.join(args.set)}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
