@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "spaces").glob("*.space"))
 # ImageNet spaces at a low resolution, so the whole file stays fast (VGG-16 needs >= 32 px)
 LOW_RES = {"vgg16": 32, "resnet50": 32, "mobilenetv2": 32, "proxyless": 32, "efficientnet_b0": 32,
-           "mobilenetv3_large": 32}
+           "mobilenetv3_large": 32, "mixnet_s": 32}
 DENSITIES = ["0.9", "0.5", "0.1", "0.02", "mixed"]
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # thop's use of distutils

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "spaces"
 FILES = sorted(SPACES.glob("*.space"))
 CIFAR = ["vgg16_cifar", "resnet56_cifar", "mobilenetv2_cifar", "proxyless_cifar"]
-IMAGENET = ["vgg16", "resnet50", "mobilenetv2", "proxyless", "efficientnet_b0", "mobilenetv3_large"]
+IMAGENET = ["vgg16", "resnet50", "mobilenetv2", "proxyless", "efficientnet_b0", "mobilenetv3_large", "mixnet_s"]
 
 
 @lru_cache(maxsize=None)
@@ -82,6 +82,7 @@ REFERENCES = {
     "mobilenetv2": lambda: _timm("mobilenetv2_100"),
     "efficientnet_b0": lambda: _timm("efficientnet_b0"),               # 5,288,548 params
     "mobilenetv3_large": lambda: _timm("mobilenetv3_large_100"),       # 5,483,032 params
+    "mixnet_s": lambda: _timm("mixnet_s"),                              # 4,134,606 params
 }
 
 
@@ -118,6 +119,8 @@ STAGE_ENDS = {
                         "conv_head": "head"},
     "mobilenetv3_large": {"conv_stem": "stem", "blocks.0": "first", "blocks.1": "s1.0.b", "blocks.2": "s2.2",
                           "blocks.3": "s3.0.d", "blocks.4": "s4.1", "blocks.5": "s5.2", "blocks.6": "head"},
+    "mixnet_s": {"conv_stem": "stem", "blocks.0": "first", "blocks.1": "s1.0.b", "blocks.2": "s2r.2",
+                 "blocks.3": "s3r.1", "blocks.4": "s4r.1", "blocks.5": "s5r.1", "conv_head": "head"},
 }
 
 
@@ -149,6 +152,8 @@ def test_stage_params_match_reference(name):
         pairs = {"blocks.0": "first", **{f"blocks.{i}": f"s{i}." for i in range(1, 7)}}
     elif name == "mobilenetv3_large":
         pairs = {"blocks.0": "first", **{f"blocks.{i}": f"s{i}." for i in range(1, 6)}, "blocks.6": "head"}
+    elif name == "mixnet_s":   # a stage's first layer (s2.0), then its repeats (s2r.0, ...)
+        pairs = {"blocks.0": "first", **{f"blocks.{i}": f"s{i}" for i in range(1, 6)}}
     else:
         pairs = {"features": "conv", "classifier": "classifier"}
     modules = dict(ref.named_modules())
@@ -202,7 +207,7 @@ def thop_macs(model: nn.Module, shape) -> int:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # thop's use of distutils
 @pytest.mark.parametrize("name,resolution", [(n, None) for n in CIFAR] +
                          [("vgg16", 32), ("resnet50", 64), ("mobilenetv2", 64), ("efficientnet_b0", 64),
-                          ("mobilenetv3_large", 64)])
+                          ("mobilenetv3_large", 64), ("mixnet_s", 64)])
 def test_flops_equal_thop(name, resolution):
     net = compiled(name, resolution)
     model = NasNet(net.to_config())
