@@ -191,6 +191,7 @@ def _check_auto_augment(value):
 
 Int0, Int1 = _int(0), _int(1)
 PositiveFloat = _float("a number > 0", lambda x: x > 0)
+ClosedUnitFloat = _float("a number in [0, 1]", lambda x: 0 <= x <= 1)
 NonNegativeFloat = _float("a number >= 0", lambda x: x >= 0)
 UnitFloat = _float("a number in [0, 1)", lambda x: 0 <= x < 1)
 Bool = Annotated[bool, BeforeValidator(_check_bool)]
@@ -246,6 +247,22 @@ class StageRecipe(_Section):
         if self.nesterov and self.momentum == 0:
             raise _Cross(lambda p: f"{p}nesterov: needs momentum > 0", "nesterov", "momentum")
         return self
+
+
+class DistillRecipe(_Section):
+    """Knowledge distillation while finetuning: the derived network also learns the teacher's softened
+    outputs, loss = (1 - weight) x cross-entropy + weight x T^2 x KL(teacher_T || student_T) (Hinton
+    et al. 2015). teacher: `supernet` (the stage-1 network, gates disabled: the network the search
+    started from) or a weights file keyed like the space's plain network (checked by the plan step)."""
+    teacher: Text = "supernet"
+    weight: ClosedUnitFloat = 0.5
+    temperature: PositiveFloat = 4.0
+
+
+class FinetuneRecipe(StageRecipe):
+    """The finetuning stage: a weights stage's SGD settings, and optionally `distill` (a
+    `DistillRecipe`; none by default)."""
+    distill: Optional[DistillRecipe] = None
 
 
 class ArchRecipe(_Section):
@@ -338,7 +355,7 @@ class Recipe(_Section):
     seed: Int0
     weights: StageRecipe
     architecture: ArchRecipe
-    finetune: StageRecipe
+    finetune: FinetuneRecipe
     gate_placement: GatePlacementChoice = "after_bn"
     strategy: StrategyChoice = "sequential"
     precision: PrecisionChoice = "auto"
@@ -398,6 +415,9 @@ def _sub_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | Non
     """The section model behind `key` of `model`, or None when it is a value (or unknown)."""
     info = model.model_fields.get(key) if model is not None else None
     kind = info.annotation if info is not None else None
+    optional = [a for a in get_args(kind) if a is not type(None)]   # Optional[Section]: a section too
+    if len(optional) == 1 and len(get_args(kind)) == 2:
+        kind = optional[0]
     return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 

@@ -80,6 +80,7 @@ class Plan:
     budgets: list[Budget] = field(default_factory=list)   # architecture.budget, parsed
     targets: list[int] = field(default_factory=list)      # each budget in MACs or parameters
     init: InitWeights | None = None                       # --init, read and checked against the space
+    teacher: InitWeights | None = None                    # finetune.distill.teacher as a file, checked alike
 
     @property
     def space_hash(self) -> str:
@@ -192,10 +193,25 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     init = read_init(request.init, network, str(space)) if request.init is not None else None
     if not request.train:
         note_untrained_start(recipe, init, notes)
+    teacher = plan_teacher(recipe, network, str(space)) if not request.train else None
     plan = Plan(request, text, overrides, network, recipe, data, device, world, precision, out, export_name,
-                stages, notes, budgets, targets, init)
+                stages, notes, budgets, targets, init, teacher)
     check_run_folder(plan)
     return plan
+
+
+def plan_teacher(recipe: Recipe, network: Network, space: str) -> InitWeights | None:
+    """finetune.distill's teacher: `supernet` (the stage-1 network, which only the sequential
+    strategy has) or a weights file for the space's plain network, read and checked now."""
+    distill = recipe.finetune.distill
+    if distill is None:
+        return None
+    if distill.teacher == "supernet":
+        if recipe.strategy == "joint":
+            raise NasdslError("finetune.distill.teacher: 'supernet' is the stage-1 network, which the joint "
+                              "strategy does not have; give a weights file", file="recipe")
+        return None
+    return read_init(Path(distill.teacher), network, space)
 
 
 def note_untrained_start(recipe: Recipe, init: InitWeights | None, notes: list[str]) -> None:

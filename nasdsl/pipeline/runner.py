@@ -27,6 +27,7 @@ from nasdsl.search import dnal
 from nasdsl.supernet.build import build_supernet, place_gates
 from nasdsl.supernet.network import NasNet
 from nasdsl.train import distributed as dist_utils
+from nasdsl.train.distill import Distillation
 from nasdsl.train.loop import Epochs, StageHooks, Trainer, fit, recalibrate_bn, seed_all
 from nasdsl.train.precision import Precision
 
@@ -170,8 +171,9 @@ class Pipeline:
         self.model.gate_set.set_mode("disabled")
         if self.state.baseline is None:
             self.state.baseline = self.measure(self.plan.network)
-        if len(self.plan.budgets) > 1 and self.plan.world.is_main:  # every budget's search starts from them
-            save_tensors(self.plan.out / STAGE1, self.model.state_dict())
+        distill = self.recipe.finetune.distill
+        if (len(self.plan.budgets) > 1 or distill and distill.teacher == "supernet") and self.plan.world.is_main:
+            save_tensors(self.plan.out / STAGE1, self.model.state_dict())  # every budget's start; the teacher
         self.advance("weights")
 
     def architecture(self) -> None:
@@ -224,7 +226,7 @@ class Pipeline:
             self.model = slim
         for p in self.model.parameters():
             p.requires_grad_(True)
-        self.train("finetune", sgd(list(self.model.parameters()), cfg), cfg)
+        self.train("finetune", sgd(list(self.model.parameters()), cfg), cfg, self.distillation())
         self.state.derived = self.measure(self.derivation.network)
         if self.plan.world.is_main:
             self.save_model()
@@ -239,6 +241,21 @@ class Pipeline:
         if self.plan.world.is_main:
             self.save_model()
         self.state.stage = DONE
+
+    def distillation(self) -> StageHooks | None:
+        """finetune.distill's hooks: the teacher is the stage-1 network (the supernet as the weights
+        stage left it, gates disabled) or the plan's checked weights file in the plain network."""
+        cfg = self.recipe.finetune.distill
+        if cfg is None:
+            return None
+        if self.plan.teacher is not None:
+            teacher = self.plain()
+            load_init(teacher, self.plan.teacher, self.plan.network, "after_bn")
+        else:
+            teacher = self.supernet()
+            teacher.load_state_dict(load_tensors(self.plan.out / STAGE1))
+            teacher.gate_set.set_mode("disabled")
+        return Distillation(teacher, cfg.weight, cfg.temperature)
 
     def next_model(self) -> None:
         """After a budget's finetuning: its summary entry, then the next budget from the stage-1 weights."""

@@ -53,6 +53,10 @@ class StageHooks:
         """An extra loss term, computed in fp32 outside autocast."""
         return None
 
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from its cross-entropy (under autocast); distillation adds the teacher's."""
+        return ce
+
     def after_step(self, step: int, total: int) -> None:
         """Snapshots (the gate histograms)."""
 
@@ -174,7 +178,7 @@ def _epoch(trainer: Trainer, forward: nn.Module, optimizer, run: Epochs, hooks: 
         x, y = trainer.batch(x, y)
         with trainer.precision.autocast():
             logits = forward(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            loss = hooks.loss(x, logits, y, F.cross_entropy(logits, y, label_smoothing=smoothing))
         extra = hooks.penalty()
         total = loss.float() + extra if extra is not None else loss.float()
         if not torch.isfinite(total):
