@@ -11,6 +11,7 @@ this plain network). Then, for each FLOPs budget:
   epochs and F finetuning epochs; its derived network's FLOPs are "the same FLOPs" below;
 - (a) width: the space's `width` parameter, the largest that costs at most DNAL's FLOPs, trained
   from scratch for W + A + F epochs (`nasdsl train`);
+- with --distill W T, `dnal_kd`: DNAL with finetune.distill (the stage-1 network as teacher);
 - (b) l1, (c) bn, (d) random: the stage-1 network pruned to at most DNAL's FLOPs by filter L1 norm,
   by BN |scale| or at random (nasdsl.derive.criteria), then finetuned like DNAL's (F epochs with the
   recipe's finetune optimizer and schedule: `nasdsl train` of the pruned network from its weights).
@@ -44,6 +45,7 @@ from nasdsl.supernet.network import NasNet  # noqa: E402
 
 PRUNERS = {"l1": True, "bn": False, "random": True}     # criterion -> the same fraction of every group
 METHODS = ("dnal", "width", *PRUNERS)
+DISTILLED = "dnal_kd"       # with --distill: DNAL finetuned with distillation from the stage-1 network
 
 
 def run(space: Path, out: Path, common: dict, **request) -> dict:
@@ -113,17 +115,23 @@ def one_seed(args, seed: int) -> dict:
     run(space, work / "stage1", common, train=True, epochs=W)
     stage1 = torch.load(work / "stage1" / "checkpoint.pt", weights_only=True)["model"]
     save_tensors(work / "stage1.safetensors", stage1)
-    rows: dict[str, list] = {m: [] for m in METHODS}
+    rows: dict[str, list] = {m: [] for m in methods(args)}
     for budget in args.budgets:
         b = work / f"flops{budget.rstrip('%')}"
         dnal = run(space, b / "dnal", {**common, "sets": {**common["sets"], "weights.epochs": "0",
                                                          "architecture.epochs": str(A), "finetune.epochs": str(F)}},
                    init=work / "stage1.safetensors", budget=f"flops={budget}")
         target = dnal["derived"]["flops"]
-        results = {"dnal": dnal,
-                   "width": run(space, b / "width", {**common, "sets": {**common["sets"],
-                                                                         "width": str(widest(space, common, target))}},
-                                train=True, epochs=W + A + F)}
+        results = {"dnal": dnal}
+        if args.distill:
+            weight, temperature = args.distill
+            results[DISTILLED] = run(space, b / DISTILLED, {**common, "sets": {
+                **common["sets"], "weights.epochs": "0", "architecture.epochs": str(A), "finetune.epochs": str(F),
+                "finetune.distill.weight": str(weight), "finetune.distill.temperature": str(temperature)}},
+                init=work / "stage1.safetensors", budget=f"flops={budget}")
+        width = str(widest(space, common, target))
+        results["width"] = run(space, b / "width", {**common, "sets": {**common["sets"], "width": width}},
+                               train=True, epochs=W + A + F)
         for criterion in PRUNERS:
             results[criterion] = pruned(space, common, stage1, criterion, target, b, F)
         for method, summary in results.items():
@@ -138,10 +146,14 @@ def nasdsl_data(args):
     return build_data(args.data, recipe.resolution)
 
 
-def table(results: dict, budgets: list[str]) -> list[dict]:
+def methods(args) -> tuple[str, ...]:
+    return (METHODS[0], DISTILLED, *METHODS[1:]) if args.distill else METHODS
+
+
+def table(results: dict, budgets: list[str], names: tuple[str, ...]) -> list[dict]:
     rows = []
     for budget in budgets:
-        for method in METHODS:
+        for method in names:
             runs = [r for seed in results.values() for r in seed[method] if r["budget"] == budget]
             top1 = [100 * r["top1"] for r in runs]
             rows.append({"budget": budget, "method": method, "flops": statistics.mean(r["flops"] for r in runs),
@@ -157,7 +169,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         ax.errorbar([r["flops"] / 1e6 for r in mine], [r["top1_mean"] for r in mine],
                     yerr=[r["top1_std"] for r in mine], marker="o", capsize=3, label=method)
@@ -178,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", default=["50%", "25%"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", nargs=3, type=int, default=[6, 3, 6], metavar=("W", "A", "F"))
+    p.add_argument("--distill", nargs=2, type=float, metavar=("WEIGHT", "T"),
+                   help="also DNAL finetuned with distillation from the stage-1 network (finetune.distill)")
     p.add_argument("--work", default="runs/quality")
     p.add_argument("--out", default=None, help="OUT.json and OUT.png (default: WORK/quality)")
     args = p.parse_args(argv)
@@ -185,7 +199,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         results[seed] = one_seed(args, seed)
-    rows = table(results, args.budgets)
+    rows = table(results, args.budgets, methods(args))
     print(f"\n{Path(args.space).name} {' '.join(args.set)} on {args.data}, epochs W A F = {args.epochs}, "
           f"seeds {args.seeds}")
     print(f"{'budget':>7}  {'method':<7} {'MFLOPs':>8} {'params':>9}  top-1 mean +- std")
