@@ -49,12 +49,15 @@ def _block_modules(net: Network, model: nn.Module) -> list[list[nn.Module]]:
 
 
 def _score(ops, modules, criterion: str, key: str) -> torch.Tensor:
-    """The channels' BN |scale|, or their filters' L1 norm, from the ops before the gate."""
-    for op, module in zip(reversed(ops), reversed(modules)):
-        if criterion == "bn" and op.kind == "bn":
+    """The channels' BN |scale|, or their filters' L1 norm, from the nearest op before the gate that
+    has them (a mixed conv's filters are its groups' filters, in channel order)."""
+    for module in reversed(modules):
+        if criterion == "bn" and isinstance(module, nn.modules.batchnorm._BatchNorm):
             return module.weight.detach().abs().cpu()
-        if criterion == "l1" and op.kind == "conv":
+        if criterion == "l1" and isinstance(module, (nn.Conv2d, nn.Linear)):
             return module.weight.detach().abs().flatten(1).sum(1).cpu()
+        if criterion == "l1" and isinstance(getattr(module, "convs", None), nn.ModuleList):
+            return torch.cat([c.weight.detach().abs().flatten(1).sum(1) for c in module.convs]).cpu()
     raise NasdslError(f"gate {key}: no {'BN' if criterion == 'bn' else 'conv'} before it to score its channels "
                       f"by", file=f"criterion {criterion}")
 
