@@ -25,7 +25,7 @@ FAMILIES = {
     "torchvision:resnext50_32x4d": 32, "torchvision:mobilenet_v2": 32, "torchvision:mobilenet_v3_large": 32,
     "torchvision:efficientnet_b0": 32,
     "timm:resnet18": 32, "timm:resnet50": 32, "timm:mobilenetv2_100": 32, "timm:efficientnet_b0": 32,
-    "timm:mobilenetv3_large_100": 32,
+    "timm:mobilenetv3_large_100": 32, "timm:mixnet_s": 32,
 }
 
 
@@ -99,6 +99,12 @@ def test_mobilenet_v3_says_its_se_rule_once_per_stage(tmp_path):
     assert "stage blocks_5 [repeat=4, stride=2] { layer = mbconv(192, k=5, act=silu, se=0.25) }" in effnet
 
 
+def test_mixnet_says_mixed_kernels_and_split_convs_as_mbconv_arguments(tmp_path):
+    text = import_model("timm:mixnet_s", tmp_path, resolution=32).space.read_text()
+    assert ("stage blocks_4_1 [repeat=2] { layer = mbconv(120, k=[3, 5, 7, 9], e=3, act=silu, expand_split=2, "
+            "project_split=2, se=0.5) }") in text
+
+
 def test_mobilenet_v2_is_mbconv_stages(tmp_path):
     done = import_model("timm:mobilenetv2_100", tmp_path, resolution=32)
     text = done.space.read_text()
@@ -131,7 +137,6 @@ def one_line_error(capsys, argv) -> str:
     ("torchvision:squeezenet1_0", "cannot import features.2: MaxPool2d(ceil_mode=True)"),
     ("torchvision:densenet121", "cannot import features.denseblock1: torch.cat()"),
     ("timm:convnext_atto", "cannot import stem.1: tensor.permute()"),
-    ("timm:mixnet_s", "cannot import blocks.1.0.conv_pw: MixedConv2d"),
     ("timm:resnet5", "timm has no model 'resnet5' (did you mean 'resnet50'?)"),
     ("keras:resnet50", "expected timm:NAME or torchvision:NAME"),
 ])

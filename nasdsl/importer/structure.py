@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from nasdsl.errors import NasdslError
 from nasdsl.graph import spacetext
 from nasdsl.graph.ir import Shape
-from nasdsl.graph.ops import OPS, is_depthwise
+from nasdsl.graph.ops import OPS, is_depthwise, split_channels
 from nasdsl.importer.trace import Prim
 from nasdsl.language.builtins import BUILTINS
 
@@ -114,13 +114,41 @@ def _residual(x: Prim, after: list[Prim], users, source: str):
 
 # ---- composites --------------------------------------------------------------------------------
 def _sig(prims: list[Prim]) -> list[str]:
-    return ["dw" if p.kind == "conv" and is_depthwise(p.op) else p.kind for p in prims]
+    """Kinds as a composite sees them: a depthwise conv (mixed kernels too) is "dw", a split 1x1
+    mixed conv (MixNet's) a "conv"."""
+    def sig(p: Prim) -> str:
+        if p.kind == "mixconv":
+            return "dw" if p.attrs["depthwise"] else "conv"
+        return "dw" if p.kind == "conv" and is_depthwise(p.op) else p.kind
+    return [sig(p) for p in prims]
+
+
+def _split(p: Prim) -> int | None:
+    """How many equal groups (timm's split) a conv's channels come in: 1 for a plain conv, G for a
+    mixed conv cut as `split=G` and `k=[...]` cut them; None for any other cut."""
+    if p.kind != "mixconv":
+        return 1
+    a, g = p.attrs, len(p.attrs["kernels"])
+    equal = (a["in_splits"] == split_channels(p.in_shape.channels, g)
+             and a["out_splits"] == split_channels(p.out_shape.channels, g))
+    return g if equal else None
+
+
+def _kernel(p: Prim):
+    """A conv's kernel: one size, or a mixed conv's list (one per group)."""
+    ks = p.attrs["kernels"] if p.kind == "mixconv" else (p.attrs["k"],)
+    return ks[0] if len(set(ks)) == 1 and p.kind != "mixconv" else list(ks)
 
 
 def _plain_conv(p: Prim, k: int | None = None, stride: int | None = 1) -> bool:
+    """No bias, padding k // 2, and (when asked) this kernel and stride; a mixed conv in timm's equal
+    groups of 1x1 kernels counts as a 1x1 conv (its `split` is said by the composite)."""
     a = p.attrs
-    return (a["padding"] == a["k"] // 2 and not a["bias"] and (k is None or a["k"] == k)
-            and (stride is None or a["stride"] == stride) and (p.kind == "conv"))
+    if p.kind == "mixconv":
+        return (_split(p) is not None and (stride is None or a["stride"] == stride)
+                and (k is None or set(a["kernels"]) == {k}) and (a["depthwise"] or k == 1))
+    return (p.kind == "conv" and a["padding"] == a["k"] // 2 and not a["bias"] and (k is None or a["k"] == k)
+            and (stride is None or a["stride"] == stride))
 
 
 def _bn_args(bns: list[Prim]) -> dict | None:
@@ -155,7 +183,8 @@ def match_mbconv(plan: LayerPlan) -> tuple[dict, str] | None:
             or (expand and not _plain_conv(main[0], 1)) or expand == (mid == cin)):
         return None
     out, stride = proj.out_shape.channels, dw.attrs["stride"]
-    args: dict = {"k": dw.attrs["k"], **({"stride": stride} if stride != 1 else {})}
+    splits = {"expand_split": _split(main[0]) if expand else 1, "project_split": _split(proj)}
+    args: dict = {"k": _kernel(dw), **({"stride": stride} if stride != 1 else {})}
     e = _ratio(mid, cin) if expand else 1
     if e is None:
         return None
@@ -164,6 +193,7 @@ def match_mbconv(plan: LayerPlan) -> tuple[dict, str] | None:
     act = acts.pop()
     if act != "relu6":
         args["act"] = act
+    args.update({k: v for k, v in splits.items() if v != 1})
     if "se" in body:
         se = se_args(main[body.index("se") + (3 if expand else 0)], cin, mid, act)
         if se is None:

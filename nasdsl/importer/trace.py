@@ -135,6 +135,8 @@ class Converter:
             return x
         if name in SE_MODULES:
             return self.squeeze_excite(node, m, x)
+        if name == "MixedConv2d":
+            return self.mixed_conv(node, m, x)
         if isinstance(m, nn.Conv2d) and name not in LEAF_NAMES:
             return self.conv(node, m, x)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -170,6 +172,20 @@ class Converter:
         attrs = {"out": m.out_channels, "k": k[0], "stride": s[0], "groups": m.groups, "padding": p[0],
                  "bias": m.bias is not None}
         return self.add(node, "conv", attrs, x, node.target)
+
+    def mixed_conv(self, node: fx.Node, m: nn.Module, x: Prim) -> Prim:
+        """timm's MixedConv2d (MixNet): consecutive input groups, each its own conv, outputs concatenated."""
+        convs = list(m.values()) if isinstance(m, nn.ModuleDict) else list(m.children())
+        plain = all(isinstance(c, nn.Conv2d) and type(c).__name__ == "Conv2d" and c.bias is None
+                    and len({*c.kernel_size}) == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros"
+                    and c.padding == (c.kernel_size[0] // 2,) * 2 for c in convs)
+        depthwise = plain and all(c.groups == c.in_channels == c.out_channels for c in convs)
+        if not plain or len({c.stride for c in convs}) != 1 or not (depthwise or all(c.groups == 1 for c in convs)):
+            raise self.fail(node, "MixedConv2d with bias, dilation, 'same' padding or grouped (not depthwise) parts")
+        attrs = {"kernels": tuple(c.kernel_size[0] for c in convs), "in_splits": tuple(c.in_channels for c in convs),
+                 "out_splits": tuple(c.out_channels for c in convs), "stride": convs[0].stride[0],
+                 "depthwise": depthwise}
+        return self.add(node, "mixconv", attrs, x, node.target)
 
     def batchnorm(self, node: fx.Node, m: nn.modules.batchnorm._BatchNorm, x: Prim) -> Prim:
         if not (m.affine and m.track_running_stats):
