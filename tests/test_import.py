@@ -249,3 +249,25 @@ def test_torchvision_vgg16_names_map_onto_the_shipped_space():
     renamed = translate(model.state_dict(), network, "vgg16.pth")
     shapes = plain_shapes(network)
     assert renamed is not None and {k: tuple(v.shape) for k, v in renamed.items()} == shapes
+
+
+@pytest.mark.parametrize("space, spec", [("spaces/efficientnet_b0.space", "timm:efficientnet_b0"),
+                                         ("spaces/mixnet_s.space", "timm:mixnet_s"),
+                                         ("spaces/efficientnet_b0.space", "torchvision:efficientnet_b0")])
+def test_library_names_map_onto_the_shipped_spaces(space, spec):
+    from nasdsl.importer.mapping import translate
+    from nasdsl.pipeline.init import plain_shapes
+
+    network = nasdsl.compile(space, resolution=32)
+    renamed = translate(source_model(spec).state_dict(), network, "w.pth")
+    assert renamed is not None and {k: tuple(v.shape) for k, v in renamed.items()} == plain_shapes(network)
+
+
+def test_a_checkpoint_of_another_network_with_the_same_names_is_refused():
+    """torchvision's MobileNetV3 has BN eps 1e-3; spaces/mobilenetv3_large.space is timm's (1e-5)."""
+    from nasdsl.importer.mapping import translate
+
+    network = nasdsl.compile("spaces/mobilenetv3_large.space", resolution=32)
+    with pytest.raises(NasdslError, match="has torchvision:mobilenet_v3_large's names, but mobilenetv3_large is not "
+                                          "that network .*logits differ.*nasdsl import torchvision:mobilenet_v3_large"):
+        translate(source_model("torchvision:mobilenet_v3_large").state_dict(), network, "w.pth")

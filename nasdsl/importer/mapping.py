@@ -62,5 +62,6 @@ def translate(state: dict[str, torch.Tensor], network: Network, file: str) -> di
         net.load_state_dict(renamed)
         check_same(model.eval(), net, shape.channels, shape.height, spec)
     except NasdslError as exc:
-        raise NasdslError(f"has {spec}'s names, but {network.name} is not that network: {exc}", file=file) from None
+        raise NasdslError(f"has {spec}'s names, but {network.name} is not that network ({exc.message}); "
+                          f"`nasdsl import {spec} --weights {file}` writes the space that is", file=file) from None
     return renamed
