@@ -271,3 +271,33 @@ def test_a_checkpoint_of_another_network_with_the_same_names_is_refused():
     with pytest.raises(NasdslError, match="has torchvision:mobilenet_v3_large's names, but mobilenetv3_large is not "
                                           "that network .*logits differ.*nasdsl import torchvision:mobilenet_v3_large"):
         translate(source_model("torchvision:mobilenet_v3_large").state_dict(), network, "w.pth")
+
+
+def test_pretrained_weights_come_from_the_cache_and_never_the_network(tmp_path):
+    """A Hugging Face cache holding timm's resnet18 weights (written here) is used; nothing else is
+    reachable (HF_HUB_OFFLINE), and without the cache the import says it is random."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+
+    repo = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    model = source_model("timm:resnet18")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "model.safetensors"))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "nasdsl", "import", "timm:resnet18", "--resolution", "32", "--out"]
+    done = subprocess.run([*cmd, str(tmp_path / "cached")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    marker = json.loads((tmp_path / "cached" / "import.json").read_text())
+    assert marker["weights_from"] == f"timm's pretrained weights ({snapshot / 'model.safetensors'})"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(nasdsl.load(tmp_path / "cached")(x), model(x), rtol=0, atol=1e-4)
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    done = subprocess.run([*cmd, str(tmp_path / "random")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "no pretrained weights are cached on this machine" in done.stdout

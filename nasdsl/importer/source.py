@@ -91,7 +91,7 @@ def _timm(spec: str, name: str, pretrained: bool, download: bool):
     if pretrained and (cached or download):
         overlay = {"file": cached} if cached else None
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
-        return model, resolution, "pretrained (timm)", []
+        return model, resolution, f"timm's pretrained weights ({cached or 'downloaded'})", []
     return build_model(spec), resolution, "random", _random_note(pretrained)
 
 
@@ -121,7 +121,8 @@ def _torchvision(spec: str, name: str, pretrained: bool, download: bool):
     if weights is not None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
         if cached.is_file() or download:
-            return torchvision.models.get_model(name, weights=weights), 224, "pretrained (torchvision)", []
+            where = cached if cached.is_file() else "downloaded"
+            return torchvision.models.get_model(name, weights=weights), 224, f"torchvision's {weights} ({where})", []
     return build_model(spec), 224, "random", _random_note(pretrained)
 
 
