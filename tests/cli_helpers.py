@@ -30,3 +30,18 @@ def run_nasdsl(*args, check: bool = True, timeout: int = 900, **kwargs) -> subpr
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def distinct_bn(model, generator=None):
+    """Gives every BN of `model` random statistics and affine parameters (in place), so a comparison
+    of two networks' outputs depends on every BN being where it should be. Returns the model."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1, generator=generator)
+                m.running_var.uniform_(0.5, 1.5, generator=generator)
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0, 0.1, generator=generator)
+    return model

@@ -13,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The tests' tiny space (cli_helpers.TINY) as a file; modules with a space of their own define
+    their own `space` fixture."""
+    from cli_helpers import TINY
+
+    path = tmp_path_factory.mktemp("space") / "tiny.space"
+    path.write_text(TINY)
+    return path

@@ -17,19 +17,11 @@ from nasdsl.pipeline.runner import Pipeline
 from nasdsl.recipe import load_recipe
 from nasdsl.train.distill import distillation_loss
 
-from cli_helpers import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETS = {"resolution": "8", "batch_size": "32", "weights.epochs": "1", "architecture.epochs": "1",
         "finetune.epochs": "1", "finetune.distill.weight": "0.5"}
-
-
-@pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    path = tmp_path_factory.mktemp("space") / "tiny.space"
-    path.write_text(TINY)
-    return path
 
 
 def test_the_loss_is_hintons():

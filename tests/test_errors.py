@@ -82,7 +82,7 @@ GOLDEN = [
     layer a = conv(8, strde=2)
                       ^"""),
     ('unknown argument without a close match', H + "layer a = conv(8, kernel=3)\n" + T,
-     """t.space:2:19: unknown argument 'kernel' for conv (conv takes out, k, stride, groups, padding, bias)
+     """t.space:2:19: unknown argument 'kernel' for conv (conv takes out, k, stride, groups, padding, bias, split)
     layer a = conv(8, kernel=3)
                       ^"""),
     ('unknown argument of a def', H + "def f(c) = conv(c)\nlayer a = f(c=8, k=3)\n" + T,

@@ -17,6 +17,8 @@ from nasdsl import cli
 from nasdsl.errors import NasdslError
 from nasdsl.importer import WEIGHTS, import_model
 
+from cli_helpers import distinct_bn
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # family -> the resolution it is checked at (VGG's 7x7 adaptive pooling is the identity only at 224)
@@ -37,13 +39,7 @@ def source_model(spec: str) -> torch.nn.Module:
     library, name = spec.split(":")
     torch.manual_seed(0)
     model = timm.create_model(name) if library == "timm" else torchvision.models.get_model(name)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return distinct_bn(model).eval()
 
 
 def saved(model: torch.nn.Module, folder: Path) -> Path:

@@ -19,20 +19,13 @@ from nasdsl import cli
 from nasdsl.recipe import load_recipe
 from nasdsl.train.data import build_data
 
-from cli_helpers import TINY, run_nasdsl
+from cli_helpers import run_nasdsl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: on the CPU in fp32 wherever the tests run: accuracies and logits are compared with fp32 CPU results
 SHORT = ["--data", "fake", "--device", "cpu", "--set", "resolution=8", "--set", "batch_size=32",
          "--set", "weights.epochs=0", "--set", "architecture.epochs=1", "--set", "finetune.epochs=1", "-q"]
-
-
-@pytest.fixture(scope="module")
-def space(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("space") / "tiny.space"
-    path.write_text(TINY)
-    return path
 
 
 @pytest.fixture(scope="module")

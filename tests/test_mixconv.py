@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from nasdsl.derive.derive import derive
 from nasdsl.errors import NasdslError
@@ -19,6 +18,7 @@ from nasdsl.graph.printer import to_space
 from nasdsl.language.compiler import compile_file, compile_source
 from nasdsl.supernet.build import build_supernet
 from nasdsl.supernet.network import MixConv, NasNet
+from cli_helpers import distinct_bn
 from test_derive import assert_equivalent, gen, random_masks, slim_and_masked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,12 +243,7 @@ def test_mixnet_s_computes_timms_logits():
     import timm
     ref = timm.create_model("mixnet_s", pretrained=False).eval()
     g = gen(41)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
+    distinct_bn(ref, g)
     ours = NasNet(compile_file(ROOT / "spaces" / "mixnet_s.space", {"resolution": "32"}).to_config()).eval()
     tensors = lambda m: [(k, v) for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")]  # noqa: E731
     pairs = list(zip(tensors(ref), tensors(ours)))

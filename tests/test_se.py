@@ -23,6 +23,7 @@ from nasdsl.language.compiler import compile_file, compile_source
 from nasdsl.supernet.build import build_supernet
 from nasdsl.supernet.network import NasNet, SqueezeExcite
 from nasdsl.train.data import Preprocessing
+from cli_helpers import distinct_bn
 from test_derive import (ROOT, _normalised, assert_counts, assert_equivalent, gen, random_masks,
                          slim_and_masked)
 
@@ -286,12 +287,7 @@ def test_space_computes_the_reference_network(stem, reference):
     the reference's eval-mode logits, with random BN statistics so every BN matters."""
     ref = _reference(reference).eval()
     g = gen(40)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
+    distinct_bn(ref, g)
     net = compile_file(ROOT / "spaces" / f"{stem}.space", {"resolution": "32"}) if stem else \
         compile_source(RESNEXT50, "resnext50.space", {"resolution": "32"})
     ours = NasNet(net.to_config()).eval()

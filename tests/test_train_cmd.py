@@ -18,18 +18,11 @@ from nasdsl import cli
 from nasdsl.graph.accounting import network_cost
 from nasdsl.train.data import build_data
 
-from cli_helpers import ENV, TINY, run_nasdsl
+from cli_helpers import ENV, run_nasdsl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARGS = ["--data", "fake", "--set", "resolution=8", "--set", "batch_size=32", "--device", "cpu", "-q"]
-
-
-@pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    path = tmp_path_factory.mktemp("space") / "tiny.space"
-    path.write_text(TINY)
-    return path
 
 
 def val_accuracy(model) -> float:
