@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def widest(space: Path, common: dict, target: int) -> float:
             lo = mid
         else:
             hi = mid
-    return round(lo, 4)
+    return math.floor(lo * 1e4) / 1e4      # rounded down: rounding up could cross the target
 
 
 def finetune_sets(common: dict) -> dict:
