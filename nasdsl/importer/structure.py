@@ -74,6 +74,9 @@ def split_layers(prims: list[Prim], output: Prim, source: str) -> list[LayerPlan
 
 
 def _place(layers: list[LayerPlan], p: Prim) -> None:
+    """Puts an op that is not part of a residual's arms: into the classifier from the global pooling
+    on, after a residual layer's add when it runs in the same block (`then`), else into the current
+    layer unless it opens a new one (a conv or linear of another block, a pooling between blocks)."""
     last = layers[-1] if layers else None
     if last is not None and last.classifier:
         last.main.append(p)
@@ -109,6 +112,8 @@ def _residual(x: Prim, after: list[Prim], users, source: str):
         raise NasdslError(f"the two paths from block {after[0].unit or 'forward'} do not meet in one add",
                           file=source)
     arms.sort(key=lambda arm: -sum(p.weighted for p in arm))
+    if not arms[0]:
+        raise NasdslError(f"block {joins[0].unit or 'forward'} adds a tensor to itself", file=source)
     return arms[0], arms[1], joins[0]
 
 
