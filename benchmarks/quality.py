@@ -12,6 +12,8 @@ this plain network). Then, for each FLOPs budget:
 - (a) width: the space's `width` parameter, the largest that costs at most DNAL's FLOPs, trained
   from scratch for W + A + F epochs (`nasdsl train`);
 - with --distill W T, `dnal_kd`: DNAL with finetune.distill (the stage-1 network as teacher);
+- with --masks-from-stage1, `dnal_from_stage1`: DNAL's channels cut from the stage-1 weights and
+  finetuned like the pruning baselines (is it the channels DNAL keeps, or where its finetuning starts?);
 - (b) l1, (c) bn, (d) random: the stage-1 network pruned to at most DNAL's FLOPs by filter L1 norm,
   by BN |scale| or at random (nasdsl.derive.criteria), then finetuned like DNAL's (F epochs with the
   recipe's finetune optimizer and schedule: `nasdsl train` of the pruned network from its weights).
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nasdsl  # noqa: E402
 from nasdsl.derive.criteria import channel_scores, prune_to_budget  # noqa: E402
-from nasdsl.derive.derive import slim_state_dict  # noqa: E402
+from nasdsl.derive.derive import derive, slim_state_dict  # noqa: E402
 from nasdsl.files import save_tensors  # noqa: E402
 from nasdsl.graph.accounting import network_cost  # noqa: E402
 from nasdsl.graph.printer import to_space  # noqa: E402
@@ -47,6 +49,7 @@ from nasdsl.supernet.network import NasNet  # noqa: E402
 PRUNERS = {"l1": True, "bn": False, "random": True}     # criterion -> the same fraction of every group
 METHODS = ("dnal", "width", *PRUNERS)
 DISTILLED = "dnal_kd"       # with --distill: DNAL finetuned with distillation from the stage-1 network
+MASKS = "dnal_from_stage1"  # with --masks-from-stage1: DNAL's channels finetuned from the stage-1 weights
 
 
 def run(space: Path, out: Path, common: dict, **request) -> dict:
@@ -88,22 +91,42 @@ def finetune_sets(common: dict) -> dict:
     return {f"weights.{k}": json.dumps(v) for k, v in fields.items() if k != "epochs" and k in type(recipe.weights).model_fields}
 
 
-def pruned(space: Path, common: dict, stage1: dict, criterion: str, target: int, work: Path, epochs: int) -> dict:
-    """The stage-1 network pruned by `criterion` to at most `target` MACs, finetuned like DNAL's."""
-    out = work / f"{criterion}"
+def finetuned(space: Path, common: dict, stage1: dict, name: str, derivation_of, work: Path, epochs: int) -> dict:
+    """The stage-1 network cut by `derivation_of(net, model)` (a Derivation), finetuned like DNAL's:
+    F epochs of `nasdsl train` from its sliced weights with the recipe's finetune settings."""
+    out = work / name
     if not (out / "summary.json").is_file():
         net = network(space, common)
         model = NasNet(net.to_config())
         model.load_state_dict(stage1)
-        d = prune_to_budget(net, channel_scores(net, model, criterion, seed=common["seed"]), target,
-                            uniform=PRUNERS[criterion])
+        d = derivation_of(net, model)
         slim = NasNet(d.network.to_config())
         work.mkdir(parents=True, exist_ok=True)
-        (work / f"{criterion}.space").write_text(to_space(d.network))
-        save_tensors(work / f"{criterion}.safetensors", slim_state_dict(d, model, slim))
+        (work / f"{name}.space").write_text(to_space(d.network))
+        save_tensors(work / f"{name}.safetensors", slim_state_dict(d, model, slim))
     recipe_sets = split_sets(common["sets"])[0]    # the derived space has none of the space's parameters
-    return run(work / f"{criterion}.space", out, {**common, "sets": {**recipe_sets, **finetune_sets(common)}},
-               train=True, epochs=epochs, init=work / f"{criterion}.safetensors")
+    return run(work / f"{name}.space", out, {**common, "sets": {**recipe_sets, **finetune_sets(common)}},
+               train=True, epochs=epochs, init=work / f"{name}.safetensors")
+
+
+def pruned(space: Path, common: dict, stage1: dict, criterion: str, target: int, work: Path, epochs: int) -> dict:
+    """The stage-1 network pruned by `criterion` to at most `target` MACs, finetuned like DNAL's."""
+    def cut(net, model):
+        return prune_to_budget(net, channel_scores(net, model, criterion, seed=common["seed"]), target,
+                               uniform=PRUNERS[criterion])
+    return finetuned(space, common, stage1, criterion, cut, work, epochs)
+
+
+def dnal_masks(space: Path, common: dict, stage1: dict, dnal_run: Path, work: Path, epochs: int) -> dict:
+    """DNAL's channels (its run's gates, derived as the search derived them), finetuned from the
+    stage-1 weights rather than from the weights the architecture stage left."""
+    from safetensors.torch import load_file
+
+    def cut(net, model):
+        gates = load_file(str(dnal_run / "gates.safetensors"))
+        multiple = json.loads((dnal_run / "summary.json").read_text())["recipe"]["architecture"]["channel_multiple"]
+        return derive(net, {k: v > 0 for k, v in gates.items()}, gates, multiple)
+    return finetuned(space, common, stage1, MASKS, cut, work, epochs)
 
 
 def one_seed(args, seed: int) -> dict:
@@ -135,6 +158,8 @@ def one_seed(args, seed: int) -> dict:
                                train=True, epochs=W + A + F)
         for criterion in PRUNERS:
             results[criterion] = pruned(space, common, stage1, criterion, target, b, F)
+        if args.masks_from_stage1:
+            results[MASKS] = dnal_masks(space, common, stage1, b / "dnal", b, F)
         for method, summary in results.items():
             rows[method].append({"budget": budget, **summary["derived"]})
     return rows
@@ -148,7 +173,8 @@ def nasdsl_data(args):
 
 
 def methods(args) -> tuple[str, ...]:
-    return (METHODS[0], DISTILLED, *METHODS[1:]) if args.distill else METHODS
+    extra = ((DISTILLED,) if args.distill else ()) + ((MASKS,) if args.masks_from_stage1 else ())
+    return (METHODS[0], *extra, *METHODS[1:])
 
 
 def table(results: dict, budgets: list[str], names: tuple[str, ...]) -> list[dict]:
@@ -193,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", nargs=3, type=int, default=[6, 3, 6], metavar=("W", "A", "F"))
     p.add_argument("--distill", nargs=2, type=float, metavar=("WEIGHT", "T"),
                    help="also DNAL finetuned with distillation from the stage-1 network (finetune.distill)")
+    p.add_argument("--masks-from-stage1", action="store_true",
+                   help="also DNAL's channels finetuned from the stage-1 weights (not the architecture stage's)")
     p.add_argument("--work", default="runs/quality")
     p.add_argument("--out", default=None, help="OUT.json and OUT.png (default: WORK/quality)")
     args = p.parse_args(argv)
@@ -203,9 +231,9 @@ def main(argv=None) -> int:
     rows = table(results, args.budgets, methods(args))
     print(f"\n{Path(args.space).name} {' '.join(args.set)} on {args.data}, epochs W A F = {args.epochs}, "
           f"seeds {args.seeds}")
-    print(f"{'budget':>7}  {'method':<7} {'MFLOPs':>8} {'params':>9}  top-1 mean +- std")
+    print(f"{'budget':>7}  {'method':<16} {'MFLOPs':>8} {'params':>9}  top-1 mean +- std")
     for r in rows:
-        print(f"{r['budget']:>7}  {r['method']:<7} {r['flops'] / 1e6:8.2f} {r['params']:9,.0f}  "
+        print(f"{r['budget']:>7}  {r['method']:<16} {r['flops'] / 1e6:8.2f} {r['params']:9,.0f}  "
               f"{r['top1_mean']:6.2f} +- {r['top1_std']:.2f}")
     out = Path(args.out) if args.out else Path(args.work) / "quality"
     out.parent.mkdir(parents=True, exist_ok=True)
