@@ -42,6 +42,16 @@ def save_tensors(path: Path, tensors: dict) -> None:
     atomic_write(path, lambda f: f.write(save(plain)))
 
 
+def load_strict(model, state: dict, what: str, file: str | None = None) -> None:
+    """model.load_state_dict(state, strict=True); a mismatch (a missing, unexpected or mis-shaped
+    tensor) is one NasdslError line, `what: detail`."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise NasdslError(f"{what}: {detail[:300]}", file=file) from None
+
+
 def read_weights(file: Path) -> dict:
     """The state dict in a safetensors file; a missing or corrupt file is a NasdslError naming it."""
     from safetensors import SafetensorError

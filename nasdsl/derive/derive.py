@@ -113,15 +113,14 @@ def _reach(ops, live: set[int], masks: dict[str, torch.Tensor], close: bool) -> 
     return live, at
 
 
-def _layer_reach(layer: Layer, live: set[int], masks) -> set[int]:
-    """The layer's output channels some live input reaches: its blocks' and shortcut's, placed."""
+def _layer_reach(layer: Layer, live: set[int], masks, reached: list[set[int]]) -> set[int]:
+    """The layer's output channels some live input reaches: its blocks' (`reached`, each block's own
+    channels, already walked) and its shortcut's, placed, then through the ops after the add."""
     out: set[int] = set()
-    paths = [(b.ops, b.index) for b in layer.blocks]
     if layer.shortcut is not None:
-        paths.append((layer.shortcut.ops, layer.shortcut.index))
-    for ops, index in paths:
-        reached, _ = _reach(ops, live, masks, close=False)
-        out |= {index[c] for c in reached} if index else reached
+        reached = [*reached, _reach(layer.shortcut.ops, live, masks, close=False)[0]]
+    for channels, path in zip(reached, [*layer.blocks, layer.shortcut]):
+        out |= {path.index[c] for c in channels} if path.index else channels
     return _reach(layer.post, out, masks, close=False)[0]
 
 
@@ -159,21 +158,24 @@ def repair_masks(net: Network, masks: dict[str, torch.Tensor], strength: dict[st
     notes: list[str] = []
     live = set(range(net.input_shape.channels))
     for layer in net.layers:
-        alive = []
+        alive, reached = [], []
         for block in layer.blocks:
-            _reach(block.ops, live, masks, close=True)
+            out, _ = _reach(block.ops, live, masks, close=True)
             gates = [op.attrs["key"] for op in block.ops if op.is_gate]
             if gates and not _block_path_alive(block, masks):
                 for key in gates:
                     masks[key].zero_()
+                out = set()
             else:
                 alive.append(block)
+            reached.append(out)
         if not alive and layer.shortcut is None:
             # every block vanished and nothing else carries the signal: keep the strongest channel
             note = _keep_strongest(layer, live, masks, strength)
             if note:
                 notes.append(note)
-        live = _layer_reach(layer, live, masks)
+                reached = [_reach(block.ops, live, masks, close=False)[0] for block in layer.blocks]
+        live = _layer_reach(layer, live, masks, reached)
     return masks, notes
 
 

@@ -20,7 +20,7 @@ import types
 from pathlib import Path
 
 from nasdsl.errors import NasdslError
-from nasdsl.files import read_weights  # noqa: F401 - the exporter reads weights through here too
+from nasdsl.files import load_strict, read_weights  # noqa: F401 - the exporter reads weights through here too
 
 FORMAT = 2                 # 1: NasNet (network.py) copied with the architecture as a config literal
 CONFIG = "config.json"
@@ -123,15 +123,6 @@ def one_line(exc: BaseException) -> str:
     """An exception as `Type: first line of its message` (errors here are one line)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
-
-
-def load_strict(model, state: dict, what: str, file: str | None = None) -> None:
-    """model.load_state_dict(state, strict=True); a mismatch is one NasdslError line, `what: detail`."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise NasdslError(f"{what}: {detail[:300]}", file=file) from None
 
 
 def load_weights(model, file: Path) -> None:

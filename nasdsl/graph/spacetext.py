@@ -30,3 +30,10 @@ def call(name: str, positional=(), **kwargs) -> str:
     args = [num(v) if not isinstance(v, str) else v for v in positional]
     args += [f"{k}={num(v) if not isinstance(v, str) else v}" for k, v in kwargs.items()]
     return f"{name}({', '.join(args)})" if args else name
+
+
+def identifier(name: str) -> str:
+    """`name` as a name the language and Python both accept: other characters become `_`, and a
+    leading digit gets `net_` in front (a space's, an export's or an imported model's name)."""
+    ident = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return ident if ident and not ident[0].isdigit() else f"net_{ident}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nasdsl.errors import NasdslError
 from nasdsl.files import atomic_write, save_tensors
+from nasdsl.graph import spacetext
 from nasdsl.importer.source import load_source
 from nasdsl.importer.structure import body_lines, split_layers
 from nasdsl.importer.trace import trace
@@ -55,10 +56,10 @@ def import_model(spec: str, out: str | Path | None = None, weights: str | None =
     from nasdsl.supernet.network import NasNet
 
     src = load_source(spec, weights, download, resolution)
-    name = _identifier(src.name)
+    name = spacetext.identifier(src.name)
     folder = Path(out) if out is not None else Path("imports") / name
-    prims, output = trace(src.model, spec, _in_chans(src.model, spec), src.resolution)
-    in_chans = prims[0].out_shape.channels
+    in_chans = _in_chans(src.model, spec)
+    prims, output = trace(src.model, spec, in_chans, src.resolution)
     plans = split_layers(prims, output, spec)
     text = space_text(spec, name, plans, in_chans, src.resolution, output.out_shape.channels, src.weights)
     space_file = folder / f"{name}.space"
@@ -83,13 +84,6 @@ def _in_chans(model, spec: str) -> int:
     return first.in_channels
 
 
-def _identifier(name: str) -> str:
-    import re
-
-    ident = re.sub(r"\W", "_", name)
-    return ident if ident[:1].isalpha() or ident[:1] == "_" else "m_" + ident
-
-
 def _write(folder: Path, space_file: Path, text: str, state: dict, marker: dict) -> None:
     """The space, its weights, then the marker: a folder with a marker is complete."""
     if folder.exists() and not folder.is_dir():
@@ -101,7 +95,7 @@ def _write(folder: Path, space_file: Path, text: str, state: dict, marker: dict)
 
 def load_import(folder: str | Path):
     """The imported network of an import folder, plain (no gates), with its weights, in eval mode."""
-    from nasdsl.files import read_state_dict
+    from nasdsl.files import load_strict, read_state_dict
     from nasdsl.language.compiler import compile_source
     from nasdsl.language.source import read_source
     from nasdsl.supernet.network import NasNet
@@ -114,9 +108,6 @@ def load_import(folder: str | Path):
         raise NasdslError(f"not a complete nasdsl import ({type(exc).__name__}: {exc})",
                           file=str(folder / MARKER)) from None
     net = NasNet(compile_source(read_source(space), str(space)).to_config())
-    state = read_state_dict(folder / marker.get("weights", WEIGHTS))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise NasdslError(f"does not fit {space.name}: {len(missing)} missing, {len(unexpected)} unexpected",
-                          file=str(folder / WEIGHTS))
+    weights = folder / marker.get("weights", WEIGHTS)
+    load_strict(net, read_state_dict(weights), f"does not fit {space.name}", str(weights))
     return net.eval()

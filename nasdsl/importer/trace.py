@@ -55,7 +55,7 @@ class Prim:
 
     @property
     def weighted(self) -> bool:
-        return bool(self.module) and self.kind in ("conv", "linear")
+        return bool(self.module) and self.kind in ("conv", "mixconv", "linear")
 
 
 class _Tracer(fx.Tracer):

@@ -30,6 +30,8 @@ from nasdsl.supernet.network import NasNet
 #: entries a file may leave out: a BN's batch counter is bookkeeping, not a trained weight (only
 #: momentum=None reads it), and files written without it (safetensors exports often drop it) still fit
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+#: the gate placement the language compiles (gates after their BN): a plain network's, where nothing moved
+AS_COMPILED = "after_bn"
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,10 @@ def read_init(path: Path, network: Network, space: str) -> InitWeights:
     """The --init file read, translated and checked against the space's plain network; a file
     that cannot be read or does not fit is one NasdslError line naming it."""
     path = Path(path)
-    state = translate(read_state_dict(path), network, str(path))
-    state, classes = without_other_classifier(state, network)
-    check_fits(state, network, str(path), space, new_classifier=classes is not None)
+    expected = plain_shapes(network)
+    state = translate(read_state_dict(path), network, str(path), expected)
+    state, classes = without_other_classifier(state, expected)
+    check_fits(state, expected, str(path), space, new_classifier=classes is not None)
     return InitWeights(path, file_sha256(path), state, classes)
 
 
@@ -64,11 +67,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def translate(state: dict[str, torch.Tensor], network: Network, where: str) -> dict[str, torch.Tensor]:
+def translate(state: dict[str, torch.Tensor], network: Network, where: str,
+              expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """A file keyed by torchvision or timm, mapped onto the names of `network`'s plain NasNet when
     the space describes a library model with exactly the file's names (nasdsl.importer.mapping);
-    any other file is returned as it is, and `check_fits` says what does not fit."""
-    if set(state) <= set(plain_shapes(network)):
+    any other file is returned as it is, and `check_fits` says what does not fit. `expected`: the
+    plain network's `plain_shapes`."""
+    if set(state) <= set(expected):
         return state
     from nasdsl.importer.mapping import translate as from_library
 
@@ -76,12 +81,11 @@ def translate(state: dict[str, torch.Tensor], network: Network, where: str) -> d
     return state if renamed is None else renamed
 
 
-def without_other_classifier(state: dict[str, torch.Tensor], network: Network):
+def without_other_classifier(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]):
     """The state without its classifier when that is all that differs and the classes do: a network
     trained on ImageNet, searched on a 10-class dataset, keeps everything but its last linear, and
     the supernet's own (freshly initialised) classifier takes its place. Returns (state, (file's
     classes, space's)) then, else (state, None)."""
-    expected = plain_shapes(network)
     differ = {k for k in expected if k in state and tuple(state[k].shape) != expected[k]}
     head = {k for k in expected if k.startswith("classifier.")}
     if not differ or not differ <= head or "classifier.weight" not in differ:
@@ -100,11 +104,11 @@ def plain_shapes(network: Network) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_fits(state: dict[str, torch.Tensor], network: Network, where: str, space: str,
+def check_fits(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str, space: str,
                new_classifier: bool = False) -> None:
-    """Every weight of the plain network present with its exact shape, and nothing else; otherwise
-    one line with how many names are missing, unexpected and mis-shaped, and the first of each."""
-    expected = plain_shapes(network)
+    """Every weight of the plain network (`expected`: its `plain_shapes`) present with its exact shape,
+    and nothing else; otherwise one line with how many names are missing, unexpected and mis-shaped,
+    and the first of each."""
     skip = ("classifier.",) if new_classifier else ()
     problem = misfit(expected, state, "space", optional=OPTIONAL_SUFFIXES, left_out=skip)
     if problem:

@@ -16,6 +16,7 @@ import torch
 
 from nasdsl.errors import NasdslError
 from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
+from nasdsl.graph import spacetext
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.accounting import summary as graph_summary
 from nasdsl.graph.ir import Network
@@ -261,11 +262,6 @@ def _build_data(request: RunRequest, recipe: Recipe) -> DataBundle:
                       download=request.download)
 
 
-def identifier(name: str) -> str:
-    ident = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    return ident if ident and not ident[0].isdigit() else f"net_{ident}"
-
-
 def choose_export_name(asked: str | None, space_name: str, notes: list[str]) -> str:
     """`--name` if given (an error if it cannot name a timm model); else the space's name, or, when
     that clashes with a timm model or a Python module, the same with `_nasdsl` appended (noted)."""
@@ -277,7 +273,7 @@ def choose_export_name(asked: str | None, space_name: str, notes: list[str]) -> 
         except NasdslError as exc:
             raise NasdslError(exc.message, file="--name") from None
         return asked
-    name = identifier(space_name)
+    name = spacetext.identifier(space_name)
     try:
         check_export_name(name)
         return name

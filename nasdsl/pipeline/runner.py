@@ -19,7 +19,7 @@ from nasdsl.graph.ir import Network
 from nasdsl.pipeline import budgets
 from nasdsl.files import save_tensors
 from nasdsl.pipeline.folder import RunFolder, load_tensors, write_json
-from nasdsl.pipeline.init import load_init
+from nasdsl.pipeline.init import AS_COMPILED, load_init
 from nasdsl.pipeline.plan import Plan
 from nasdsl.pipeline.state import Measured, RunState
 from nasdsl.pipeline.summary import plot_search, summarize
@@ -85,7 +85,7 @@ class Pipeline:
             self.restore(checkpoint)
             self.folder.truncate_metrics(lambda record: self.state.kept(record, self.names))
         elif self.plan.init is not None:
-            placement = "after_bn" if self.plan.request.train else self.recipe.gate_placement  # after_bn: as compiled
+            placement = AS_COMPILED if self.plan.request.train else self.recipe.gate_placement
             load_init(self.model, self.plan.init, self.plan.network, placement)
 
     def plain(self) -> nn.Module:
@@ -250,7 +250,7 @@ class Pipeline:
             return None
         if self.plan.teacher is not None:
             teacher = self.plain()
-            load_init(teacher, self.plan.teacher, self.plan.network, "after_bn")
+            load_init(teacher, self.plan.teacher, self.plan.network, AS_COMPILED)
         else:
             teacher = self.supernet()
             teacher.load_state_dict(load_tensors(self.plan.out / STAGE1))
