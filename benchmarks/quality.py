@@ -14,12 +14,24 @@ this plain network). Then, for each FLOPs budget:
 - with --distill W T, `dnal_kd`: DNAL with finetune.distill (the stage-1 network as teacher);
 - with --masks-from-stage1, `dnal_from_stage1`: DNAL's channels cut from the stage-1 weights and
   finetuned like the pruning baselines (is it the channels DNAL keeps, or where its finetuning starts?);
+- with --dnal-scratch, `dnal_scratch`: DNAL's derived network (its run's exported .space) trained
+  from scratch for W + A + F epochs exactly as (a) is (does DNAL pick a worse architecture, or do
+  inherited weights and F epochs of finetuning lose to training from scratch? Liu et al. 2019,
+  "Rethinking the Value of Network Pruning");
+- with --dnal-set KEY=VALUE (repeatable), one DNAL variant besides the default: the search with these
+  recipe overrides on top (meant for architecture.* keys; stage 1 and the baselines do not see
+  them), as `dnal@TAG` (TAG: the overrides without the `architecture.` prefix, e.g. `dnal@lr=0.15`),
+  and likewise `dnal_kd@TAG`, `dnal_from_stage1@TAG`, `dnal_scratch@TAG` with the options above. The
+  default DNAL still runs (or is reused): its FLOPs remain the target of (a)-(d), so every variant
+  is compared with the same stage-1 and baseline runs (the variant's own FLOPs are in its row);
 - (b) l1, (c) bn, (d) random: the stage-1 network pruned to at most DNAL's FLOPs by filter L1 norm,
   by BN |scale| or at random (nasdsl.derive.criteria), then finetuned like DNAL's (F epochs with the
   recipe's finetune optimizer and schedule: `nasdsl train` of the pruned network from its weights).
 Every method uses the same recipe, data and seed. Prints the table (method, FLOPs, params, top-1
-mean +- std over the seeds), writes OUT.json and OUT.png (top-1 against FLOPs). Runs go to --work,
-one folder each; a finished one is reused, so an interrupted benchmark continues where it stopped.
+mean +- std over the seeds), writes OUT.json and OUT.png (top-1 against FLOPs; OUT defaults to
+WORK/quality, WORK/quality@TAG with --dnal-set). Runs go to --work, one folder per method, named as
+the method (WORK/seedS/stage1, WORK/seedS/flopsB/METHOD); a finished one is reused, so an
+interrupted benchmark continues where it stopped and a new variant reruns only its own DNAL runs.
 Run it alone: it is training, hours of it at full size (the README gives the commands).
 """
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -50,6 +63,7 @@ PRUNERS = {"l1": True, "bn": False, "random": True}     # criterion -> the same 
 METHODS = ("dnal", "width", *PRUNERS)
 DISTILLED = "dnal_kd"       # with --distill: DNAL finetuned with distillation from the stage-1 network
 MASKS = "dnal_from_stage1"  # with --masks-from-stage1: DNAL's channels finetuned from the stage-1 weights
+SCRATCH = "dnal_scratch"    # with --dnal-scratch: DNAL's derived network trained from scratch like (a)
 
 
 def run(space: Path, out: Path, common: dict, **request) -> dict:
@@ -117,7 +131,8 @@ def pruned(space: Path, common: dict, stage1: dict, criterion: str, target: int,
     return finetuned(space, common, stage1, criterion, cut, work, epochs)
 
 
-def dnal_masks(space: Path, common: dict, stage1: dict, dnal_run: Path, work: Path, epochs: int) -> dict:
+def dnal_masks(space: Path, common: dict, stage1: dict, dnal_run: Path, work: Path, epochs: int,
+               name: str = MASKS) -> dict:
     """DNAL's channels (its run's gates, derived as the search derived them), finetuned from the
     stage-1 weights rather than from the weights the architecture stage left."""
     from safetensors.torch import load_file
@@ -126,7 +141,44 @@ def dnal_masks(space: Path, common: dict, stage1: dict, dnal_run: Path, work: Pa
         gates = load_file(str(dnal_run / "gates.safetensors"))
         multiple = json.loads((dnal_run / "summary.json").read_text())["recipe"]["architecture"]["channel_multiple"]
         return derive(net, {k: v > 0 for k, v in gates.items()}, gates, multiple)
-    return finetuned(space, common, stage1, MASKS, cut, work, epochs)
+    return finetuned(space, common, stage1, name, cut, work, epochs)
+
+
+def dnal_scratch(common: dict, dnal_run: Path, out: Path, epochs: int) -> dict:
+    """DNAL's derived network (the .space its run exported) trained from scratch like (a): `nasdsl
+    train` for W + A + F epochs with the recipe's weights-stage settings and no --init."""
+    summary = json.loads((dnal_run / "summary.json").read_text())
+    exported = dnal_run / summary["models"][0]["path"] / f"{summary['export_name']}.space"
+    recipe_sets = split_sets(common["sets"])[0]    # the derived space has none of the space's parameters
+    return run(exported, out, {**common, "sets": recipe_sets}, train=True, epochs=epochs)
+
+
+def variant(args) -> tuple[str, dict]:
+    """--dnal-set as (suffix of its methods and folders, e.g. '@lr=0.15', recipe overrides); ('', {})."""
+    overrides = dict(s.split("=", 1) for s in args.dnal_set)
+    tag = ",".join(f"{k.removeprefix('architecture.')}={v}" for k, v in overrides.items())
+    return (f"@{re.sub(r'[^A-Za-z0-9._=,+-]', '_', tag)}" if tag else ""), overrides
+
+
+def dnal_family(args, space: Path, common: dict, stage1: dict, b: Path, search: dict, suffix: str,
+                overrides: dict) -> dict:
+    """{method: summary}: DNAL (`search`: its --init and --budget) with `overrides` on its recipe, in
+    folder b/dnal{suffix}, and what the options derive from its run."""
+    W, A, F = args.epochs
+    sets = {**common["sets"], "weights.epochs": "0", "architecture.epochs": str(A), "finetune.epochs": str(F),
+            **overrides}
+    folder = b / f"dnal{suffix}"
+    results = {f"dnal{suffix}": run(space, folder, {**common, "sets": sets}, **search)}
+    if args.distill:
+        weight, temperature = args.distill
+        results[DISTILLED + suffix] = run(space, b / (DISTILLED + suffix), {**common, "sets": {
+            **sets, "finetune.distill.weight": str(weight), "finetune.distill.temperature": str(temperature)}},
+            **search)
+    if args.masks_from_stage1:
+        results[MASKS + suffix] = dnal_masks(space, common, stage1, folder, b, F, MASKS + suffix)
+    if args.dnal_scratch:
+        results[SCRATCH + suffix] = dnal_scratch(common, folder, b / (SCRATCH + suffix), W + A + F)
+    return results
 
 
 def one_seed(args, seed: int) -> dict:
@@ -140,26 +192,19 @@ def one_seed(args, seed: int) -> dict:
     stage1 = torch.load(work / "stage1" / "checkpoint.pt", weights_only=True)["model"]
     save_tensors(work / "stage1.safetensors", stage1)
     rows: dict[str, list] = {m: [] for m in methods(args)}
+    suffix, overrides = variant(args)
     for budget in args.budgets:
         b = work / f"flops{budget.rstrip('%')}"
-        dnal = run(space, b / "dnal", {**common, "sets": {**common["sets"], "weights.epochs": "0",
-                                                         "architecture.epochs": str(A), "finetune.epochs": str(F)}},
-                   init=work / "stage1.safetensors", budget=f"flops={budget}")
-        target = dnal["derived"]["flops"]
-        results = {"dnal": dnal}
-        if args.distill:
-            weight, temperature = args.distill
-            results[DISTILLED] = run(space, b / DISTILLED, {**common, "sets": {
-                **common["sets"], "weights.epochs": "0", "architecture.epochs": str(A), "finetune.epochs": str(F),
-                "finetune.distill.weight": str(weight), "finetune.distill.temperature": str(temperature)}},
-                init=work / "stage1.safetensors", budget=f"flops={budget}")
+        search = {"init": work / "stage1.safetensors", "budget": f"flops={budget}"}
+        results = dnal_family(args, space, common, stage1, b, search, "", {})
+        target = results["dnal"]["derived"]["flops"]    # the baselines' FLOPs: the default DNAL's
+        if suffix:
+            results.update(dnal_family(args, space, common, stage1, b, search, suffix, overrides))
         width = str(widest(space, common, target))
         results["width"] = run(space, b / "width", {**common, "sets": {**common["sets"], "width": width}},
                                train=True, epochs=W + A + F)
         for criterion in PRUNERS:
             results[criterion] = pruned(space, common, stage1, criterion, target, b, F)
-        if args.masks_from_stage1:
-            results[MASKS] = dnal_masks(space, common, stage1, b / "dnal", b, F)
         for method, summary in results.items():
             rows[method].append({"budget": budget, **summary["derived"]})
     return rows
@@ -173,8 +218,12 @@ def nasdsl_data(args):
 
 
 def methods(args) -> tuple[str, ...]:
-    extra = ((DISTILLED,) if args.distill else ()) + ((MASKS,) if args.masks_from_stage1 else ())
-    return (METHODS[0], *extra, *METHODS[1:])
+    """The table's rows in order: DNAL and its options' rows, the variant's likewise, the baselines."""
+    extra = ((DISTILLED,) if args.distill else ()) + ((MASKS,) if args.masks_from_stage1 else ()) + \
+        ((SCRATCH,) if args.dnal_scratch else ())
+    family = (METHODS[0], *extra)
+    suffix = variant(args)[0]
+    return (*family, *(m + suffix for m in family if suffix), *METHODS[1:])
 
 
 def table(results: dict, budgets: list[str], names: tuple[str, ...]) -> list[dict]:
@@ -221,8 +270,12 @@ def main(argv=None) -> int:
                    help="also DNAL finetuned with distillation from the stage-1 network (finetune.distill)")
     p.add_argument("--masks-from-stage1", action="store_true",
                    help="also DNAL's channels finetuned from the stage-1 weights (not the architecture stage's)")
+    p.add_argument("--dnal-scratch", action="store_true",
+                   help="also DNAL's derived network trained from scratch for W + A + F epochs, like (a)")
+    p.add_argument("--dnal-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DNAL variant: recipe overrides for its search only (rows and folders dnal@TAG)")
     p.add_argument("--work", default="runs/quality")
-    p.add_argument("--out", default=None, help="OUT.json and OUT.png (default: WORK/quality)")
+    p.add_argument("--out", default=None, help="OUT.json and OUT.png (default: WORK/quality[@TAG])")
     args = p.parse_args(argv)
     results = {}
     for seed in args.seeds:
@@ -231,15 +284,17 @@ def main(argv=None) -> int:
     rows = table(results, args.budgets, methods(args))
     print(f"\n{Path(args.space).name} {' '.join(args.set)} on {args.data}, epochs W A F = {args.epochs}, "
           f"seeds {args.seeds}")
-    print(f"{'budget':>7}  {'method':<16} {'MFLOPs':>8} {'params':>9}  top-1 mean +- std")
+    wide = max(16, *(len(r["method"]) for r in rows))
+    print(f"{'budget':>7}  {'method':<{wide}} {'MFLOPs':>8} {'params':>9}  top-1 mean +- std")
     for r in rows:
-        print(f"{r['budget']:>7}  {r['method']:<16} {r['flops'] / 1e6:8.2f} {r['params']:9,.0f}  "
+        print(f"{r['budget']:>7}  {r['method']:<{wide}} {r['flops'] / 1e6:8.2f} {r['params']:9,.0f}  "
               f"{r['top1_mean']:6.2f} +- {r['top1_std']:.2f}")
-    out = Path(args.out) if args.out else Path(args.work) / "quality"
+    out = Path(args.out) if args.out else Path(args.work) / f"quality{variant(args)[0]}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "runs": results}, indent=2))
-    plot(rows, out.with_suffix(".png"), f"{Path(args.space).stem} {' '.join(args.set)}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    written = Path(f"{out}.json"), Path(f"{out}.png")    # not with_suffix: a tag such as lr=0.15 has a dot
+    written[0].write_text(json.dumps({"args": vars(args), "rows": rows, "runs": results}, indent=2))
+    plot(rows, written[1], f"{Path(args.space).stem} {' '.join(args.set)} {' '.join(args.dnal_set)}".strip())
+    print(f"wrote {written[0]} and {written[1]}")
     return 0
 
 
