@@ -40,7 +40,8 @@ Each measurement is the median of `--repeats` forward passes (`--steps` training
 network after `--warmup` of each, the networks alternating (A B C D, D C B A, ...), so a change of
 load hits all alike. A speed-up is the unpruned network's (supernet's) median time over the
 network's; its *ratio* is speed-up / FLOPs reduction, the reduction being the derived network's
-(unpruned MACs / derived MACs, as `nasdsl show` counts them) for both forms: the merged network
+(unpruned MACs / derived MACs, both networks as derivation makes them: kernels cut to the taps
+their maps reach, as a run's baseline counts them) for both forms: the merged network
 computes the same function with more MACs (the zero-padded kernels and zero rows merging adds).
 "vs b" divides the time of the faster of the unpruned network and the unpruned network merged
 instead: stricter wherever merging alone speeds the unpruned network up (the multi-branch
@@ -83,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nasdsl  # noqa: E402  (first: it sizes oneDNN's kernel cache as a run does)
 from _timing import alternate, channels_last, inference_medians, load_line, sgd_step  # noqa: E402
-from nasdsl.derive.derive import derive  # noqa: E402
+from nasdsl.derive.derive import derive, unpruned  # noqa: E402
 from nasdsl.derive.merge import merge  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
 from nasdsl.graph.ir import Network  # noqa: E402
@@ -110,7 +111,7 @@ class Case:
 
     @property
     def reduction(self) -> float:
-        return accounting.network_cost(self.net).flops / accounting.network_cost(self.derived).flops
+        return accounting.network_cost(unpruned(self.net)).flops / accounting.network_cost(self.derived).flops
 
 
 # ---- the cases ------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def run_cases(run: Path, label: str | None = None) -> list[Case]:
     cases = []
     for folder in folders:
         suffix = "" if folder.name == "model" else folder.name.removeprefix("model")
-        derived = nasdsl.compile(next(folder.glob("*.space")))
+        derived = unpruned(nasdsl.compile(next(folder.glob("*.space"))))   # as derivation makes it now
         cases.append(Case(f"{label or run.name}{suffix}", net, derived, recipe.get("gate_placement", "after_bn"),
                           recipe.get("architecture", {}).get("block_cost", 0) > 0, f"derived model of {folder}"))
     return cases
@@ -237,8 +238,7 @@ def merged_model(network: Network, model: torch.nn.Module | None = None) -> tupl
 def case_models(case: Case) -> tuple[dict[str, torch.nn.Module], dict[str, int]]:
     """The four networks timed in inference, and the MACs of each."""
     torch.manual_seed(0)
-    everything = derive(case.net, {g.key: torch.ones(g.channels, dtype=torch.bool) for g in case.net.gates()}).network
-    full_m, full_model_m = merged_model(everything)
+    full_m, full_model_m = merged_model(unpruned(case.net))
     derived = nasdsl.build(case.derived)
     derived_m, derived_model_m = merged_model(case.derived, derived)
     models = {"unpruned": nasdsl.build(case.net), "unpruned merged": full_model_m,
@@ -267,7 +267,8 @@ def measure(case: Case, args) -> dict:
     models, flops = case_models(case)
     left = sum(1 for layer in case.derived.layers if layer.blocks)
     print(f"\n{case.label}: {case.note}; {case.reduction:.2f}x fewer FLOPs "
-          f"({flops['unpruned'] / 1e6:.2f}M -> {flops['derived'] / 1e6:.2f}M), input "
+          f"({flops['unpruned'] / 1e6:.2f}M as built, "
+          f"{flops['derived'] * case.reduction / 1e6:.2f}M as derived -> {flops['derived'] / 1e6:.2f}M), input "
           f"{'x'.join(map(str, case.net.input_shape.to_list()))}, {left} of "
           f"{len(case.net.layers)} layers left; merged: {flops['merged'] / 1e6:.2f}M, unpruned merged: "
           f"{flops['unpruned merged'] / 1e6:.2f}M", flush=True)

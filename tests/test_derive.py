@@ -340,19 +340,20 @@ def test_gates_before_the_bn_derive_the_placed_graph():
 
 # ---- hardware-friendly widths (channel_multiple) ------------------------------------------------
 @pytest.mark.parametrize("kept, width, multiple, up, expected", [
-    (5, 16, 16, False, 0),     # a handful of channels costs what 16 do: nearest is none
-    (8, 16, 16, False, 16),    # ties round up
-    (7, 16, 16, False, 0),
+    (5, 32, 16, False, 0),     # a handful of channels costs what 16 do: nearest is none
+    (8, 32, 16, False, 16),    # ties round up
+    (7, 32, 16, False, 0),
     (20, 64, 16, False, 16),
     (24, 64, 16, False, 32),
     (60, 64, 16, False, 64),
-    (18, 20, 16, False, 20),   # the full width is always allowed (tie with 16: up)
-    (20, 20, 16, False, 20),   # already allowed: unchanged
-    (3, 8, 16, False, 0),      # a group narrower than the multiple: none or all
-    (4, 8, 16, False, 8),
+    (34, 36, 16, False, 36),   # the full width is always allowed (tie with 32: up)
+    (36, 36, 16, False, 36),   # already allowed: unchanged
+    (3, 8, 16, False, 3),      # a group narrower than two multiples keeps its count: rounded, it
+    (5, 16, 16, False, 5),     # could only be none or all, and the rounding would decide its block
+    (17, 31, 16, True, 17),
     (1, 64, 16, True, 16),     # up: the smallest allowed count >= kept
     (0, 64, 16, True, 0),
-    (17, 20, 16, True, 20),
+    (33, 36, 16, True, 36),
 ])
 def test_rounded_counts(kept, width, multiple, up, expected):
     assert _rounded(kept, width, multiple, up) == expected
@@ -431,3 +432,69 @@ def test_derived_network_round_trips_through_space_text(path):
     again = compile_source(to_space(net), f"{path.stem}.space")
     assert _normalised(again.to_config()) == _normalised(net.to_config())
     assert [(g.channels, g.layer) for g in again.gates()] == [(g.channels, g.layer) for g in net.gates()]
+
+
+# ---- kernels larger than the map they slide over ---------------------------------------------------
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_unreached_taps_are_the_taps_that_only_ever_meet_padding(k, stride):
+    """Brute force: the taps some output reads inside the map; cutting `unreached_taps` from each
+    end (and from the padding) gives the same outputs, and cutting one more would not."""
+    from nasdsl.graph.ops import unreached_taps
+    for size in range(1, 9):
+        for padding in sorted({0, k // 2}):
+            if size + 2 * padding < k:
+                continue
+            out = (size + 2 * padding - k) // stride + 1
+            reached = {t for o in range(out) for t in range(k) if 0 <= stride * o - padding + t < size}
+            cut = unreached_taps(size, k, stride, padding)
+            assert cut == min(min(reached), k - 1 - max(reached)), (size, k, stride, padding)
+            conv = nn.Conv2d(1, 1, k, stride, padding, bias=False)
+            small = nn.Conv2d(1, 1, k - 2 * cut, stride, padding - cut, bias=False)
+            with torch.no_grad():
+                small.weight.copy_(conv.weight[..., cut:k - cut, cut:k - cut])
+                x = torch.randn(2, 1, size, size, generator=gen(size))
+                assert torch.allclose(conv(x), small(x), atol=1e-6)
+
+
+TINY_MAPS = """
+space tiny_maps(input=3, resolution=4, classes=4)
+layer stem [gate=off] = conv(8, k=3, stride=2) > bn > relu
+layer a = mbconv(8, k=7, e=2) | mbconv(8, k=3, e=2)
+layer down = mbconv(16, k=7, e=2, stride=2)
+layer b = mbconv(16, k=5, e=2) | mbconv(16, k=3, e=2)
+layer classifier = gap > linear(classes)
+"""
+
+
+def test_kernels_are_cut_to_what_the_map_reaches_and_train_as_before():
+    """On a 2x2 map a 7x7 depthwise kernel reaches its middle 3x3, with stride 2 on it a 7x7 reaches
+    3x3 too, on a 1x1 map every kernel is its centre tap: the derived network holds those kernels,
+    counts their MACs, says so, and computes what the masked supernet does in eval and in training
+    mode (the cut taps only ever multiplied padding, so they get no gradient either)."""
+    net = compile_source(TINY_MAPS, "tiny_maps.space")
+    torch.manual_seed(0)
+    model = build_supernet(net).eval()
+    masks, strength = random_masks(net, "0.5", seed=3)
+    d = derive(net, masks, strength)
+    kernels = {b.name: [op.attrs["k"] for op in b.ops if op.kind == "conv" and op.attrs["k"] > 1 or
+                        op.kind == "conv" and op.attrs["groups"] > 1] for l in d.network.layers for b in l.blocks}
+    assert kernels["a.b0"] == [3] and kernels["a.b1"] == [3]      # 7x7 and 3x3 on a 2x2 map
+    assert kernels["down"] == [3]                                 # 7x7, stride 2, on a 2x2 map
+    assert kernels["b.b0"] == [1] and kernels["b.b1"] == [1]      # on a 1x1 map
+    assert any("kernel(s) cut to the taps their input map reaches" in n for n in d.notes)
+    assert "k=5" not in to_space(d.network) and "k=7" not in to_space(d.network)
+    assert_equivalent(d, model)
+    assert_counts(d)
+    slim = slim_and_masked(d, model, seed=5)
+    x = torch.randn(6, 3, 4, 4, generator=gen(9))
+    model.train(), slim.train()
+    expected, got = model(x), slim(x)
+    assert torch.allclose(expected, got, atol=1e-4 * max(1.0, float(expected.detach().abs().max())))
+    expected.sum().backward()
+    dw = model.op_modules()[1]["blocks"][0][3][1]      # a.b0's 7x7 depthwise conv in the supernet
+    assert dw.kernel_size == (7, 7)
+    grad = dw.weight.grad.clone()
+    assert grad[..., 2:5, 2:5].abs().sum() > 0
+    grad[..., 2:5, 2:5] = 0
+    assert not grad.any()      # the taps the derived network cut never learn anything

@@ -198,7 +198,7 @@ def test_display_path_relative_to_working_directory(monkeypatch, tmp_path):
     ("  bn: frozen\n", "  bn: frozen\n  penalty_weight: macs\n",
      "architecture.penalty_weight: 'macs' is not allowed; choose one of: channels, flops"),
     ("  bn: frozen\n", "  bn: frozen\n  channel_multiple: 0\n",
-     "architecture.channel_multiple: expected an integer >= 1, got 0"),
+     "architecture.channel_multiple: expected 'auto' or an integer >= 1, got 0"),
     ("  milestones: []\n  gamma: 0.1\n  momentum: 0.9\n  weight_decay: 1.0e-4\n  nesterov: false\n"
      "  warmup_epochs: 0\n  label_smoothing: 0.0\n\narch",
      "  milestones: [3, 2]\n  gamma: 0.1\n  momentum: 0.9\n  weight_decay: 1.0e-4\n  nesterov: false\n"

@@ -1,11 +1,13 @@
 """Binary gates -> a physically slim network that computes what the hard-masked supernet does.
 
 Passes over the graph:
-0. `round_masks` (only with `channel_multiple` > 1): every gate group keeps a multiple of that
-   many channels (or all of them). A CPU or GPU computes channels in blocks (16 on AVX-512
-   oneDNN, 8 for tensor cores), so a conv with 3 channels costs what one with 16 does: fewer
-   FLOPs, no speed. Counts are rounded to the nearest allowed value, so a block keeping a
-   handful of channels closes and its layer can vanish; closed channels reopen strongest first.
+0. `round_masks` (only with `channel_multiple` > 1): every gate group at least twice that wide
+   keeps a multiple of that many channels (or all of them). A CPU or GPU computes channels in
+   blocks (16 on AVX-512 oneDNN, 8 for tensor cores), so a conv with 3 channels costs what one
+   with 16 does: fewer FLOPs, no speed. Counts are rounded to the nearest allowed value, so a
+   block keeping a handful of channels closes and its layer can vanish; closed channels reopen
+   strongest first. A narrower group keeps the count its gates chose: rounded, it could only keep
+   all or nothing, and the rounding rather than the search would decide whether its block lives.
 1. `repair_masks`: a gate closes the channels no input reaches (a split conv's output group whose
    input group is all closed: past a BN they would hold its offset alone); a block whose path is
    cut (an inner gate group all off) can only output BN offsets, so the whole block is switched off; a layer without a residual that would lose every
@@ -44,6 +46,8 @@ class OpPlan:
     # the source op's own slicing (OpKind.slice_state) given its tensors, bound to its op and kept
     # channels; None: sliced dim by dim by `weights`
     slice_state: Callable[[dict], dict] | None = None
+    # kernel taps cut from each side of the last two dims of its 4-d tensors (OpKind.trim)
+    crop: int = 0
 
 
 @dataclass
@@ -57,7 +61,10 @@ class Derivation:
 # ---- pass 0: hardware-friendly widths ----------------------------------------------------------
 def _rounded(kept: int, width: int, multiple: int, up: bool) -> int:
     """The allowed count (a multiple of `multiple`, or the full width) nearest `kept`, ties up;
-    with `up`, the smallest allowed count >= kept. 0 stays 0 when rounding up."""
+    with `up`, the smallest allowed count >= kept. 0 stays 0 when rounding up. A group narrower
+    than two multiples keeps `kept` (see the module docstring)."""
+    if width < 2 * multiple:
+        return kept
     allowed = sorted({*range(0, width + 1, multiple), width})
     if up:
         return next(a for a in allowed if a >= kept)
@@ -225,11 +232,11 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
         need = cout
         if op.spec.channels(op).same_width and cout != cin:  # it computes every kept input's channel
             cout = cin
-        attrs = op.spec.slim_attrs(op, cin, cout)
+        attrs, crop = op.spec.trim(op, op.spec.slim_attrs(op, cin, cout))
         out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
         own = op.spec.slice_state
         plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op),
-                            partial(own, op, cin=cin, cout=cout) if own else None))
+                            partial(own, op, cin=cin, cout=cout) if own else None, crop))
         if need != cout:  # then keeps the channels the ops after it read
             pos = {c: i for i, c in enumerate(cout)}
             out_ops.append(Op("select", {"index": tuple(pos[c] for c in need)}, out_ops[-1].out_shape,
@@ -329,8 +336,21 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         layout = out_layout
         in_range = (_range_after((*blocks[0].ops, *post), in_range) if len(blocks) == 1 and not shortcut
                     else _range_after(post, None))
+    cut = [p for layer in plans for chain in (*layer["blocks"], layer["shortcut"]) for p in chain if p and p.crop]
+    if cut:
+        notes.append(f"{len(cut)} conv kernel(s) cut to the taps their input map reaches (a 7x7 kernel on a 1x1 "
+                     f"map is its centre tap): the same function at this input size, not at a larger one; the "
+                     f"baseline and budgets count the unpruned network cut alike")
     slim = replace(net, layers=tuple(layers))
     return Derivation(slim, plans, masks, notes)
+
+
+def unpruned(net: Network) -> Network:
+    """What derivation makes of `net` with every channel kept: the same function, without gates and
+    with its kernels cut to what each map reaches. A run's baseline cost and its budgets count
+    against it, so a kernel cut, which derivation makes of any network, is never reported as a
+    saving of the search (a 7x7 depthwise conv on a 1x1 map costs 49 MACs a channel as written)."""
+    return derive(net, {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}).network
 
 
 # ---- weights -----------------------------------------------------------------------------------
@@ -349,6 +369,8 @@ def _slice(module_state: dict[str, torch.Tensor], plan: OpPlan) -> dict:
         for dim, role in enumerate(plan.weights.get(name, ("out",))):  # unnamed: one entry per output
             if role is not None:  # None: the dim is kept whole
                 t = t.index_select(dim, index[role])
+        if plan.crop and t.dim() == 4:
+            t = t[..., plan.crop:-plan.crop, plan.crop:-plan.crop]
         result[name] = t.clone()
     return result
 

@@ -130,9 +130,11 @@ class Render:
         value = self.values[arg.value.key]
         return (value // 2 if isinstance(arg.value, Half) else value) == arg.default
 
+    def args(self, c: Call) -> list[str]:
+        return [(f"{a.name}=" if a.name else "") + self.value(a.value) for a in c.args if not self.omitted(a)]
+
     def call(self, c: Call) -> str:
-        args = [(f"{a.name}=" if a.name else "") + self.value(a.value) for a in c.args if not self.omitted(a)]
-        return f"{c.callee}({', '.join(args)})"
+        return f"{c.callee}({', '.join(self.args(c))})"
 
     def module(self, m, indent: int) -> str:
         """A Call, or a Seq written one op per line at `indent`."""
@@ -586,6 +588,8 @@ def init_lines(item, r: Render, params: dict) -> list[str]:
     if kind == "flag":
         return [f"self.{params[item[1]]} = {params[item[1]]}"] if item[1] in params else []
     if kind == "module":
+        if isinstance(item[2], Call):   # one argument a line when the call is too long for one
+            return [wrap_call(f"self.{item[1]} = {item[2].callee}", r.args(item[2]), 8)]
         return [f"self.{item[1]} = {r.module(item[2], 8)}"]
     _, attr, key, width = item
     name = f"{attr}_" if attr else ""

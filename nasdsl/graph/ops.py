@@ -100,6 +100,10 @@ def _yes(attrs: dict) -> bool:
     return True
 
 
+def _untrimmed(op, attrs: dict) -> tuple[dict, int]:
+    return attrs, 0
+
+
 @dataclass(frozen=True)
 class OpKind:
     """One op kind. Callables take the op's attrs and shapes, or the `Op` itself when they need both."""
@@ -119,6 +123,11 @@ class OpKind:
     # renumbered when a group vanishes): (op, its tensors, kept inputs, kept outputs) -> the slim
     # op's tensors, by tensor indexing alone (this module imports no torch). None: `slice_weights`
     slice_state: Callable[["Op", dict, Channels, Channels], dict] | None = None
+    # (the op, its slim attrs) -> (those attrs with the kernel cut to the taps that ever meet its
+    # input, how many taps each side lost): exact at the op's input size, where a kernel larger than
+    # the map (a 7x7 depthwise conv on a 1x1 map computes its centre tap alone) does the same work
+    # as the small one at several times the cost. Derivation cuts the weights' last two dims alike.
+    trim: Callable[["Op", dict], tuple[dict, int]] = _untrimmed
     # its `.space` text; `gated`: a gate follows that the op's builtin adds by default
     print: Callable[["Op", bool], str] = _bare
     # every output value is one of the input values (a view, a subset, a maximum): a tensor keeps
@@ -247,6 +256,25 @@ def _conv_slim(op, cin: Channels, cout: Channels) -> dict:
     elif op.attrs["groups"] != 1 and (len(cin), len(cout)) != (op.in_shape.channels, op.out_shape.channels):
         raise ValueError(f"cannot slim a grouped conv (groups={op.attrs['groups']}) whose channels changed")
     return attrs
+
+
+def unreached_taps(size: int, k: int, stride: int, padding: int) -> int:
+    """How many taps on each side of a k-tap kernel only ever meet padding, sliding over `size`
+    inputs: output o reads inputs stride*o - padding + t for taps t, so tap t is reached iff some
+    o in [0, out) puts that inside [0, size). Cutting that many from both ends, and as many from
+    the padding, gives the same outputs at this size (same count, same reached taps)."""
+    out = (size + 2 * padding - k) // stride + 1
+    first = max(0, padding - stride * (out - 1))     # the smallest reached tap
+    last = min(k - 1, size - 1 + padding)             # the largest
+    return min(first, k - 1 - last)
+
+
+def _conv_trim(op, attrs: dict) -> tuple[dict, int]:
+    a = op.attrs
+    cut = min(unreached_taps(n, a["k"], a["stride"], a["padding"]) for n in op.in_shape.size)
+    if not cut:
+        return attrs, 0
+    return dict(attrs, k=a["k"] - 2 * cut, padding=a["padding"] - cut), cut
 
 
 def _conv_weights(op) -> dict[str, tuple[str, ...]]:
@@ -466,7 +494,7 @@ _LINEAR_WEIGHTS = {"weight": ("out", "in"), "bias": ("out",)}
 
 OPS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("conv", _conv_infer, _conv_params, _conv_macs, channels=_conv_channels, slim_attrs=_conv_slim,
-           slice_weights=_conv_weights, print=_conv_print, allocates=_yes, merge=_conv_merge),
+           slice_weights=_conv_weights, trim=_conv_trim, print=_conv_print, allocates=_yes, merge=_conv_merge),
     OpKind("bn", _same, lambda a, i, o: 2 * i.channels, slice_weights=lambda op: dict(_BN_WEIGHTS), print=_bn_print,
            absorbs_gate=True, allocates=_yes, merge=lambda op: None if op.in_shape.is_flat else "channelwise",
            eval_affine=_bn_affine),

@@ -16,6 +16,7 @@ import torch
 
 from nasdsl.errors import NasdslError
 from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
+from nasdsl.derive.derive import unpruned
 from nasdsl.graph import spacetext
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.accounting import summary as graph_summary
@@ -177,6 +178,7 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     network = compile_source(text, str(space), overrides)
     device = resolve_device(request.device)
     precision = resolve_precision(recipe.precision, device)
+    recipe = resolve_channel_multiple(recipe, device)
     world = dist_utils.init(device) if join_world else dist_utils.World()
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
@@ -199,6 +201,23 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
                 stages, notes, budgets, targets, init, teacher)
     check_run_folder(plan)
     return plan
+
+
+def channel_block(device: torch.device) -> int:
+    """How many channels the device's conv kernels compute as one block: 16 on an AVX-512 CPU
+    (oneDNN's nChw16c layout), else 8 (AVX2's nChw8c; CUDA tensor cores want multiples of 8)."""
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return 16
+    return 8
+
+
+def resolve_channel_multiple(recipe: Recipe, device: torch.device) -> Recipe:
+    """`architecture.channel_multiple: auto` as the device's channel block, so that the derived
+    widths are ones it computes without padding; the run's recipe records the number."""
+    arch = recipe.architecture
+    if arch.channel_multiple != "auto":
+        return recipe
+    return recipe.model_copy(update={"architecture": arch.model_copy(update={"channel_multiple": channel_block(device)})})
 
 
 def plan_teacher(recipe: Recipe, network: Network, space: str) -> InitWeights | None:
@@ -242,7 +261,8 @@ def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[i
     if recipe.strategy == "joint":
         raise NasdslError("budgets steer the architecture stage; strategy joint has none (use sequential)",
                           file="--budget")
-    full, graph = network_cost(network), place_gates(network, recipe.gate_placement)
+    graph = place_gates(network, recipe.gate_placement)
+    full = network_cost(unpruned(graph))
     floors = {metric: smallest_cost(graph, metric, recipe.architecture.channel_multiple)
               for metric in {b.metric for b in budgets}}  # several derives each: once per metric
     targets = []
