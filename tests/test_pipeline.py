@@ -246,3 +246,21 @@ def test_importing_nasdsl_gives_onednn_room_for_every_conv_shape_of_a_derived_ne
     code = "import os, nasdsl; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_channel_multiple_auto_is_the_devices_channel_block(tiny, tmp_path):
+    """`auto` becomes a number in the plan (and so in the run's recipe and summary): the channel block
+    of the device the run uses; a number given stays as it is."""
+    from nasdsl.pipeline.plan import RunRequest, channel_block, make_plan, resolve_channel_multiple
+    from nasdsl.recipe import load_recipe
+
+    auto = load_recipe("cpu", {"architecture.channel_multiple": "auto"})
+    assert auto.architecture.channel_multiple == "auto"
+    block = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    assert channel_block(torch.device("cpu")) == block and channel_block(torch.device("cuda")) == 8
+    assert resolve_channel_multiple(auto, torch.device("cuda")).architecture.channel_multiple == 8
+    fixed = load_recipe("cpu", {"architecture.channel_multiple": "4"})
+    assert resolve_channel_multiple(fixed, torch.device("cpu")) is fixed
+    plan = make_plan(RunRequest(space=tiny, data="fake", sets={"architecture.channel_multiple": "auto"},
+                                out=tmp_path / "run", device="cpu"), join_world=False)
+    assert plan.recipe.architecture.channel_multiple == block
