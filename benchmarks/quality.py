@@ -17,7 +17,8 @@ this plain network). Then, for each FLOPs budget:
 - with --dnal-scratch, `dnal_scratch`: DNAL's derived network (its run's exported .space) trained
   from scratch for W + A + F epochs exactly as (a) is (does DNAL pick a worse architecture, or do
   inherited weights and F epochs of finetuning lose to training from scratch? Liu et al. 2019,
-  "Rethinking the Value of Network Pruning");
+  "Rethinking the Value of Network Pruning"; a diagnostic, not an equal-cost method: it pays for
+  stage 1 and the search and then for the whole training again);
 - with --dnal-set KEY=VALUE (repeatable), one DNAL variant besides the default: the search with these
   recipe overrides on top (meant for architecture.* keys; stage 1 and the baselines do not see
   them), as `dnal@TAG` (TAG: the overrides without the `architecture.` prefix, e.g. `dnal@lr=0.15`),
