@@ -117,6 +117,45 @@ def test_supernet_after_init_computes_the_plain_network(space, trained, files, p
     pipeline.folder.close()
 
 
+CUTS = """
+space cuts(input=3, resolution=4, classes=10)
+layer stem [gate=off] = conv(8, k=3, stride=2) > bn > relu
+layer a = mbconv(8, k=7, e=2) | mbconv(8, k=3, e=2)
+layer down = mbconv(16, k=5, e=2, stride=2)
+layer classifier = gap > linear(classes)
+"""
+
+
+def test_a_run_cuts_kernels_to_their_maps_and_cuts_the_init_file_alike(tmp_path):
+    """On a 2x2 map a 7x7 kernel reaches its middle 3x3, a 5x5 with stride 2 too. The run builds its supernet so, says so in a note, and a weights file of the network as written
+    loads into it (cut alike) and computes exactly what that network computes."""
+    from cli_helpers import distinct_bn
+    from nasdsl.pipeline.plan import RunRequest, make_plan
+    from nasdsl.pipeline.runner import Pipeline
+
+    space = tmp_path / "cuts.space"
+    space.write_text(CUTS)
+    torch.manual_seed(0)
+    written = nasdsl.build(nasdsl.compile(space)).eval()
+    distinct_bn(written)
+    save_file({k: v.contiguous() for k, v in written.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    plan = make_plan(RunRequest(space=space, sets={"batch_size": "32", "resolution": "4"}, data="fake", out=tmp_path / "run",
+                                device="cpu", progress=False, init=tmp_path / "w.safetensors"))
+    assert any(n.startswith("2 conv kernel(s) are larger than the maps they slide over") for n in plan.notes)
+    kernels = [op.attrs["k"] for _, block in plan.network.blocks() for op in block.ops
+               if op.kind == "conv" and op.attrs["groups"] > 1]
+    # a's 7x7 cut to 3x3 on a 2x2 map (its 3x3 stays); down's 5x5 with stride 2 on a 2x2 map reaches
+    # taps 2 and 3 of 0..4, so it keeps the middle 3x3
+    assert kernels == [3, 3, 3], kernels
+    pipeline = Pipeline(plan)
+    pipeline.setup()
+    model = pipeline.model.eval()
+    x = torch.randn(16, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(model(x), written(x), atol=1e-5, rtol=0)
+    pipeline.folder.close()
+
+
 # ---- files that do not fit, or cannot be read ---------------------------------------------------------
 def _drop_one(state):
     state.pop("layers.2.blocks.0.ops.0.weight")

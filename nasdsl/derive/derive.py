@@ -345,6 +345,28 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
     return Derivation(slim, plans, masks, notes)
 
 
+def cut_kernels(net: Network) -> tuple[Network, int]:
+    """`net`, gates and all, with every conv kernel cut to the taps its input map reaches (OpKind.trim),
+    and how many were cut: the same function, trained faster (the ProxylessNAS supernet at 16 px
+    takes a training step in 1/1.4 of the time, its 7x7 candidates on 1x1 maps being their centre
+    taps). A run builds its supernet from it, so what it trains, counts and derives is what runs."""
+    count = 0
+
+    def cut(ops: tuple[Op, ...]) -> tuple[Op, ...]:
+        nonlocal count
+        out = []
+        for op in ops:
+            attrs, taps = op.spec.trim(op, op.attrs)
+            count += bool(taps)
+            out.append(replace(op, attrs=attrs) if taps else op)
+        return tuple(out)
+
+    layers = tuple(replace(layer, blocks=tuple(replace(b, ops=cut(b.ops)) for b in layer.blocks),
+                           shortcut=layer.shortcut and replace(layer.shortcut, ops=cut(layer.shortcut.ops)),
+                           post=cut(layer.post)) for layer in net.layers)
+    return (replace(net, layers=layers), count) if count else (net, 0)
+
+
 def unpruned(net: Network) -> Network:
     """What derivation makes of `net` with every channel kept: the same function, without gates and
     with its kernels cut to what each map reaches. A run's baseline cost and its budgets count

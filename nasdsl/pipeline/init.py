@@ -48,15 +48,30 @@ class InitWeights:
         return {"path": str(self.path), "sha256": self.sha256}
 
 
-def read_init(path: Path, network: Network, space: str) -> InitWeights:
-    """The --init file read, translated and checked against the space's plain network; a file
-    that cannot be read or does not fit is one NasdslError line naming it."""
+def read_init(path: Path, network: Network, space: str, cut: Network | None = None) -> InitWeights:
+    """The --init file read, translated and checked against the space's plain network as written;
+    a file that cannot be read or does not fit is one NasdslError line naming it. With `cut` (the
+    network with its kernels cut to what each map reaches, which the run builds), its kernels are
+    cut alike: the taps cut only ever met padding."""
     path = Path(path)
     expected = plain_shapes(network)
     state = translate(read_state_dict(path), network, str(path), expected)
     state, classes = without_other_classifier(state, expected)
     check_fits(state, expected, str(path), space, new_classifier=classes is not None)
+    if cut is not None and cut is not network:
+        state = cut_taps(state, plain_shapes(cut))
     return InitWeights(path, file_sha256(path), state, classes)
+
+
+def cut_taps(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Each conv weight wider than `expected` in its last two dims cut to its centre taps."""
+    out = dict(state)
+    for key, shape in expected.items():
+        t = state.get(key)
+        if t is not None and t.dim() == 4 and tuple(t.shape) != shape:
+            c = (t.shape[-1] - shape[-1]) // 2
+            out[key] = t[..., c:t.shape[-2] - c, c:t.shape[-1] - c].contiguous()
+    return out
 
 
 def file_sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from nasdsl.errors import NasdslError
 from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
-from nasdsl.derive.derive import unpruned
+from nasdsl.derive.derive import cut_kernels, unpruned
 from nasdsl.graph import spacetext
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.accounting import summary as graph_summary
@@ -175,7 +175,8 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     data = _build_data(request, recipe)
     overrides = {**space_sets, "input": str(data.in_channels), "resolution": str(recipe.resolution),
                  "classes": str(data.num_classes)}
-    network = compile_source(text, str(space), overrides)
+    written = compile_source(text, str(space), overrides)
+    network, cut = cut_kernels(written)
     device = resolve_device(request.device)
     precision = resolve_precision(recipe.precision, device)
     recipe = resolve_channel_multiple(recipe, device)
@@ -189,14 +190,14 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     if request.train:
         recipe = train_recipe(recipe, request.epochs)
     stages = [StagePlan(s, stage_epochs(recipe, s), steps) for s in stage_names(recipe, request.train)]
-    notes: list[str] = []
+    notes: list[str] = [kernels_note(written, network, cut)] if cut else []
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / (space.stem + ("_train" if request.train else ""))
     budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
-    init = read_init(request.init, network, str(space)) if request.init is not None else None
+    init = read_init(request.init, written, str(space), network) if request.init is not None else None
     if not request.train:
         note_untrained_start(recipe, init, notes)
-    teacher = plan_teacher(recipe, network, str(space)) if not request.train else None
+    teacher = plan_teacher(recipe, written, str(space), network) if not request.train else None
     plan = Plan(request, text, overrides, network, recipe, data, device, world, precision, out, export_name,
                 stages, notes, budgets, targets, init, teacher)
     check_run_folder(plan)
@@ -220,9 +221,17 @@ def resolve_channel_multiple(recipe: Recipe, device: torch.device) -> Recipe:
     return recipe.model_copy(update={"architecture": arch.model_copy(update={"channel_multiple": channel_block(device)})})
 
 
-def plan_teacher(recipe: Recipe, network: Network, space: str) -> InitWeights | None:
+def kernels_note(written: Network, network: Network, cut: int) -> str:
+    before, after = network_cost(written), network_cost(network)
+    return (f"{cut} conv kernel(s) are larger than the maps they slide over: the run builds them cut to the "
+            f"taps each map reaches, the same function at {after.flops:,} MACs and {after.params:,} parameters "
+            f"instead of {before.flops:,} and {before.params:,} (the baseline and budgets count these)")
+
+
+def plan_teacher(recipe: Recipe, network: Network, space: str, cut: Network) -> InitWeights | None:
     """finetune.distill's teacher: `supernet` (the stage-1 network, which only the sequential
-    strategy has) or a weights file for the space's plain network, read and checked now."""
+    strategy has) or a weights file for the space's plain network, read and checked now (against
+    `network` as written, then cut like `cut`)."""
     distill = recipe.finetune.distill
     if distill is None:
         return None
@@ -231,7 +240,7 @@ def plan_teacher(recipe: Recipe, network: Network, space: str) -> InitWeights | 
             raise NasdslError("finetune.distill.teacher: 'supernet' is the stage-1 network, which the joint "
                               "strategy does not have; give a weights file", file="recipe")
         return None
-    return read_init(Path(distill.teacher), network, space)
+    return read_init(Path(distill.teacher), network, space, cut)
 
 
 def note_untrained_start(recipe: Recipe, init: InitWeights | None, notes: list[str]) -> None:
