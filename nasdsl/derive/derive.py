@@ -19,6 +19,9 @@ Passes over the graph:
    layer that keep different channels are summed into the union by index, a residual layer
    whose blocks all vanish becomes its shortcut alone (identity: depth is learned). Its
    activation goes too when the input is already in the activation's range (ReLU after ReLU).
+   Every conv keeps only the kernel taps its input map reaches (`OpKind.trim`: a 7x7 depthwise
+   conv on a 1x1 map is its centre tap), the same function at this input size; `cut_kernels`
+   does the same to a whole network, gates and all, and a run builds its supernet from that.
 Weights are sliced op by op (`slim_state_dict`).
 """
 from __future__ import annotations
