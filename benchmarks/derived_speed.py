@@ -10,7 +10,8 @@ Networks (each a *case*: an unpruned network and the derived one a search, or a 
   result). The derived network is compiled from `RUN/model/*.space` (every `RUN/model*/` of a
   run with several budgets), the architecture the search derived, before merging; the unpruned
   one from the run's space with its settings (manifest.json: `space`, `space_overrides`), so each
-  case has its run's input shape (digits: 1x16x16).
+  case has its run's input shape (digits: 1x16x16). Both have their kernels cut to the taps their
+  maps reach (`cut_kernels`), as a run builds them (a run from before that did not: timed as now).
 - `--search`: ResNet-56 and MobileNetV2 (CIFAR spaces at `--resolution`, default 32) searched on
   the default data (digits) to `--budget` (default flops=33%, about 3x fewer FLOPs) with the
   default recipe, `--epochs W A` weights and architecture epochs and no finetuning (speed does
@@ -40,8 +41,8 @@ Each measurement is the median of `--repeats` forward passes (`--steps` training
 network after `--warmup` of each, the networks alternating (A B C D, D C B A, ...), so a change of
 load hits all alike. A speed-up is the unpruned network's (supernet's) median time over the
 network's; its *ratio* is speed-up / FLOPs reduction, the reduction being the derived network's
-(unpruned MACs / derived MACs, both networks as derivation makes them: kernels cut to the taps
-their maps reach, as a run's baseline counts them) for both forms: the merged network
+(unpruned MACs / derived MACs, both networks with their kernels cut to the taps their maps reach,
+as a run builds and counts them) for both forms: the merged network
 computes the same function with more MACs (the zero-padded kernels and zero rows merging adds).
 "vs b" divides the time of the faster of the unpruned network and the unpruned network merged
 instead: stricter wherever merging alone speeds the unpruned network up (the multi-branch
@@ -84,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nasdsl  # noqa: E402  (first: it sizes oneDNN's kernel cache as a run does)
 from _timing import alternate, channels_last, inference_medians, load_line, sgd_step  # noqa: E402
-from nasdsl.derive.derive import derive, unpruned  # noqa: E402
+from nasdsl.derive.derive import cut_kernels, derive, unpruned  # noqa: E402
 from nasdsl.derive.merge import merge  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
 from nasdsl.graph.ir import Network  # noqa: E402
@@ -103,7 +104,7 @@ FORMS = ("derived", "merged")
 @dataclass
 class Case:
     label: str
-    net: Network               # the unpruned network (with its gate ops)
+    net: Network               # the unpruned network (with its gate ops), kernels cut as a run builds it
     derived: Network           # the derived network, before merging
     placement: str = "after_bn"   # the supernet's gate placement and depth gates, as the run had them
     depth_gates: bool = False
@@ -123,7 +124,7 @@ def run_cases(run: Path, label: str | None = None) -> list[Case]:
     space = Path(manifest["space"])
     if not space.is_absolute() and not space.exists():
         space = ROOT / space
-    net = nasdsl.compile(space, **manifest["space_overrides"])
+    net, _ = cut_kernels(nasdsl.compile(space, **manifest["space_overrides"]))   # as a run builds it
     size = json.loads((run / "summary.json").read_text()).get("preprocessing", {}).get("input_size")
     if size and list(size) != net.input_shape.to_list():
         raise SystemExit(f"{run}: the run's input is {size}, its space compiles to {net.input_shape}")
@@ -205,7 +206,7 @@ def structured_masks(net: Network, f: float) -> dict[str, torch.Tensor]:
 
 def structured_case(name: str, target: float) -> Case:
     """The structured network of `name` with at least `target` times fewer FLOPs (f bisected)."""
-    net = nasdsl.compile(ROOT / "spaces" / f"{name}.space")
+    net, _ = cut_kernels(nasdsl.compile(ROOT / "spaces" / f"{name}.space"))
     full = accounting.network_cost(net).flops
     lo, hi, best = 0.0, 1.0, None   # reduction(lo) >= target > reduction(hi)
     for _ in range(30):
@@ -267,8 +268,7 @@ def measure(case: Case, args) -> dict:
     models, flops = case_models(case)
     left = sum(1 for layer in case.derived.layers if layer.blocks)
     print(f"\n{case.label}: {case.note}; {case.reduction:.2f}x fewer FLOPs "
-          f"({flops['unpruned'] / 1e6:.2f}M as built, "
-          f"{flops['derived'] * case.reduction / 1e6:.2f}M as derived -> {flops['derived'] / 1e6:.2f}M), input "
+          f"({flops['unpruned'] / 1e6:.2f}M -> {flops['derived'] / 1e6:.2f}M), input "
           f"{'x'.join(map(str, case.net.input_shape.to_list()))}, {left} of "
           f"{len(case.net.layers)} layers left; merged: {flops['merged'] / 1e6:.2f}M, unpruned merged: "
           f"{flops['unpruned merged'] / 1e6:.2f}M", flush=True)
