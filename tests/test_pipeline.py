@@ -160,6 +160,19 @@ def test_checkpoint_never_runs_pickled_code(tiny, tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_that_does_not_fit_the_network_is_one_line(tiny, tmp_path):
+    """A run folder from an older nasdsl (whose supernet kept kernels larger than their maps) or
+    for an edited space: resuming names the file and says what to do, without a traceback."""
+    out = tmp_path / "run"
+    assert run_cli("search", tiny, "--data", "fake", "--out", out, "-q", *SHORT).returncode == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in checkpoint["model"].items() if v.dim() == 4)
+    checkpoint["model"][name] = torch.zeros(*checkpoint["model"][name].shape[:2], 7, 7)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    line = one_line_error(run_cli("search", tiny, "--data", "fake", "--out", out, "--resume", *SHORT))
+    assert "checkpoint.pt: does not fit this run's network" in line and name in line
+
+
 # ---- the command line and the API --------------------------------------------------------------------
 def test_internal_error_is_one_line_unless_debug(monkeypatch, capsys, tiny):
     def broken(request, **kwargs):

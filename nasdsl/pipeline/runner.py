@@ -17,7 +17,7 @@ from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.ir import Network
 from nasdsl.pipeline import budgets
-from nasdsl.files import save_tensors
+from nasdsl.files import load_strict, save_tensors
 from nasdsl.pipeline.folder import RunFolder, load_tensors, write_json
 from nasdsl.pipeline.init import AS_COMPILED, load_init
 from nasdsl.pipeline.plan import Plan
@@ -120,7 +120,9 @@ class Pipeline:
         if self.state.stage in ("finetune", DONE) and not self.plan.request.train:
             self.derivation = self.derive(self.state.gates)
             self.model = self.trainer.place(NasNet(self.derivation.network.to_config()))
-        self.model.load_state_dict(checkpoint["model"])
+        load_strict(self.model, checkpoint["model"], "does not fit this run's network (written by an older nasdsl "
+                    "or for another space?); start the run again in a new folder",
+                    file=str(self.plan.out / "checkpoint.pt"))
         gate_set = getattr(self.model, "gate_set", None)
         if gate_set is not None and checkpoint.get("gate_state"):
             gate_set.set_mode(checkpoint["gate_state"]["mode"])
