@@ -28,7 +28,8 @@ this plain network). Then, for each FLOPs budget:
 - (b) l1, (c) bn, (d) random: the stage-1 network pruned to at most DNAL's FLOPs by filter L1 norm,
   by BN |scale| or at random (nasdsl.derive.criteria), then finetuned like DNAL's (F epochs with the
   recipe's finetune optimizer and schedule: `nasdsl train` of the pruned network from its weights).
-Every method uses the same recipe, data and seed. Prints the table (method, FLOPs, params, top-1
+Every method uses the same recipe, data and seed, and keeps the exact widths it chose
+(`architecture.channel_multiple=1` unless --set says otherwise: the pruning baselines do not round). Prints the table (method, FLOPs, params, top-1
 mean +- std over the seeds), writes OUT.json and OUT.png (top-1 against FLOPs; OUT defaults to
 WORK/quality, WORK/quality@TAG with --dnal-set). Runs go to --work, one folder per method, named as
 the method (WORK/seedS/stage1, WORK/seedS/flopsB/METHOD); a finished one is reused, so an
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nasdsl  # noqa: E402
 from nasdsl.derive.criteria import channel_scores, prune_to_budget  # noqa: E402
-from nasdsl.derive.derive import derive, slim_state_dict  # noqa: E402
+from nasdsl.derive.derive import cut_kernels, derive, slim_state_dict  # noqa: E402
 from nasdsl.files import save_tensors  # noqa: E402
 from nasdsl.graph.accounting import network_cost  # noqa: E402
 from nasdsl.graph.printer import to_space  # noqa: E402
@@ -60,6 +61,7 @@ from nasdsl.pipeline.runner import Pipeline  # noqa: E402
 from nasdsl.recipe import load_recipe  # noqa: E402
 from nasdsl.supernet.network import NasNet  # noqa: E402
 
+EXACT_WIDTHS = {"architecture.channel_multiple": "1"}   # as the README's tables were measured
 PRUNERS = {"l1": True, "bn": False, "random": True}     # criterion -> the same fraction of every group
 METHODS = ("dnal", "width", *PRUNERS)
 DISTILLED = "dnal_kd"       # with --distill: DNAL finetuned with distillation from the stage-1 network
@@ -80,11 +82,13 @@ def run(space: Path, out: Path, common: dict, **request) -> dict:
 
 
 def network(space: Path, common: dict, **params):
-    """The space compiled as the runs compile it (the data's input, the recipe's resolution)."""
+    """The space compiled as the runs compile it (the data's input, the recipe's resolution, kernels
+    cut to the taps their maps reach: the stage-1 checkpoint has them so)."""
     recipe = load_recipe(common["recipe"], split_sets(common["sets"])[0])
     shape = common["input"]
     settings = {**split_sets(common["sets"])[1], **params}
-    return nasdsl.compile(space, input=shape, resolution=recipe.resolution, classes=common["classes"], **settings)
+    return cut_kernels(nasdsl.compile(space, input=shape, resolution=recipe.resolution, classes=common["classes"],
+                                      **settings))[0]
 
 
 def widest(space: Path, common: dict, target: int) -> float:
@@ -186,7 +190,7 @@ def one_seed(args, seed: int) -> dict:
     """{method: [{budget, flops, params, top1}]} for one seed."""
     W, A, F = args.epochs
     data = nasdsl_data(args)
-    common = {"recipe": args.recipe, "data": args.data, "sets": dict(s.split("=", 1) for s in args.set),
+    common = {"recipe": args.recipe, "data": args.data, "sets": {**EXACT_WIDTHS, **dict(s.split("=", 1) for s in args.set)},
               "seed": seed, "input": data.in_channels, "classes": data.num_classes}
     space, work = Path(args.space), Path(args.work) / f"seed{seed}"
     run(space, work / "stage1", common, train=True, epochs=W)
