@@ -339,13 +339,18 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         layout = out_layout
         in_range = (_range_after((*blocks[0].ops, *post), in_range) if len(blocks) == 1 and not shortcut
                     else _range_after(post, None))
-    cut = [p for layer in plans for chain in (*layer["blocks"], layer["shortcut"]) for p in chain if p and p.crop]
-    if cut:
-        notes.append(f"{len(cut)} conv kernel(s) cut to the taps their input map reaches (a 7x7 kernel on a 1x1 "
-                     f"map is its centre tap): the same function at this input size, not at a larger one; the "
-                     f"baseline and budgets count the unpruned network cut alike")
+    notes += _cut_note(plans)
     slim = replace(net, layers=tuple(layers))
     return Derivation(slim, plans, masks, notes)
+
+
+def _cut_note(plans: list[dict]) -> list[str]:
+    cut = [p for layer in plans for chain in (*layer["blocks"], layer["shortcut"]) for p in chain if p and p.crop]
+    if not cut:
+        return []
+    return [f"{len(cut)} conv kernel(s) cut to the taps their input map reaches (a 7x7 kernel on a 1x1 map is "
+            f"its centre tap): the same function at this input size, not at a larger one; the baseline and "
+            f"budgets count the unpruned network cut alike"]
 
 
 def cut_kernels(net: Network) -> tuple[Network, int]:
