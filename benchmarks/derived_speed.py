@@ -112,7 +112,7 @@ class Case:
 
     @property
     def reduction(self) -> float:
-        return accounting.network_cost(unpruned(self.net)).flops / accounting.network_cost(self.derived).flops
+        return accounting.network_cost(self.net).flops / accounting.network_cost(self.derived).flops
 
 
 # ---- the cases ------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def run_cases(run: Path, label: str | None = None) -> list[Case]:
     cases = []
     for folder in folders:
         suffix = "" if folder.name == "model" else folder.name.removeprefix("model")
-        derived = unpruned(nasdsl.compile(next(folder.glob("*.space"))))   # as derivation makes it now
+        derived, _ = cut_kernels(nasdsl.compile(next(folder.glob("*.space"))))   # as derivation makes it now
         cases.append(Case(f"{label or run.name}{suffix}", net, derived, recipe.get("gate_placement", "after_bn"),
                           recipe.get("architecture", {}).get("block_cost", 0) > 0, f"derived model of {folder}"))
     return cases

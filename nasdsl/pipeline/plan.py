@@ -16,7 +16,7 @@ import torch
 
 from nasdsl.errors import NasdslError
 from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
-from nasdsl.derive.derive import cut_kernels, unpruned
+from nasdsl.derive.derive import cut_kernels
 from nasdsl.graph import spacetext
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.accounting import summary as graph_summary
@@ -270,8 +270,7 @@ def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[i
     if recipe.strategy == "joint":
         raise NasdslError("budgets steer the architecture stage; strategy joint has none (use sequential)",
                           file="--budget")
-    graph = place_gates(network, recipe.gate_placement)
-    full = network_cost(unpruned(graph))
+    full, graph = network_cost(network), place_gates(network, recipe.gate_placement)  # its kernels cut already
     floors = {metric: smallest_cost(graph, metric, recipe.architecture.channel_multiple)
               for metric in {b.metric for b in budgets}}  # several derives each: once per metric
     targets = []

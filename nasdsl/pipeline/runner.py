@@ -12,7 +12,7 @@ import torch.nn as nn
 from dataclasses import replace
 
 from nasdsl.derive.budget import fit_to_budget
-from nasdsl.derive.derive import Derivation, derive, slim_state_dict, unpruned
+from nasdsl.derive.derive import Derivation, derive, slim_state_dict
 from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.ir import Network
@@ -172,7 +172,7 @@ class Pipeline:
         self.train("weights", sgd(dnal.train_weights_only(self.model), cfg), cfg)
         self.model.gate_set.set_mode("disabled")
         if self.state.baseline is None:
-            self.state.baseline = self.measure(unpruned(self.graph))
+            self.state.baseline = self.measure(self.plan.network)
         distill = self.recipe.finetune.distill
         if (len(self.plan.budgets) > 1 or distill and distill.teacher == "supernet") and self.plan.world.is_main:
             save_tensors(self.plan.out / STAGE1, self.model.state_dict())  # every budget's start; the teacher
@@ -193,14 +193,14 @@ class Pipeline:
         wcfg, acfg = self.recipe.weights, self.recipe.architecture
         if self.state.baseline is None and self.plan.init is not None:  # the imported model, before training
             self.model.gate_set.set_mode("disabled")
-            self.state.baseline = self.measure(unpruned(self.graph))
+            self.state.baseline = self.measure(self.plan.network)
         weights, gates = dnal.train_jointly(self.model, self.state.epoch == 0)
         optimizer = sgd([{"params": weights}, {"params": gates, "weight_decay": acfg.weight_decay,
                                                     "lr_scale": acfg.lr / wcfg.lr}], wcfg)
         self.train("joint", optimizer, wcfg, self.gate_hooks(wcfg.epochs))
         if self.state.baseline is None:
             self.model.gate_set.set_mode("disabled")
-            self.state.baseline = self.measure(unpruned(self.graph))
+            self.state.baseline = self.measure(self.plan.network)
         self.searched()
         self.advance("joint")
 
