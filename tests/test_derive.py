@@ -434,6 +434,22 @@ def test_derived_network_round_trips_through_space_text(path):
     assert [(g.channels, g.layer) for g in again.gates()] == [(g.channels, g.layer) for g in net.gates()]
 
 
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_deriving_a_derived_network_with_every_channel_kept_is_its_identity(path):
+    """A derived network places its blocks' channels in the layer (`@ [...]`) and reads subsets
+    through `select`: deriving it again (what `unpruned` and merging start from) keeps the same
+    graph and the same function. It once ignored the placement, summing the blocks' channels at
+    the wrong places, and stacked a second, identity select after each select."""
+    net = compiled(path.stem)
+    for density in ("0.3", "mixed"):
+        masks, strength = random_masks(net, density, seed=7)
+        derived = compile_source(to_space(derive(net, masks, strength).network), f"{path.stem}_derived.space")
+        again = derive(derived, {})
+        assert _normalised(again.network.to_config()) == _normalised(derived.to_config())
+        torch.manual_seed(0)
+        assert_equivalent(again, build_supernet(derived, "after_bn").eval())
+
+
 # ---- kernels larger than the map they slide over ---------------------------------------------------
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("k", [1, 3, 5, 7])

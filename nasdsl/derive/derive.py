@@ -106,6 +106,11 @@ def _block_path_alive(block: Block, masks: dict[str, torch.Tensor]) -> bool:
         (not gates or bool(masks[gates[-1].attrs["key"]].any()))
 
 
+def _placed(index: Channels | None, channels) -> list[int]:
+    """A block's or shortcut's channels in the layer's numbering (its `@ [...]` placement)."""
+    return [index[c] for c in channels] if index else list(channels)
+
+
 def _reach(ops, live: set[int], masks: dict[str, torch.Tensor], close: bool) -> tuple[set[int], dict]:
     """The channels some live input reaches at the end of a chain, masks applied, and per gate the
     channels reaching its input. With `close`, each gate also closes the channels nothing reaches:
@@ -130,7 +135,7 @@ def _layer_reach(layer: Layer, live: set[int], masks, reached: list[set[int]]) -
     if layer.shortcut is not None:
         reached = [*reached, _reach(layer.shortcut.ops, live, masks, close=False)[0]]
     for channels, path in zip(reached, [*layer.blocks, layer.shortcut]):
-        out |= {path.index[c] for c in channels} if path.index else channels
+        out |= set(_placed(path.index, channels))
     return _reach(layer.post, out, masks, close=False)[0]
 
 
@@ -236,6 +241,8 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
         if op.spec.channels(op).same_width and cout != cin:  # it computes every kept input's channel
             cout = cin
         attrs, crop = op.spec.trim(op, op.spec.slim_attrs(op, cin, cout))
+        if op.kind == "select" and attrs["index"] == tuple(range(len(cin))):
+            continue  # the select before it (or the layout) already keeps exactly these channels
         out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
         own = op.spec.slice_state
         plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op),
@@ -289,13 +296,12 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
             kept_blocks.append((bi, block, keeps))
         sc_keeps = None
         union: set[int] = set()
-        for _, _, keeps in kept_blocks:
-            union |= set(keeps[-1])
+        for _, block, keeps in kept_blocks:
+            union |= set(_placed(block.index, keeps[-1]))
         if layer.shortcut is not None:
             sc_keeps = _slim_chain(layer.shortcut.ops, live_in, masks) if layer.shortcut.ops else [tuple(sorted(live_in))]
             sc_out = sc_keeps[-1]
-            sc_index = layer.shortcut.index
-            union |= {sc_index[c] for c in sc_out} if sc_index else set(sc_out)
+            union |= set(_placed(layer.shortcut.index, sc_out))
         if not union:
             raise ValueError(f"layer {layer.name} lost every channel")
         if layer.post and not all(op.spec.elementwise for op in layer.post):
@@ -311,14 +317,14 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
         for bi, block, keeps in kept_blocks:
             ops, plan = _slim_ops(block.ops, keeps, layout, (li, "block", bi))
             blocks.append(Block(block.name, block.kind, block.label, tuple(ops), _shape(block.in_shape, len(layout)),
-                                _shape(block.out_shape, len(keeps[-1])), place(keeps[-1]), args=block.args))
+                                _shape(block.out_shape, len(keeps[-1])), place(_placed(block.index, keeps[-1])),
+                                args=block.args))
             block_plans.append(plan)
         shortcut, sc_plan = None, []
         if layer.shortcut is not None:
             sc_ops, sc_plan = (_slim_ops(layer.shortcut.ops, sc_keeps, layout, (li, "shortcut"))
                                if layer.shortcut.ops else ([], []))
-            channels = [layer.shortcut.index[c] for c in sc_keeps[-1]] if layer.shortcut.index else sc_keeps[-1]
-            shortcut = Shortcut(tuple(sc_ops), place(channels))
+            shortcut = Shortcut(tuple(sc_ops), place(_placed(layer.shortcut.index, sc_keeps[-1])))
         width = len(out_layout)
         post = tuple(Op(op.kind, op.attrs, _shape(op.in_shape, width), _shape(op.out_shape, width)) for op in layer.post)
         post_plan = [OpPlan((li, "post", k), out_layout, out_layout, op.spec.slice_weights(op))
