@@ -624,3 +624,22 @@ def test_closed_depth_gate_removes_its_block_and_folds_into_the_channels():
     assert not (gs.by_key["a.b1.mid"].s > 0).any() and not (gs.by_key["a.b1.out"].s > 0).any()
     assert (gs.by_key["a.b0.out"].s > 0).all()
     assert gs.fold_depth_gates() == 0
+
+
+def test_reading_depth_gates_while_they_train_warns_nothing():
+    """`selected_values` (the budget controller's view, every step) and `fold_depth_gates` read each
+    depth gate's trainable s as a number: without detaching it torch warned once a run, in the
+    middle of the progress output."""
+    import warnings
+
+    from nasdsl.search.dnal import selected_values
+
+    gs = _depth_supernet().gate_set
+    gs.reset(1.0)
+    gs.depth_gates[0].s.data.fill_(-1.0)
+    assert all(s.requires_grad for s in gs.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = selected_values(gs)
+        assert gs.fold_depth_gates() == 1
+    assert any(bool((v < 0).all()) for v in values.values())

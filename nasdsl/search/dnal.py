@@ -143,7 +143,7 @@ def selected_values(gate_set) -> dict[str, torch.Tensor]:
     hard gates select now, in the form derivation reads (the gates themselves are left as they are)."""
     values = gate_set.values()
     for depth in gate_set.depth_gates:
-        if float(depth.s) <= 0:
+        if float(depth.s.detach()) <= 0:
             for key in gate_set.blocks_of[depth.key]:
                 values[key] = -values[key].abs()
     return values

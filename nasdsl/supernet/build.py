@@ -130,7 +130,7 @@ class GateSet:
         closed = 0
         with torch.no_grad():
             for d in self.depth_gates:
-                if float(d.s) <= 0:
+                if float(d.s.detach()) <= 0:
                     closed += 1
                     for key in self.blocks_of[d.key]:
                         s = self.by_key[key].s
