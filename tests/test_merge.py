@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nasdsl.derive.derive import derive
-from nasdsl.derive.merge import merge
+from nasdsl.derive.merge import merge, train_form
 from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import NasNet
 from test_derive import FILES, compiled, gen, random_masks, slim_and_masked, supernet
@@ -128,3 +128,55 @@ def test_a_layer_whose_blocks_differ_in_kind_is_left_alone():
     slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=2)
     assert_same(slim, merged, network, seed=3)
     assert len(network.layers[1].blocks) == len(d.network.layers[1].blocks) > 1
+
+
+# ---- the form finetuning trains (train_form) -----------------------------------------------------
+def _train_step_results(model, x, y) -> tuple[torch.Tensor, dict, dict]:
+    """Logits, parameter gradients and the state after one training-mode forward and backward."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(0)   # the same dropout masks
+    logits = model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return logits.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_close_all(got: dict, expected: dict, what: str) -> None:
+    assert got.keys() == expected.keys()
+    for k, e in expected.items():
+        scale = max(1.0, float(e.double().abs().max())) if e.is_floating_point() else 1.0
+        err = float((got[k].double() - e.double()).abs().max())
+        assert err <= 1e-9 * scale, f"{what} of {k} differ by {err:.3g} (up to {scale:.3g})"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_train_form_trains_exactly_what_the_derived_network_does(path):
+    """Finetuning trains train_form's network: in training mode its logits, its BN batch statistics
+    and its gradients, mapped back to the derived network's tensors, are the derived network's; the
+    mapping is exact both ways; and the candidates of a ProxylessNAS layer become one block."""
+    net = compiled(path.stem)
+    masks, strength = random_masks(net, "mixed", seed=zlib.crc32(f"train:{path.stem}".encode()))
+    d = derive(net, masks, strength)
+    slim = slim_and_masked(d, supernet(path.stem), seed=5)
+    network, state, to_derived = train_form(d.network, slim.state_dict())
+    assert all(torch.equal(v, to_derived(state)[k]) for k, v in slim.state_dict().items())
+    trained = NasNet(network.to_config())
+    trained.load_state_dict(state, strict=True)
+    slim, trained = slim.double(), trained.double()   # exact up to float64 rounding, not float32's
+    x = torch.randn(4, *net.input_shape.to_list(), generator=gen(6), dtype=torch.float64)
+    y = torch.randint(0, net.num_classes, (4,), generator=gen(7))
+    logits, grads, after = _train_step_results(slim, x, y)
+    got_logits, got_grads, got_after = _train_step_results(trained, x, y)
+    assert_close_all({"logits": got_logits}, {"logits": logits}, "training-mode outputs")
+    assert_close_all(to_derived(got_after), after, "BN statistics")
+    params = dict(trained.named_parameters())
+    assert_close_all({k: v for k, v in to_derived({**got_after, **got_grads}).items() if k in grads}, grads,
+                     "gradients")
+    assert set(params) == set(got_grads)
+    if path.stem.startswith("proxyless"):   # (BN count: one per merged position instead of one per candidate)
+        assert any(len(layer.blocks) > 1 for layer in d.network.layers)
+        assert all(len(layer.blocks) == 1 for layer in network.layers)
+        assert conv_count(trained) < conv_count(slim)
+        bns = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) for model in (trained, slim)]
+        assert bns[0] < bns[1] / 2

@@ -13,9 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nasdsl.derive.merge import train_form
+from nasdsl.language.compiler import compile_file
 from nasdsl.pipeline.plan import RunRequest, make_plan
 from nasdsl.pipeline.runner import Pipeline
 from nasdsl.search.dnal import settle_gates
+from nasdsl.supernet.network import NasNet
 
 from cli_helpers import ENV, TINY, run_nasdsl
 
@@ -183,6 +186,38 @@ def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, depth_ru
     assert stages == ["weights"] * 2 + ["architecture"] * 3 + ["finetune"]
     notes = [json.loads((run / "summary.json").read_text())["notes"] for run in (out, reference)]
     assert notes[0] == notes[1]
+
+
+def test_resume_in_the_middle_of_finetuning_gives_the_same_weights(space, tmp_path):
+    """Finetuning trains the derived network's merged training form (merge.train_form) and
+    checkpoints the derived network's weights: killed after a finetuning epoch and resumed, the run
+    rebuilds that form, its optimizer state fits it, and the weights end bit for bit as a run never
+    interrupted."""
+    extra = ("--set", "finetune.epochs=3", "--set", "architecture.lambda_a=1e-5")   # both candidates stay
+    reference = tmp_path / "reference"
+    nasdsl(*search_args(space, reference, *extra))
+    derived = compile_file(reference / "model" / "tiny.space")
+    trained, _, _ = train_form(derived, NasNet(derived.to_config()).state_dict())
+    assert len(trained.layers[1].blocks) == 1 < len(derived.layers[1].blocks)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nasdsl", *map(str, search_args(space, out, *extra))], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:   # kill it after its first finetuning epoch
+        if metrics.exists() and '"finetune", "epoch": 0' in metrics.read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    nasdsl(*search_args(space, out, "--resume", *extra))
+    a, b = (load_file(str(run / "model" / "model.safetensors")) for run in (out, reference))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    stages = [json.loads(line)["stage"] for line in metrics.read_text().splitlines()]
+    assert stages.count("finetune") == 3
 
 
 @pytest.mark.slow

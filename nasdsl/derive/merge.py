@@ -23,15 +23,18 @@ indexed add) may end in a conv that writes them all, with zero rows for the othe
 is a plain dense one (`dense_residual`): worth it where the extra rows cost less than the
 indexed add; the rule and its measurement are at `_dense_is_cheaper`.
 
-The merged network is for inference and export; finetuning trains the derived (multi-branch)
-network, and the export merges its weights. Decided by measurement (benchmarks/derived_speed.py,
-the default search, batch 64, 2 threads): a finetuning step of the derived network took 521 ms,
-of the merged one 514 ms, against 847 ms for a weights-stage step of the supernet: merging buys
-training almost nothing at these sizes. And the merged projection is a dense matrix where the
-candidates' were block-sparse (each wrote only its own kept channels): trained, its zeros would
-fill in, and the network would grow from the 5.95M MACs the search chose (and a budget allowed)
-to 8.35M. Eval-mode outputs agree to float rounding (tests/test_merge.py checks every shipped
-space; the exporter checks every export).
+The merged network is for inference and export. Finetuning trains `train_form`, the same
+candidates as one block whose every op is per channel or per group (expansions concatenated,
+depthwise convs as a MixConv, projections as one split conv and one BN over all the candidates'
+outputs): the derived network's function, BN batch statistics and gradients exactly, with half
+its convs and a sixth of its BNs. The merged network cannot be trained as the search's network:
+its projection has no BN (folding one is exact only in eval mode), and it is a dense matrix
+where the candidates' were block-sparse, so trained, its zeros would fill in and the network
+would grow past what the search (or a budget) allowed (5.95M to 8.35M MACs on the default run).
+Measured alone (benchmarks/derived_speed.py, the default search, batch 64, 2 threads): a
+finetuning step of the derived network took 1/1.5 of the time in the training form (see README).
+Eval-mode outputs of the merged network agree to float rounding (tests/test_merge.py checks every
+shipped space; the exporter checks every export), and so does training with `train_form`.
 """
 from __future__ import annotations
 
@@ -285,3 +288,99 @@ def _projection(part: _Part, blocks, order: list[int], own: dict, outputs: list[
         bias[rows] += b
         offset += mids[n]
     return {"weight": weight, "bias": bias}
+
+
+# ---- the form finetuning trains ----------------------------------------------------------------------
+# A tensor of the training form and where its rows come from: the derived tensors concatenated along
+# dim 0, each with its row count (None: a 0-d tensor, BN's num_batches_tracked, shared by all)
+_Rows = tuple[tuple[str, int | None], ...]
+
+
+def train_form(network: Network, state: dict[str, torch.Tensor]):
+    """The derived network with each layer's parallel blocks as one block that computes exactly what
+    they do in training mode too, for finetuning: the expansions as one conv, BN and activation over
+    the concatenated mid channels, the depthwise convs as a MixConv (a conv per kernel size), the
+    projections as one split conv (MixConv with 1x1 groups: each candidate reads its own mid channels)
+    and one BN over all the candidates' outputs, which the block's index adds into the layer (two
+    candidates writing one channel are summed: the index repeats it, which `@ [...]` in a .space never
+    does, so this form is never printed). Every op is per channel or per group, so batch statistics,
+    gradients and the MACs are the candidates' own; a finetuning step takes fewer, wider ops.
+
+    Returns the network, its state, and the function that maps a state of it back to `network`'s
+    (exact: every tensor is a concatenation of the derived network's). Layers that do not fit the
+    form (a lone block, candidates of different structure, a projection with a bias) stay as they are."""
+    layers, out, rows = [], dict(state), {}
+    for i, layer in enumerate(network.layers):
+        merged = _train_layer(layer, f"layers.{i}.", state) if len(layer.blocks) > 1 else None
+        if merged is None:
+            layers.append(layer)
+            continue
+        layer, layer_rows = merged
+        for sources in layer_rows.values():   # (block 0's tensors share names with the merged ones)
+            for s, _ in sources:
+                del out[s]
+        out.update((name, torch.cat([state[s] for s, _ in sources]) if sources[0][1] is not None
+                    else state[sources[0][0]].clone()) for name, sources in layer_rows.items())
+        rows.update(layer_rows)
+        layers.append(layer)
+
+    def to_derived(trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        back = {k: v for k, v in trained.items() if k not in rows}
+        for name, sources in rows.items():
+            if sources[0][1] is None:
+                back.update((s, trained[name].clone()) for s, _ in sources)
+            else:
+                back.update(zip([s for s, _ in sources], trained[name].split([n for _, n in sources])))
+        return {k: back[k] for k in state}   # the derived network's order
+
+    return replace(network, layers=tuple(layers)), out, to_derived
+
+
+def _train_layer(layer: Layer, prefix: str, state: dict) -> tuple[Layer, dict[str, _Rows]] | None:
+    """One layer's training form and where each of its merged tensors' rows come from, or None."""
+    parts, order = _parts(layer)
+    if parts is None:
+        return None
+    blocks = [layer.blocks[j] for j in order]
+    proj = parts[-1].position
+    convs = [b.ops[proj] for b in blocks]
+    if any(c.attrs["bias"] or c.attrs["k"] != 1 or c.attrs["stride"] != 1 for c in convs):
+        return None
+    ops, rows = [], {}
+
+    def sources(j: int, position: int) -> list[str]:
+        start = f"{prefix}blocks.{j}.ops.{position}."
+        return [k for k in state if k.startswith(start)]
+
+    def add(op: Op, names: dict[str, list[str]]) -> None:   # suffix -> the derived tensors, in rows order
+        for suffix, keys in names.items():
+            rows[f"{prefix}blocks.0.ops.{len(ops)}.{suffix}"] = tuple(
+                (k, None if state[k].dim() == 0 else state[k].shape[0]) for k in keys)
+        ops.append(op)
+
+    for part in parts[:-1]:
+        op = _merged_op(part, [], "mixed")
+        if op.kind == "mixconv":
+            kernels = op.attrs["kernels"]
+            add(op, {f"convs.{g}.weight": [f"{prefix}blocks.{j}.ops.{part.position}.weight"
+                                           for j, b in zip(order, blocks) if _kernel(b) == k]
+                     for g, k in enumerate(kernels)})
+        else:
+            suffixes = [k.rsplit(".", 1)[1] for k in sources(order[0], part.position)]
+            add(op, {s: [f"{prefix}blocks.{j}.ops.{part.position}.{s}" for j in order] for s in suffixes})
+    mids = tuple(c.in_shape.channels for c in convs)
+    outs = tuple(c.out_shape.channels for c in convs)
+    size = convs[0].out_shape.size
+    add(Op("mixconv", {"kernels": (1,) * len(convs), "in_splits": mids, "out_splits": outs, "stride": 1,
+                       "depthwise": False}, Shape(sum(mids), size), Shape(sum(outs), size)),
+        {f"convs.{g}.weight": [f"{prefix}blocks.{j}.ops.{proj}.weight"] for g, j in enumerate(order)})
+    if proj + 1 < len(blocks[0].ops):   # each candidate's BN after its projection: one BN over them all
+        bn = blocks[0].ops[proj + 1]
+        suffixes = [k.rsplit(".", 1)[1] for k in sources(order[0], proj + 1)]
+        add(Op(bn.kind, dict(bn.attrs), Shape(sum(outs), size), Shape(sum(outs), size)),
+            {s: [f"{prefix}blocks.{j}.ops.{proj + 1}.{s}" for j in order] for s in suffixes})
+    index = tuple(c for b in blocks for c in (b.index if b.index is not None else range(b.out_shape.channels)))
+    label = " + ".join(b.label for b in blocks)
+    block = Block(f"{layer.name}.merged", "merged", label, tuple(ops), blocks[0].in_shape,
+                  Shape(sum(outs), size), index)
+    return replace(layer, blocks=(block,)), rows
