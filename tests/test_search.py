@@ -159,24 +159,31 @@ def test_settle_gates_binarises_stranded_gates_without_changing_a_decision():
     assert s["a"][1] == 1e-4  # the input is not modified
 
 
-@pytest.mark.parametrize("variant", ["channels", "depth"])
-def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, depth_run, variant, tmp_path):
-    """Killed in the middle of the architecture stage, resumed: the same gates and notes as a run
-    never interrupted (with depth gates too: they are checkpointed with the model)."""
-    extra, reference = (DEPTH_SETS, depth_run) if variant == "depth" else ((), finished_run)
-    out = tmp_path / "killed"
+def killed_and_resumed(space, out: Path, extra, stage: str) -> Path:
+    """A search SIGKILLed once its metrics log `stage`'s first epoch, then resumed to the end; its
+    metrics file."""
     proc = subprocess.Popen([sys.executable, "-m", "nasdsl", *map(str, search_args(space, out, *extra))], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill it in the middle of the architecture stage
-        if metrics.exists() and '"architecture", "epoch": 0' in metrics.read_text():
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and f'"{stage}", "epoch": 0' in metrics.read_text():
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
     nasdsl(*search_args(space, out, "--resume", *extra))
+    return metrics
+
+
+@pytest.mark.parametrize("variant", ["channels", "depth"])
+def test_resume_after_sigkill_gives_the_same_gates(space, finished_run, depth_run, variant, tmp_path):
+    """Killed in the middle of the architecture stage, resumed: the same gates and notes as a run
+    never interrupted (with depth gates too: they are checkpointed with the model)."""
+    extra, reference = (DEPTH_SETS, depth_run) if variant == "depth" else ((), finished_run)
+    out = tmp_path / "killed"
+    metrics = killed_and_resumed(space, out, extra, "architecture")   # in the middle of the architecture stage
     a = load_file(str(out / "gates.safetensors"))
     b = load_file(str(reference / "gates.safetensors"))
     assert a.keys() == b.keys()
@@ -200,18 +207,7 @@ def test_resume_in_the_middle_of_finetuning_gives_the_same_weights(space, tmp_pa
     trained, _, _ = train_form(derived, NasNet(derived.to_config()).state_dict())
     assert len(trained.layers[1].blocks) == 1 < len(derived.layers[1].blocks)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "nasdsl", *map(str, search_args(space, out, *extra))], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:   # kill it after its first finetuning epoch
-        if metrics.exists() and '"finetune", "epoch": 0' in metrics.read_text():
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
-    nasdsl(*search_args(space, out, "--resume", *extra))
+    metrics = killed_and_resumed(space, out, extra, "finetune")   # after its first finetuning epoch
     a, b = (load_file(str(run / "model" / "model.safetensors")) for run in (out, reference))
     assert a.keys() == b.keys()
     for key in a:
