@@ -284,7 +284,7 @@ class ArchRecipe(_Section):
     exponentially), delta_schedule (iteration: smooth; epoch: the release's per-epoch steps), penalty
     (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
     gate counts 1; flops: the MACs its channel costs), bn (frozen | recalibrated | train), channel_multiple
-    (derived widths keep a multiple of this, in gate groups at least twice as wide; auto: the device's
+    (every gate group keeps a multiple of this many channels, or all of them; auto: the device's
     channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan step), block_cost (MACs a removable block costs beyond its
     channels; 0: no depth gates; needs penalty_weight flops), budget (what the derived network may cost:
     `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone decides;

@@ -348,9 +348,11 @@ def test_gates_before_the_bn_derive_the_placed_graph():
     (60, 64, 16, False, 64),
     (34, 36, 16, False, 36),   # the full width is always allowed (tie with 32: up)
     (36, 36, 16, False, 36),   # already allowed: unchanged
-    (3, 8, 16, False, 3),      # a group narrower than two multiples keeps its count: rounded, it
-    (5, 16, 16, False, 5),     # could only be none or all, and the rounding would decide its block
-    (17, 31, 16, True, 17),
+    (3, 8, 16, False, 0),      # a group narrower than the multiple: none or all (a conv of 3 channels
+    (5, 8, 16, False, 8),      # costs what one of 8, or 16, does)
+    (5, 16, 16, False, 0),
+    (20, 24, 16, False, 24),   # narrower than two multiples: none, one multiple or all
+    (17, 31, 16, True, 31),
     (1, 64, 16, True, 16),     # up: the smallest allowed count >= kept
     (0, 64, 16, True, 0),
     (33, 36, 16, True, 36),
