@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from cli_helpers import ENV, run_nasdsl, tiny_space
 
 TINY = tiny_space(width=16, expansion=3)   # wider than the shared one: room for budgets to land in
+# exact widths: on a space this narrow, rounding to the CPU's 16 channels leaves a layer none or all
 SETS = ["resolution=8", "batch_size=32", "weights.epochs=2", "architecture.epochs=2", "finetune.epochs=1",
-        "architecture.lambda_a=1e-3"]
+        "architecture.lambda_a=1e-3", "architecture.channel_multiple=1"]
 SEVERAL = "flops=50%,25%"
 
 
@@ -111,6 +112,19 @@ def test_impossible_budget_is_refused_before_training(space, tmp_path):
     line = proc.stderr.strip().splitlines()[0]
     assert line.startswith("--budget: flops <= 100 cannot be met: the smallest network this space derives costs ")
     assert not out.exists()
+
+
+def test_an_impossible_budget_says_when_rounding_makes_it_so(space, tmp_path):
+    """With channel_multiple 16 the channel a layer must keep is 16 of them (or its whole width): the
+    floor is higher, and the error says why and what keeps single channels."""
+    proc = nasdsl(*search_args(space, tmp_path / "run", "--budget", "flops=25%", "--set",
+                               "architecture.channel_multiple=16"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[0]
+    assert line.startswith("--budget: flops <= 25% cannot be met: the smallest network this space derives costs ")
+    assert line.endswith("(the stem, the classifier and the channel every layer must keep, 16 of them with "
+                         "architecture.channel_multiple 16; 1 keeps one)")
+    nasdsl(*search_args(space, tmp_path / "dry", "--budget", "flops=25%", "--dry-run"))   # SETS: exact widths
 
 
 def test_dry_run_says_what_the_budgets_cost(space):

@@ -240,9 +240,10 @@ def _slim_ops(ops, keeps, input_layout: Channels, source_prefix: tuple):
         if op.spec.channels(op).same_width and cout != cin:  # it computes every kept input's channel
             cout = cin
         attrs, crop = op.spec.trim(op, op.spec.slim_attrs(op, cin, cout))
-        if op.kind == "select" and attrs["index"] == tuple(range(len(cin))):
-            continue  # the select before it (or the layout) already keeps exactly these channels
-        out_ops.append(Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout))))
+        slim = Op(op.kind, attrs, _shape(op.in_shape, len(cin)), _shape(op.out_shape, len(cout)))
+        if op.spec.is_identity(slim):
+            continue  # a select of what the select before it (or the layout) already keeps
+        out_ops.append(slim)
         own = op.spec.slice_state
         plans.append(OpPlan((*source_prefix, k), cout, cin, op.spec.slice_weights(op),
                             partial(own, op, cin=cin, cout=cout) if own else None, crop))

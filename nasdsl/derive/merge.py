@@ -360,8 +360,8 @@ def _train_layer(layer: Layer, prefix: str, state: dict) -> tuple[Layer, dict[st
 
     for part in parts[:-1]:
         op = _merged_op(part, [], "mixed")
-        if op.kind == "mixconv":
-            kernels = op.attrs["kernels"]
+        kernels = sorted({o.attrs["k"] for o in part.ops}) if part.how == "mix" else []
+        if len(kernels) > 1:   # a MixConv: one weight per kernel size
             add(op, {f"convs.{g}.weight": [f"{prefix}blocks.{j}.ops.{part.position}.weight"
                                            for j, b in zip(order, blocks) if _kernel(b) == k]
                      for g, k in enumerate(kernels)})

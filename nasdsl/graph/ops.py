@@ -138,6 +138,9 @@ class OpKind:
     out_range: Callable[[dict, str | None], str | None] | None = None
     # the op is the identity on inputs in this activation's range (relu on relu's output)
     idle_on: Callable[[dict, str | None], bool] = _never_idle
+    # the op is the identity whatever its input (a select of every channel in order): derivation
+    # drops it
+    is_identity: Callable[["Op"], bool] = lambda op: False
     # its output is always a new tensor, never its input or a view of it: ops after it may work
     # in place (takes attrs; the torch builder's op configs carry them too)
     allocates: Callable[[dict], bool] = _no
@@ -515,7 +518,7 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
     # channels of a tensor that other consumers still need)
     OpKind("select", _select_infer, channels=lambda op: SELECT, slim_attrs=_select_slim,
            print=lambda op, gated: f"select({spacetext.index(op.attrs['index'])})", keeps_values=True,
-           allocates=_yes),
+           allocates=_yes, is_identity=lambda op: tuple(op.attrs["index"]) == tuple(range(op.in_shape.channels))),
     # timm's MixedConv2d (MixConv, Tan & Le 2019): the input split into consecutive channel groups
     # (in_splits), group i a conv with kernel kernels[i], padding k // 2, the op's stride and no bias,
     # into out_splits[i] channels, the outputs concatenated. `depthwise`: each group's conv is

@@ -273,14 +273,17 @@ def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[i
     full, graph = network_cost(network), place_gates(network, recipe.gate_placement)  # its kernels cut already
     floors = {metric: smallest_cost(graph, metric, recipe.architecture.channel_multiple)
               for metric in {b.metric for b in budgets}}  # several derives each: once per metric
+    multiple = recipe.architecture.channel_multiple
+    kept = "the channel every layer must keep" + (
+        f", {multiple} of them with architecture.channel_multiple {multiple}; 1 keeps one" if multiple > 1 else "")
     targets = []
     for budget in budgets:
         target = budget.absolute(getattr(full, budget.metric))
         floor = floors[budget.metric]
         if target < floor:
             raise NasdslError(f"{budget} cannot be met: the smallest network this space derives costs "
-                              f"{floor:,} {UNITS[budget.metric]} (the stem, the classifier and the channel every "
-                              f"layer must keep)", file="--budget")
+                              f"{floor:,} {UNITS[budget.metric]} (the stem, the classifier and {kept})",
+                              file="--budget")
         targets.append(target)
     return budgets, targets
 
