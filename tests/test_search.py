@@ -159,6 +159,30 @@ def test_settle_gates_binarises_stranded_gates_without_changing_a_decision():
     assert s["a"][1] == 1e-4  # the input is not modified
 
 
+def test_resume_between_the_architecture_stage_and_finetuning(space, tmp_path):
+    """The checkpoint written when the architecture stage ends holds the supernet with its settled
+    gates, at finetuning's epoch 0: resumed from it, the run derives and finetunes as one never
+    interrupted does. (Resume once took any finetuning checkpoint for the derived network's: this
+    one failed as 'does not fit this run's network', and the run was lost.)"""
+    sets = {**dict(s.split("=") for s in SETTINGS), "finetune.epochs": "2", "architecture.lambda_a": "1e-5"}
+
+    def pipeline(out: Path, resume: bool = False) -> Pipeline:
+        return Pipeline(make_plan(RunRequest(space=space, sets=sets, data="fake", out=out, progress=False,
+                                             resume=resume)))
+
+    pipeline(tmp_path / "reference").execute()
+    stopped = pipeline(tmp_path / "stopped")
+    stopped.setup()
+    stopped.weights()
+    stopped.architecture()          # its checkpoint: stage finetune, epoch 0, the supernet's weights
+    stopped.folder.close()
+    pipeline(tmp_path / "stopped", resume=True).execute()
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("stopped", "reference"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def killed_and_resumed(space, out: Path, extra, stage: str) -> Path:
     """A search SIGKILLed once its metrics log `stage`'s first epoch, then resumed to the end; its
     metrics file."""

@@ -120,7 +120,10 @@ class Pipeline:
         except (KeyError, TypeError):
             raise NasdslError("this checkpoint was written by an older nasdsl; start the run again in a new "
                               "folder", file=str(self.plan.out / "checkpoint.pt")) from None
-        slim = self.state.stage in ("finetune", DONE) and not self.plan.request.train
+        # the derived network's weights: written by a finetuning epoch (or after the last one); the
+        # checkpoint of finetuning's epoch 0 is the architecture stage's end, the supernet's
+        slim = not self.plan.request.train and (self.state.stage == DONE or
+                                                self.state.stage == "finetune" and self.state.epoch > 0)
         if slim:
             self.derivation = self.derive(self.state.gates)
             self.model = self.trainer.place(NasNet(self.derivation.network.to_config()))
