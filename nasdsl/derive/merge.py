@@ -346,11 +346,10 @@ def _train_layer(layer: Layer, prefix: str, state: dict) -> tuple[Layer, dict[st
     convs = [b.ops[proj] for b in blocks]
     if any(c.attrs["bias"] or c.attrs["k"] != 1 or c.attrs["stride"] != 1 for c in convs):
         return None
-    ops, rows = [], {}
+    ops, rows, own = [], {}, _under(state, prefix)
 
-    def sources(j: int, position: int) -> list[str]:
-        start = f"{prefix}blocks.{j}.ops.{position}."
-        return [k for k in state if k.startswith(start)]
+    def suffixes(position: int) -> list[str]:   # the tensor names of the blocks' op at `position`
+        return list(_under(own, f"blocks.{order[0]}.ops.{position}."))
 
     def add(op: Op, names: dict[str, list[str]]) -> None:   # suffix -> the derived tensors, in rows order
         for suffix, keys in names.items():
@@ -366,8 +365,8 @@ def _train_layer(layer: Layer, prefix: str, state: dict) -> tuple[Layer, dict[st
                                            for j, b in zip(order, blocks) if _kernel(b) == k]
                      for g, k in enumerate(kernels)})
         else:
-            suffixes = [k.rsplit(".", 1)[1] for k in sources(order[0], part.position)]
-            add(op, {s: [f"{prefix}blocks.{j}.ops.{part.position}.{s}" for j in order] for s in suffixes})
+            add(op, {s: [f"{prefix}blocks.{j}.ops.{part.position}.{s}" for j in order]
+                     for s in suffixes(part.position)})
     mids = tuple(c.in_shape.channels for c in convs)
     outs = tuple(c.out_shape.channels for c in convs)
     size = convs[0].out_shape.size
@@ -376,9 +375,8 @@ def _train_layer(layer: Layer, prefix: str, state: dict) -> tuple[Layer, dict[st
         {f"convs.{g}.weight": [f"{prefix}blocks.{j}.ops.{proj}.weight"] for g, j in enumerate(order)})
     if proj + 1 < len(blocks[0].ops):   # each candidate's BN after its projection: one BN over them all
         bn = blocks[0].ops[proj + 1]
-        suffixes = [k.rsplit(".", 1)[1] for k in sources(order[0], proj + 1)]
         add(Op(bn.kind, dict(bn.attrs), Shape(sum(outs), size), Shape(sum(outs), size)),
-            {s: [f"{prefix}blocks.{j}.ops.{proj + 1}.{s}" for j in order] for s in suffixes})
+            {s: [f"{prefix}blocks.{j}.ops.{proj + 1}.{s}" for j in order] for s in suffixes(proj + 1)})
     index = tuple(c for b in blocks for c in (b.index if b.index is not None else range(b.out_shape.channels)))
     label = " + ".join(b.label for b in blocks)
     block = Block(f"{layer.name}.merged", "merged", label, tuple(ops), blocks[0].in_shape,

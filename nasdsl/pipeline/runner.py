@@ -232,7 +232,8 @@ class Pipeline:
         if hasattr(self.model, "gate_set"):
             if self.derivation is None:  # resumed right after the architecture stage
                 self.searched()
-            slim = NasNet(self.derivation.network.to_config())
+            with torch.device("meta"):   # only its module names: slim_state_dict files the weights by them
+                slim = NasNet(self.derivation.network.to_config())
             self.model = self.finetuned(slim_state_dict(self.derivation, self.model, slim))
         for p in self.model.parameters():
             p.requires_grad_(True)
