@@ -11,7 +11,7 @@ import torch
 from nasdsl.derive.derive import derive
 from nasdsl.derive.merge import merge, train_form
 from nasdsl.language.compiler import compile_source
-from nasdsl.supernet.network import NasNet
+from nasdsl.supernet.network import Layer, NasNet, Select
 from test_derive import FILES, compiled, gen, random_masks, slim_and_masked, supernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,3 +180,52 @@ def test_train_form_trains_exactly_what_the_derived_network_does(path):
         assert conv_count(trained) < conv_count(slim)
         bns = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) for model in (trained, slim)]
         assert bns[0] < bns[1] / 2
+
+
+def _contiguous_maps(model, x) -> list[str]:
+    """The layers and selects whose output is a contiguous (NCHW) map in a training-mode forward of x
+    (one-channel and one-pixel maps are both formats at once and not counted)."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(module, inputs, out):
+            if out.dim() == 4 and out.size(1) > 1 and out.size(2) * out.size(3) > 1 and out.is_contiguous():
+                found.append(name)
+        return check
+
+    watched = [(n, m) for n, m in model.named_modules() if isinstance(m, (Layer, Select))]
+    hooks = [m.register_forward_hook(hook(n)) for n, m in watched]
+    model.train()(x)
+    for h in hooks:
+        h.remove()
+    assert watched
+    return found
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_channels_last_maps_stay_channels_last_and_train_what_contiguous_ones_do(path):
+    """Training runs on channels-last maps, where a derived network's selects and index-placed adds
+    (and those of its training form) gather and scatter a (pixels, channels) matrix: no layer or
+    select turns a channels-last map contiguous (each conv after it would reorder it; float32 at
+    batch 16, where every conv runs in oneDNN), and logits and gradients are those of contiguous
+    maps (float64)."""
+    net = compiled(path.stem)
+    masks, strength = random_masks(net, "mixed", seed=zlib.crc32(f"cl:{path.stem}".encode()))
+    for mask in masks.values():   # a one-channel map is both formats: a conv's output after it is contiguous
+        if int(mask.sum()) == 1 and mask.numel() > 1:
+            mask[int(mask.logical_not().nonzero()[0])] = True
+    d = derive(net, masks, strength)
+    slim = slim_and_masked(d, supernet(path.stem), seed=8)
+    network, state, _ = train_form(d.network, slim.state_dict())
+    trained = NasNet(network.to_config())
+    trained.load_state_dict(state, strict=True)
+    x = torch.randn(16, *net.input_shape.to_list(), generator=gen(9))
+    y = torch.randint(0, net.num_classes, (16,), generator=gen(10))
+    for model in (slim, trained):
+        expected = _train_step_results(model.double(), x.double(), y)
+        model.float().to(memory_format=torch.channels_last)
+        assert _contiguous_maps(model, x.contiguous(memory_format=torch.channels_last)) == []
+        model.double()
+        got = _train_step_results(model, x.double().contiguous(memory_format=torch.channels_last), y)
+        assert_close_all({"logits": got[0]}, {"logits": expected[0]}, "channels-last outputs")
+        assert_close_all(got[1], expected[1], "channels-last gradients")

@@ -38,7 +38,8 @@ WIDTH = 110   # the longest line the generator writes where it can choose
 IMPORTS = ("os", "OrderedDict", "List", "Optional", "Tuple", "Union", "torch", "nn", "SelectAdaptivePool2d",
            "create_classifier", "build_model_with_cfg", "generate_default_cfgs", "register_model",
            "feature_take_indices")
-HELPERS = ("Select", "Subsample", "MixConv", "GlobalAvgPool", "SqueezeExcite", "spread_index", "place", "add_at")
+HELPERS = ("Select", "Subsample", "MixConv", "GlobalAvgPool", "SqueezeExcite", "spread_index", "place", "add_at",
+           "_select", "_channels_last")
 RESERVED = frozenset(IMPORTS + HELPERS + ("default_cfgs", "__nasdsl_export__", "_WEIGHTS", "annotations"))
 
 Position = tuple   # (layer, "block", block, op) | (layer, "shortcut", op) | (layer, "post", op)
@@ -925,10 +926,14 @@ def helpers(classes: list, codes: list, head: Head) -> str:
                       head.pool, *(s for _, s in head.pre_pool + head.pre_logits if isinstance(s, str))])
     parts = [inspect.getsource(getattr(net, n)) for n in ("Select", "Subsample", "MixConv", "GlobalAvgPool",
                                                           "SqueezeExcite") if re.search(rf"\b{n}\(", text)]
+    if re.search(r"\bSelect\(", text):   # what Select calls, with the line that makes it a leaf for torch.fx
+        parts += [inspect.getsource(net._select), inspect.getsource(net._channels_last), _SELECT_LEAF]
     if "place(" in text or "add_at(" in text:
         parts.append(_PLACEMENT)
     return "\n\n\n".join(p.strip("\n") for p in parts)
 
+
+_SELECT_LEAF = 'torch.fx.wrap("_select")  # a leaf for torch.fx: its memory-format test is not traceable control flow'
 
 _PLACEMENT = '''
 def spread_index(index: torch.Tensor, width: int) -> torch.Tensor:
