@@ -16,13 +16,23 @@ from safetensors.torch import load_file
 import nasdsl
 from nasdsl import cli
 from nasdsl.graph.accounting import network_cost
+from nasdsl.pipeline.plan import RunRequest, make_plan
+from nasdsl.pipeline.runner import Pipeline
+from nasdsl.supernet.network import NasNet
 from nasdsl.train.data import build_data
 
-from cli_helpers import ENV, run_nasdsl
+from cli_helpers import ENV, TINY, run_nasdsl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARGS = ["--data", "fake", "--set", "resolution=8", "--set", "batch_size=32", "--device", "cpu", "-q"]
+
+
+def derived_space(folder):
+    """The tiny space as derivation writes a derived network: both candidates kept, no gates."""
+    path = folder / "derived.space"
+    path.write_text(TINY.replace("layer choice =", "layer choice [gate=off] ="))
+    return path
 
 
 def val_accuracy(model) -> float:
@@ -88,8 +98,12 @@ def test_train_from_init_continues_the_given_weights(space, tmp_path):
             assert torch.allclose(trained[key], value, rtol=0, atol=1e-20), key
 
 
-def test_resume_after_sigkill_gives_the_same_weights(space, tmp_path):
-    """Killed after its first epoch and resumed: the same trained weights as a run never interrupted."""
+@pytest.mark.parametrize("gates", ["search space", "derived"])
+def test_resume_after_sigkill_gives_the_same_weights(space, tmp_path, gates):
+    """Killed after its first epoch and resumed: the same trained weights as a run never interrupted
+    (a derived space's parallel blocks train as one block: resume must rebuild that form)."""
+    if gates == "derived":
+        space = derived_space(tmp_path)
     args = ["train", str(space), "--epochs", "4", *ARGS]
     reference = tmp_path / "reference"
     assert run_nasdsl(*args, "--out", reference).returncode == 0
@@ -108,3 +122,23 @@ def test_resume_after_sigkill_gives_the_same_weights(space, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stages = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert stages == [0, 1, 2, 3]
+
+
+def test_a_layers_parallel_blocks_train_as_one_and_the_run_keeps_the_spaces_weights(tmp_path):
+    """A derived .space keeps a layer's candidates as parallel blocks (the tiny space has two):
+    `nasdsl train` trains merge.train_form's network, one block per layer with fewer convs and the
+    same function and gradients (tests/test_merge.py), while checkpoints and the export hold the
+    space's own weights."""
+    space = derived_space(tmp_path)
+    request = RunRequest(space=space, sets={"resolution": "8", "batch_size": "32"}, data="fake",
+                         out=tmp_path / "run", device="cpu", progress=False, train=True, epochs=1)
+    pipeline = Pipeline(make_plan(request))
+    pipeline.setup()
+    plain = NasNet(pipeline.plan.network.to_config())
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) for model in (pipeline.model, plain)]
+    assert convs[0] < convs[1]
+    plain.load_state_dict(pipeline.model_state(), strict=True)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(pipeline.model.eval()(x), plain.eval()(x), atol=1e-5)
+    pipeline.folder.close()

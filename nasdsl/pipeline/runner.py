@@ -56,7 +56,7 @@ class Pipeline:
         self.model: nn.Module | None = None
         self.derivation: Derivation | None = None
         self.optimizer_state: dict | None = None  # from a checkpoint, for the stage it was saved in
-        # while finetuning: maps the trained form's weights to the derived network's (see `finetuned`)
+        # while finetuning or `nasdsl train`: maps the trained form's weights to the network's (`training_form`)
         self.to_derived = None
 
     # ---- the run ---------------------------------------------------------------------------
@@ -90,6 +90,8 @@ class Pipeline:
         elif self.plan.init is not None:
             placement = AS_COMPILED if self.plan.request.train else self.recipe.gate_placement
             load_init(self.model, self.plan.init, self.plan.network, placement)
+        if self.plan.request.train:   # (a derived .space's parallel blocks train as one)
+            self.model = self.training_form(self.plan.network, self.model.state_dict())
 
     def plain(self) -> nn.Module:
         """`nasdsl train`'s network: the space's, without gates (as nasdsl.build makes it)."""
@@ -131,7 +133,7 @@ class Pipeline:
                     "or for another space?); start the run again in a new folder",
                     file=str(self.plan.out / "checkpoint.pt"))
         if slim:
-            self.model = self.finetuned(self.model.state_dict())
+            self.model = self.training_form(self.derivation.network, self.model.state_dict())
         gate_set = getattr(self.model, "gate_set", None)
         if gate_set is not None and checkpoint.get("gate_state"):
             gate_set.set_mode(checkpoint["gate_state"]["mode"])
@@ -234,7 +236,7 @@ class Pipeline:
                 self.searched()
             with torch.device("meta"):   # only its module names: slim_state_dict files the weights by them
                 slim = NasNet(self.derivation.network.to_config())
-            self.model = self.finetuned(slim_state_dict(self.derivation, self.model, slim))
+            self.model = self.training_form(self.derivation.network, slim_state_dict(self.derivation, self.model, slim))
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.train("finetune", sgd(list(self.model.parameters()), cfg), cfg, self.distillation())
@@ -243,12 +245,12 @@ class Pipeline:
             self.save_model()
         self.next_model()
 
-    def finetuned(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """The derived network, with these weights, in the form finetuning trains: merge.train_form,
-        each layer's kept candidates as one block of fewer, wider ops with the same function, batch
-        statistics and gradients (a step of the default search's derived network took 1/1.5 of the
-        time). Checkpoints and the export keep the derived network's weights (`model_state`)."""
-        network, state, self.to_derived = train_form(self.derivation.network, state)
+    def training_form(self, network: Network, state: dict[str, torch.Tensor]) -> nn.Module:
+        """`network` with these weights in the form finetuning and `nasdsl train` train it:
+        merge.train_form, each layer's parallel blocks as one block of fewer, wider ops with the same
+        function, batch statistics and gradients (a step of the default search's derived network
+        took 1/1.5 of the time). Checkpoints and the export keep `network`'s weights (`model_state`)."""
+        network, state, self.to_derived = train_form(network, state)
         model = NasNet(network.to_config())
         model.load_state_dict(state)
         return self.trainer.place(model)
