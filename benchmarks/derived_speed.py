@@ -24,8 +24,10 @@ Networks (each a *case*: an unpruned network and the derived one a search, or a 
   carries, so the stream stays narrow), f bisected to the largest value that gives at least
   `--target` times fewer FLOPs.
 
-Every network is built with random weights (speed does not depend on them), eager PyTorch on CPU,
-`--threads` threads (default 2), channels_last. Per case:
+Each case is timed in a fresh process of its own (what one leaves behind in oneDNN's kernel cache
+and the allocator moved the next one's ratios by up to 0.1). Every network is built with random
+weights (speed does not depend on them), eager PyTorch on CPU, `--threads` threads (default 2),
+channels_last. Per case:
 - inference (eval, torch.inference_mode, batch 64 and batch 1): the unpruned network
   (`nasdsl.build`), the unpruned network merged (derived with every gate kept, then
   `nasdsl.derive.merge.merge`: each layer's parallel candidates one block, residual blocks
@@ -73,6 +75,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -292,6 +295,20 @@ def measure(case: Case, args) -> dict:
     return result
 
 
+def measure_alone(case: Case, args) -> dict:
+    """`measure` in a fresh process: timed in one process after another case, ResNet-56's unpruned
+    network ran 88 ms a batch of 64 and 8.0 ms a batch of 1, first in its process 104 and 5.0 ms
+    (oneDNN's kernel cache, the allocator: what one case leaves behind changes the next one's
+    ratios by up to 0.1)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_with_threads, (case, args))
+
+
+def _measure_with_threads(case: Case, args) -> dict:
+    torch.set_num_threads(args.threads)
+    return measure(case, args)
+
+
 # ---- the report -----------------------------------------------------------------------------------
 def ratios(result: dict, form: str) -> dict:
     """Speed-ups of one form and their ratios to the FLOPs reduction."""
@@ -386,7 +403,7 @@ def main(argv=None) -> int:
         todo = cases(args, work.resolve())
     print(f"\n{load_line()}; eager, channels_last; median of {args.repeats} forward passes (inference_mode) "
           f"and {args.steps} training steps per network, interleaved, after {args.warmup} warm-up calls")
-    results = {case.label: measure(case, args) for case in todo}
+    results = {case.label: measure_alone(case, args) for case in todo}
     print_table(results)
     print_targets(results)
     return 0
