@@ -45,3 +45,23 @@ def distinct_bn(model, generator=None):
                 m.weight.uniform_(0.5, 1.5, generator=generator)
                 m.bias.normal_(0, 0.1, generator=generator)
     return model
+
+
+def contiguous_maps(model, x, names) -> list[str]:
+    """Which of the modules `names` of `model` return a contiguous (NCHW) map in a forward of x in
+    the model's mode (one-channel and one-pixel maps are both formats at once and not counted): in a
+    channels-last network each conv after one reorders it."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(module, inputs, out):
+            if out.dim() == 4 and out.size(1) > 1 and out.size(2) * out.size(3) > 1 and out.is_contiguous():
+                found.append(name)
+        return check
+
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return found

@@ -24,6 +24,8 @@ from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import NasNet
 from nasdsl.train.data import Preprocessing, build_data
 
+from cli_helpers import contiguous_maps
+
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -352,6 +354,11 @@ def test_index_maps(tmp_path):
         assert _close(m(x), ref)
         assert _close(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x), ref)
         assert _close(nasdsl.load(out)(x), ref)
+        cl = torch.channels_last   # (add_at and Select keep a channels-last map channels-last)
+        m_cl = timm.create_model(name, pretrained=True).eval().to(memory_format=cl)
+        assert _close(m_cl(x.contiguous(memory_format=cl)), ref)
+        layers = [n for n, _ in m_cl.named_modules() if n.startswith("stages.") and n.count(".") == 2]
+        assert layers and contiguous_maps(m_cl, x.contiguous(memory_format=cl), layers) == []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)

@@ -12,6 +12,7 @@ from nasdsl.derive.derive import derive
 from nasdsl.derive.merge import merge, train_form
 from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import Layer, NasNet, Select
+from cli_helpers import contiguous_maps
 from test_derive import FILES, compiled, gen, random_masks, slim_and_masked, supernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,26 +183,6 @@ def test_train_form_trains_exactly_what_the_derived_network_does(path):
         assert bns[0] < bns[1] / 2
 
 
-def _contiguous_maps(model, x) -> list[str]:
-    """The layers and selects whose output is a contiguous (NCHW) map in a training-mode forward of x
-    (one-channel and one-pixel maps are both formats at once and not counted)."""
-    found: list[str] = []
-
-    def hook(name):
-        def check(module, inputs, out):
-            if out.dim() == 4 and out.size(1) > 1 and out.size(2) * out.size(3) > 1 and out.is_contiguous():
-                found.append(name)
-        return check
-
-    watched = [(n, m) for n, m in model.named_modules() if isinstance(m, (Layer, Select))]
-    hooks = [m.register_forward_hook(hook(n)) for n, m in watched]
-    model.train()(x)
-    for h in hooks:
-        h.remove()
-    assert watched
-    return found
-
-
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_channels_last_maps_stay_channels_last_and_train_what_contiguous_ones_do(path):
     """Training runs on channels-last maps, where a derived network's selects and index-placed adds
@@ -224,8 +205,9 @@ def test_channels_last_maps_stay_channels_last_and_train_what_contiguous_ones_do
     for model in (slim, trained):
         expected = _train_step_results(model.double(), x.double(), y)
         model.float().to(memory_format=torch.channels_last)
-        assert _contiguous_maps(model, x.contiguous(memory_format=torch.channels_last)) == []
-        model.double()
-        got = _train_step_results(model, x.double().contiguous(memory_format=torch.channels_last), y)
+        watched = [n for n, m in model.named_modules() if isinstance(m, (Layer, Select))]
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert watched and contiguous_maps(model.train(), x_cl, watched) == []
+        got = _train_step_results(model.double(), x_cl.double(), y)
         assert_close_all({"logits": got[0]}, {"logits": expected[0]}, "channels-last outputs")
         assert_close_all(got[1], expected[1], "channels-last gradients")

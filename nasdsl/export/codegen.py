@@ -39,7 +39,7 @@ IMPORTS = ("os", "OrderedDict", "List", "Optional", "Tuple", "Union", "torch", "
            "create_classifier", "build_model_with_cfg", "generate_default_cfgs", "register_model",
            "feature_take_indices")
 HELPERS = ("Select", "Subsample", "MixConv", "GlobalAvgPool", "SqueezeExcite", "spread_index", "place", "add_at",
-           "_select", "_channels_last")
+           "_select", "_channels_last", "_index_add")
 RESERVED = frozenset(IMPORTS + HELPERS + ("default_cfgs", "__nasdsl_export__", "_WEIGHTS", "annotations"))
 
 Position = tuple   # (layer, "block", block, op) | (layer, "shortcut", op) | (layer, "post", op)
@@ -930,10 +930,15 @@ def helpers(classes: list, codes: list, head: Head) -> str:
         parts += [inspect.getsource(net._select), inspect.getsource(net._channels_last), _SELECT_LEAF]
     if "place(" in text or "add_at(" in text:
         parts.append(_PLACEMENT)
+    if "add_at(" in text:   # what add_at calls: network.py's channels-last scatter, a leaf for torch.fx
+        parts += [inspect.getsource(net._index_add), _INDEX_ADD_LEAF]
+        if not re.search(r"\bSelect\(", text):
+            parts.append(inspect.getsource(net._channels_last))
     return "\n\n\n".join(p.strip("\n") for p in parts)
 
 
 _SELECT_LEAF = 'torch.fx.wrap("_select")  # a leaf for torch.fx: its memory-format test is not traceable control flow'
+_INDEX_ADD_LEAF = 'torch.fx.wrap("_index_add")  # a leaf for torch.fx: its memory-format test is not traceable'
 
 _PLACEMENT = '''
 def spread_index(index: torch.Tensor, width: int) -> torch.Tensor:
@@ -951,13 +956,14 @@ def place(y: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
 
 
 def add_at(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """x with y added to its channels `index`: index_add, the fastest in PyTorch. Under ONNX export
+    """x with y added to its channels `index`: index_add (`_index_add`: a channels-last map stays
+    channels-last), the fastest in PyTorch. Under ONNX export
     a gather (`place`) instead: index_add exports as a ScatterElements over an index the size of the
     whole map, which made a pruned ResNet-56 in onnxruntime barely faster than the unpruned one."""
     if not torch.jit.is_scripting():  # TorchScript skips this; it cannot compile the ONNX test
         if torch.onnx.is_in_onnx_export():
             return x + place(y, spread)
-    return x.index_add(1, index, y)
+    return _index_add(x, index, y, False)
 '''
 
 
