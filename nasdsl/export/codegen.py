@@ -956,10 +956,10 @@ def place(y: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
 
 
 def add_at(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """x with y added to its channels `index`: index_add (`_index_add`: a channels-last map stays
-    channels-last), the fastest in PyTorch. Under ONNX export
-    a gather (`place`) instead: index_add exports as a ScatterElements over an index the size of the
-    whole map, which made a pruned ResNet-56 in onnxruntime barely faster than the unpruned one."""
+    """x with y added to its channels `index`: index_add (`_index_add`, which keeps a channels-last
+    map channels-last), the fastest in PyTorch. Under ONNX export a gather (`place`) instead:
+    index_add exports as a ScatterElements over an index the size of the whole map, which made a
+    pruned ResNet-56 in onnxruntime barely faster than the unpruned one."""
     if not torch.jit.is_scripting():  # TorchScript skips this; it cannot compile the ONNX test
         if torch.onnx.is_in_onnx_export():
             return x + place(y, spread)

@@ -34,6 +34,7 @@ class Select(nn.Module):
 
 
 def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x's channels `index`, in x's memory format (see Select)."""
     if _channels_last(x):
         n, c, h, w = x.shape
         return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
