@@ -926,19 +926,19 @@ def helpers(classes: list, codes: list, head: Head) -> str:
                       head.pool, *(s for _, s in head.pre_pool + head.pre_logits if isinstance(s, str))])
     parts = [inspect.getsource(getattr(net, n)) for n in ("Select", "Subsample", "MixConv", "GlobalAvgPool",
                                                           "SqueezeExcite") if re.search(rf"\b{n}\(", text)]
-    if re.search(r"\bSelect\(", text):   # what Select calls, with the line that makes it a leaf for torch.fx
-        parts += [inspect.getsource(net._select), inspect.getsource(net._channels_last), _SELECT_LEAF]
     if "place(" in text or "add_at(" in text:
         parts.append(_PLACEMENT)
-    if "add_at(" in text:   # what add_at calls: network.py's channels-last scatter, a leaf for torch.fx
-        parts += [inspect.getsource(net._index_add), _INDEX_ADD_LEAF]
-        if not re.search(r"\bSelect\(", text):
-            parts.append(inspect.getsource(net._channels_last))
+    leaves = []   # what Select and add_at call: network.py's channels-last gather and scatter
+    if re.search(r"\bSelect\(", text):
+        leaves.append("_select")
+    if "add_at(" in text:
+        leaves.append("_index_add")
+    if leaves:
+        parts += [inspect.getsource(getattr(net, n)) for n in (*leaves, "_channels_last")]
+        parts += [f'torch.fx.wrap("{n}")  # a leaf for torch.fx: its memory-format test is not traceable'
+                  for n in leaves]
     return "\n\n\n".join(p.strip("\n") for p in parts)
 
-
-_SELECT_LEAF = 'torch.fx.wrap("_select")  # a leaf for torch.fx: its memory-format test is not traceable control flow'
-_INDEX_ADD_LEAF = 'torch.fx.wrap("_index_add")  # a leaf for torch.fx: its memory-format test is not traceable'
 
 _PLACEMENT = '''
 def spread_index(index: torch.Tensor, width: int) -> torch.Tensor:
