@@ -17,8 +17,9 @@ Networks (each a *case*: an unpruned network and the derived one a search, or a 
   default recipe, `--epochs W A` weights and architecture epochs and no finetuning (speed does
   not depend on accuracy); `--set KEY=VALUE` is passed on to both searches (e.g.
   architecture.channel_multiple=16; README says which recipe keys turn FLOPs into speed). Runs
-  go to `--work DIR` (default: a temporary folder), one folder per space and command line, and a
-  finished one there is reused (an unfinished one resumed). Each search's command is printed.
+  go to `--work DIR` (default: a temporary folder), one folder per space, command line and the
+  recipe it resolves to (a search made before a default changed is not reused), and a finished
+  one there is reused (an unfinished one resumed). Each search's command is printed.
 - `--structured`: VGG-16 and ResNet-56 (CIFAR, 3x32x32) with structured masks, the same leading
   fraction f of every gate group kept (in a residual stage, of the channels the shortcut
   carries, so the stream stays narrow), f bisected to the largest value that gives at least
@@ -97,6 +98,7 @@ from nasdsl.derive.merge import merge, train_form  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
 from nasdsl.graph.ir import Network  # noqa: E402
 from nasdsl.graph.ops import CHANNELWISE  # noqa: E402
+from nasdsl.pipeline.plan import RunRequest, make_plan  # noqa: E402
 from nasdsl.search import dnal  # noqa: E402
 from nasdsl.supernet.build import build_supernet  # noqa: E402
 
@@ -157,10 +159,23 @@ def search_command(space: str, args) -> list[str]:
             *[a for kv in sets for a in ("--set", kv)]]
 
 
+def resolved_recipe(cmd: list[str]) -> dict:
+    """The recipe a search command runs with, every `auto` resolved as its plan does: a run searched
+    before a default changed is not the run this command would make."""
+    sets = dict(kv.split("=", 1) for flag, kv in zip(cmd, cmd[1:]) if flag == "--set")
+    budget = cmd[cmd.index("--budget") + 1]
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = make_plan(RunRequest(space=ROOT / cmd[2], sets=sets, budget=budget, out=Path(tmp) / "run",
+                                    device="cpu"), join_world=False)
+    return plan.recipe.to_dict()
+
+
 def search(space: str, args, work: Path) -> Path:
-    """Run (or reuse, or resume) one search in `work`; its folder is named by its command line."""
+    """Run (or reuse, or resume) one search in `work`; its folder is named by its command line and
+    the recipe that resolves to."""
     cmd = search_command(space, args)
-    out = work / f"{space}_{hashlib.sha1(' '.join(cmd).encode()).hexdigest()[:8]}"
+    key = " ".join(cmd) + json.dumps(resolved_recipe(cmd), sort_keys=True)
+    out = work / f"{space}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     cmd += ["--out", str(out), "--quiet"]
     if (out / "summary.json").exists():
         print(f"reusing {out}: {' '.join(cmd)}", flush=True)

@@ -38,7 +38,7 @@ GatePlacement = Literal["after_bn", "before_bn", "after_act"]
 Strategy = Literal["sequential", "joint"]
 DeltaSchedule = Literal["iteration", "epoch"]
 Penalty = Literal["scaled", "unscaled"]
-PenaltyWeight = Literal["channels", "flops"]
+PenaltyWeight = Literal["auto", "channels", "flops", "params"]
 BnMode = Literal["frozen", "recalibrated", "train"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -283,10 +283,12 @@ class ArchRecipe(_Section):
     Optional: weight_decay (on the gates), delta_start/delta_end (scale of the scaled sigmoid, grown
     exponentially), delta_schedule (iteration: smooth; epoch: the release's per-epoch steps), penalty
     (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
-    gate counts 1; flops: the MACs its channel costs), bn (frozen | recalibrated | train), channel_multiple
+    gate counts 1, the paper; flops / params: the MACs / parameters its channel costs; auto: what the
+    budget counts, so that the penalty prices what the budget limits, else flops with block_cost and
+    channels without either; resolved by the plan step), bn (frozen | recalibrated | train), channel_multiple
     (every gate group keeps a multiple of this many channels, or all of them; auto: the device's
     channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan step), block_cost (MACs a removable block costs beyond its
-    channels; 0: no depth gates; needs penalty_weight flops), budget (what the derived network may cost:
+    channels; 0: no depth gates; needs penalty_weight flops, as auto is unless a budget counts params), budget (what the derived network may cost:
     `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone decides;
     parsed and checked against the space by the plan step, `--budget` sets it)."""
     epochs: Int0
@@ -298,7 +300,7 @@ class ArchRecipe(_Section):
     delta_end: PositiveFloat = 1e4
     delta_schedule: DeltaScheduleChoice = "iteration"
     penalty: PenaltyChoice = "scaled"
-    penalty_weight: PenaltyWeightChoice = "channels"
+    penalty_weight: PenaltyWeightChoice = "auto"
     bn: BnModeChoice = "frozen"
     channel_multiple: Annotated[Union[int, Literal["auto"]], BeforeValidator(_check_multiple)] = "auto"
     block_cost: NonNegativeFloat = 0.0
@@ -311,8 +313,8 @@ class ArchRecipe(_Section):
         if end < start:
             raise _Cross(lambda p: f"{p}delta_end: {end:g} is below {p}delta_start ({start:g})",
                          "delta_end", "delta_start")
-        if self.block_cost > 0 and self.penalty_weight != "flops":
-            raise _Cross(lambda p: f"{p}block_cost: is counted in MACs, so it needs {p}penalty_weight: flops",
+        if self.block_cost > 0 and self.penalty_weight not in ("flops", "auto"):
+            raise _Cross(lambda p: f"{p}block_cost: is counted in MACs, so it needs {p}penalty_weight: flops or auto",
                          "block_cost", "penalty_weight")
         return self
 

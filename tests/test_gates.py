@@ -409,9 +409,9 @@ def test_gate_channel_flops_by_hand():
     """MACs per channel at 8x8: the mbconv's mid channels are written by the 1x1 expansion
     (8*16*64 MACs over 16 channels) and read by the 3x3 depthwise (16*9*64) and the 1x1
     projection (16*8*64); its outputs are written by the projection; the strided conv's by itself."""
-    from nasdsl.graph.accounting import gate_channel_flops
+    from nasdsl.graph.accounting import gate_channel_cost
 
-    costs = gate_channel_flops(compile_source(TINY, "tiny.space"))
+    costs = gate_channel_cost(compile_source(TINY, "tiny.space"), "flops")
     assert costs == {"choice.mid": (8 * 16 * 64 + 16 * 9 * 64 + 16 * 8 * 64) / 16,
                      "choice.out": 16 * 8 * 64 / 8,
                      "down.bn": 8 * 9 * 16 * 16 / 16}

@@ -149,7 +149,7 @@ def test_new_kind_infers_counts_and_prints(scale_op):
     assert accounting.block_cost(a).params == conv1.params + 2 * 8 + 8 + conv2.params + 2 * 6
     assert accounting.block_cost(a).flops == conv1.flops + 8 * 8 * 8 + conv2.flops
     # the scale lies between the gate and the next dense conv: its MACs are the gate's too
-    flops = accounting.gate_channel_flops(net)
+    flops = accounting.gate_channel_cost(net, "flops")
     assert flops["a.bn"] * 8 == conv1.flops + 8 * 8 * 8 + conv2.flops
     text = to_space(net)
     assert "bn > scale > relu" in text

@@ -268,6 +268,30 @@ def test_importing_nasdsl_gives_onednn_room_for_every_conv_shape_of_a_derived_ne
     assert out.stdout.strip() == expected
 
 
+@pytest.mark.parametrize("budget, sets, expected", [
+    ("flops=50%", {}, "flops"), ("params=90%", {}, "params"), (None, {}, "channels"),
+    (None, {"architecture.block_cost": "1e6"}, "flops"), ("flops=70%,50%", {}, "flops"),
+    ("flops=50%", {"architecture.penalty_weight": "channels"}, "channels"),
+    (None, {"architecture.penalty_weight": "params"}, "params")])
+def test_penalty_weight_auto_prices_what_the_budget_counts(tiny, tmp_path, budget, sets, expected):
+    """`auto` becomes the budget's metric in the plan (and so in the run's recipe): the penalty then
+    prices each channel by what it adds to the cost the controller steers; a choice given stays."""
+    from nasdsl.pipeline.plan import RunRequest, make_plan
+
+    plan = make_plan(RunRequest(space=tiny, data="fake", sets=sets, budget=budget, out=tmp_path / "run",
+                                device="cpu"), join_world=False)
+    assert plan.recipe.architecture.penalty_weight == expected
+
+
+def test_block_cost_under_a_params_budget_is_a_one_line_error(tiny, tmp_path):
+    """block_cost is in MACs; `auto` under a params budget would price it on the parameters' scale."""
+    proc = run_nasdsl("search", tiny, "--data", "fake", "--out", tmp_path / "run", "--budget", "params=90%",
+                      "--set", "architecture.block_cost=1e6", check=False)
+    assert one_line_error(proc) == ("architecture.block_cost: is counted in MACs, and penalty_weight auto "
+                                    "prices what the budget counts (params); set architecture.penalty_weight: flops")
+    assert not (tmp_path / "run").exists()
+
+
 def test_channel_multiple_auto_is_the_devices_channel_block(tiny, tmp_path):
     """`auto` becomes a number in the plan (and so in the run's recipe and summary): the channel block
     of the device the run uses; a number given stays as it is."""

@@ -196,7 +196,7 @@ def test_display_path_relative_to_working_directory(monkeypatch, tmp_path):
     ("delta_end: 1.0e4", "delta_end: 0.5", "architecture.delta_end: 0.5 is below architecture.delta_start (1)"),
     ("delta_start: 1", "delta_start: 0", "architecture.delta_start: expected a number > 0"),
     ("  bn: frozen\n", "  bn: frozen\n  penalty_weight: macs\n",
-     "architecture.penalty_weight: 'macs' is not allowed; choose one of: channels, flops"),
+     "architecture.penalty_weight: 'macs' is not allowed; choose one of: auto, channels, flops, params"),
     ("  bn: frozen\n", "  bn: frozen\n  channel_multiple: 0\n",
      "architecture.channel_multiple: expected 'auto' or an integer >= 1, got 0"),
     ("  milestones: []\n  gamma: 0.1\n  momentum: 0.9\n  weight_decay: 1.0e-4\n  nesterov: false\n"
@@ -438,13 +438,15 @@ def test_new_keys_bad_overrides(overrides, expect):
 # --------------------------------------------------------------------------- the rest of the contract
 
 def test_cross_field_checks_are_located(tmp_path):
-    text = MINIMAL.replace("  bn: frozen\n", "  bn: frozen\n  block_cost: 5.0e+6\n")
+    text = MINIMAL.replace("  bn: frozen\n", "  bn: frozen\n  penalty_weight: channels\n  block_cost: 5.0e+6\n")
     path = write(tmp_path, text)
     message = error(str(path))
-    assert "architecture.block_cost: is counted in MACs, so it needs architecture.penalty_weight: flops" in message
+    assert "architecture.block_cost: is counted in MACs, so it needs architecture.penalty_weight: flops or auto" \
+        in message
     located(path, message, "block_cost:")
-    flops = text.replace("  bn: frozen\n", "  bn: frozen\n  penalty_weight: flops\n")
-    assert load_recipe(str(write(tmp_path, flops, "f.yaml"))).architecture.block_cost == 5e6
+    for weight in ("flops", "auto"):
+        ok = text.replace("penalty_weight: channels", f"penalty_weight: {weight}")
+        assert load_recipe(str(write(tmp_path, ok, f"{weight}.yaml"))).architecture.block_cost == 5e6
     assert error("cpu", {"finetune.nesterov": "true", "finetune.momentum": "0"}) == \
         "--set: finetune.nesterov: needs momentum > 0"
     path = write(tmp_path, MINIMAL.replace("delta_end: 1.0e4", "delta_end: 0.5"), "d.yaml")

@@ -132,13 +132,14 @@ def test_architecture_stage_freezes_weights_and_binarises(space, tmp_path, bn):
     assert search.model.gate_set.state.mode == "hard"
 
 
-def test_flops_penalty_weighs_gates_by_their_macs(space, tmp_path):
-    from nasdsl.graph.accounting import gate_channel_flops
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_cost_penalty_weighs_gates_by_their_macs_or_parameters(space, tmp_path, metric):
+    from nasdsl.graph.accounting import gate_channel_cost
 
-    search = job(space, tmp_path / "run", **{"architecture.penalty_weight": "flops"})
+    search = job(space, tmp_path / "run", **{"architecture.penalty_weight": metric})
     search.setup()
     gs = search.model.gate_set
-    costs = gate_channel_flops(search.plan.network)
+    costs = gate_channel_cost(search.plan.network, metric)
     per_channel = torch.cat([torch.full((g.s.numel(),), costs[g.key]) for g in gs.gates])
     torch.testing.assert_close(gs.channel_weights, per_channel / per_channel.mean())
     plain = job(space, tmp_path / "plain")
@@ -360,8 +361,8 @@ def test_block_cost_removes_whole_blocks(depth_run, finished_run):
 
 
 def test_block_cost_needs_flops_weights(space, tmp_path):
-    proc = nasdsl("search", space, "--data", "fake", "--out", tmp_path / "run",
-                  "--set", "architecture.block_cost=1e6", check=False)
+    proc = nasdsl("search", space, "--data", "fake", "--out", tmp_path / "run", "--set",
+                  "architecture.penalty_weight=channels", "--set", "architecture.block_cost=1e6", check=False)
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
     assert proc.stderr.strip() == ("--set: architecture.block_cost: is counted in MACs, so it needs "
-                                   "architecture.penalty_weight: flops")
+                                   "architecture.penalty_weight: flops or auto")

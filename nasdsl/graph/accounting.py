@@ -61,11 +61,6 @@ def gate_channel_cost(net: Network, metric: str = "flops") -> dict[str, float]:
     return costs
 
 
-def gate_channel_flops(net: Network) -> dict[str, float]:
-    """MACs per channel of each gate group (see `gate_channel_cost`): the penalty's flops weights."""
-    return gate_channel_cost(net, "flops")
-
-
 def log10_space_size(gated_channels: int) -> float:
     """log10 of 2^(gated channels): every gated channel is on or off."""
     return gated_channels * math.log10(2)

@@ -194,6 +194,7 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / (space.stem + ("_train" if request.train else ""))
     budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
+    recipe = resolve_penalty_weight(recipe, budgets)
     init = read_init(request.init, written, str(space), network) if request.init is not None else None
     if not request.train:
         note_untrained_start(recipe, init, notes)
@@ -219,6 +220,27 @@ def resolve_channel_multiple(recipe: Recipe, device: torch.device) -> Recipe:
     if arch.channel_multiple != "auto":
         return recipe
     return recipe.model_copy(update={"architecture": arch.model_copy(update={"channel_multiple": channel_block(device)})})
+
+
+def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
+    """`architecture.penalty_weight: auto` as what the budget counts: the budget controller steers
+    lambda until the derived network's MACs (or parameters) meet the target, so each gate's price
+    should be what its channel adds to them. Counting every channel as 1 instead (the paper's
+    penalty, which auto still is without a budget) prices a first-stage channel of ResNet-56, which
+    costs 4x the MACs of a last-stage one, the same, and the search keeps slow early layers: its
+    derived network ran 0.75 of its FLOPs reduction at batch 64, and 0.80-0.82 priced by MACs
+    (benchmarks/derived_speed.py; README). block_cost is counted in MACs, so with it auto is flops.
+    The run's recipe records the choice."""
+    arch = recipe.architecture
+    if arch.penalty_weight != "auto":
+        return recipe
+    metrics = {b.metric for b in budgets}
+    weight = metrics.pop() if len(metrics) == 1 else "flops" if arch.block_cost > 0 else "channels"
+    if arch.block_cost > 0 and weight != "flops":
+        raise NasdslError("is counted in MACs, and penalty_weight auto prices "
+                          f"what the budget counts ({weight}); set architecture.penalty_weight: flops",
+                          file="architecture.block_cost")
+    return recipe.model_copy(update={"architecture": arch.model_copy(update={"penalty_weight": weight})})
 
 
 def kernels_note(written: Network, network: Network, cut: int) -> str:

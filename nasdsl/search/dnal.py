@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-from nasdsl.graph.accounting import gate_channel_flops
+from nasdsl.graph.accounting import gate_channel_cost
 from nasdsl.graph.ir import Network
 from nasdsl.train.loop import StageHooks
 from nasdsl.train.schedule import delta as delta_at
@@ -64,10 +64,13 @@ def _trainable(model: nn.Module, *, weights: bool, gates: bool) -> None:
 
 
 def weigh_gates(model: nn.Module, network: Network, arch) -> None:
-    """With `penalty_weight: flops`, each gate counts the MACs of its channel (and each depth gate
-    its block's fixed `block_cost`), so pruning goes where the compute is."""
-    if arch.penalty_weight == "flops":
-        model.gate_set.weigh(gate_channel_flops(network), arch.block_cost)
+    """With `penalty_weight: flops` (or params), each gate counts the MACs (parameters) of its channel,
+    and each depth gate its block's fixed `block_cost`, so pruning goes where the compute is; `auto`
+    is resolved by the plan step (nasdsl.pipeline.plan.resolve_penalty_weight)."""
+    if arch.penalty_weight == "auto":
+        raise ValueError("architecture.penalty_weight auto must be resolved against the budget first")
+    if arch.penalty_weight != "channels":
+        model.gate_set.weigh(gate_channel_cost(network, arch.penalty_weight), arch.block_cost)
 
 
 class GateHooks(StageHooks):
