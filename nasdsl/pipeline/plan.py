@@ -228,7 +228,7 @@ def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
     should be what its channel adds to them. Counting every channel as 1 instead (the paper's
     penalty, which auto still is without a budget) prices a first-stage channel of ResNet-56, which
     costs 4x the MACs of a last-stage one, the same, and the search keeps slow early layers: its
-    derived network ran 0.75 of its FLOPs reduction at batch 64, and 0.80-0.82 priced by MACs
+    derived network ran 0.75 of its FLOPs reduction at batch 64, and 0.81-0.83 priced by MACs
     (benchmarks/derived_speed.py; README). block_cost is counted in MACs, so with it auto is flops.
     The run's recipe records the choice."""
     arch = recipe.architecture
