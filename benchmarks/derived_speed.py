@@ -170,12 +170,17 @@ def resolved_recipe(cmd: list[str]) -> dict:
     return plan.recipe.to_dict()
 
 
-def search(space: str, args, work: Path) -> Path:
-    """Run (or reuse, or resume) one search in `work`; its folder is named by its command line and
-    the recipe that resolves to."""
+def search_folder(space: str, args, work: Path) -> tuple[Path, list[str]]:
+    """The folder of one search in `work`, named by its command line and the recipe that resolves
+    to, and its command line (without --out)."""
     cmd = search_command(space, args)
     key = " ".join(cmd) + json.dumps(resolved_recipe(cmd), sort_keys=True)
-    out = work / f"{space}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return work / f"{space}_{hashlib.sha1(key.encode()).hexdigest()[:8]}", cmd
+
+
+def search(space: str, args, work: Path) -> Path:
+    """Run (or reuse, or resume) one search in `work` (`search_folder`)."""
+    out, cmd = search_folder(space, args, work)
     cmd += ["--out", str(out), "--quiet"]
     if (out / "summary.json").exists():
         print(f"reusing {out}: {' '.join(cmd)}", flush=True)

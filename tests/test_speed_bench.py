@@ -1,0 +1,40 @@
+"""benchmarks/derived_speed.py's searches: a finished search is reused only by the command line and
+the recipe that made it, so a search made before a recipe default changed is not timed as today's."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "derived_speed.py"
+    spec = importlib.util.spec_from_file_location("derived_speed_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_search_resolves_its_recipe_as_the_run_will(bench):
+    args = bench.parse(["--search"])
+    recipe = bench.resolved_recipe(bench.search_command("resnet56_cifar", args))
+    assert recipe["architecture"]["penalty_weight"] == "flops"   # auto, under the benchmark's flops budget
+    assert recipe["architecture"]["channel_multiple"] in (8, 16)  # auto: the device's channel block
+    assert recipe["weights"]["epochs"] == 5 and recipe["finetune"]["epochs"] == 0
+
+
+def test_a_search_folder_changes_with_the_resolved_recipe(bench, monkeypatch, tmp_path):
+    args = bench.parse(["--search"])
+    folder, cmd = bench.search_folder("resnet56_cifar", args, tmp_path)
+    assert folder.parent == tmp_path and folder.name.startswith("resnet56_cifar_")
+    assert cmd[:3] == ["nasdsl", "search", "spaces/resnet56_cifar.space"] and "--out" not in cmd
+    assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] == folder
+    today = bench.resolved_recipe
+    monkeypatch.setattr(bench, "resolved_recipe", lambda c: {**today(c), "seed": 1})  # a default changed
+    assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] != folder
