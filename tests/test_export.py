@@ -320,6 +320,13 @@ def test_torchscript_and_fx(tiny, registered):
         assert _close(scripted(x), ref)
         assert _close(traced(x), ref)
         assert _close(traced_scripted(x), ref)
+    # fx's inference fusion folds every BN into its conv (the README's measured inference speed-up)
+    from torch.fx.experimental.optimization import fuse
+
+    fused = fuse(m)
+    assert not [n for n, mod in fused.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        assert _close(fused(x), ref)
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed")
