@@ -285,12 +285,13 @@ class ArchRecipe(_Section):
     (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
     gate counts 1, the paper; flops / params: the MACs / parameters its channel costs; auto: what the
     budget counts, so that the penalty prices what the budget limits, else flops with block_cost and
-    channels without either; resolved by the plan step), bn (frozen | recalibrated | train), channel_multiple
-    (every gate group keeps a multiple of this many channels, or all of them; auto: the device's
-    channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan step), block_cost (MACs a removable block costs beyond its
-    channels; 0: no depth gates; needs penalty_weight flops, as auto is unless a budget counts params), budget (what the derived network may cost:
-    `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone decides;
-    parsed and checked against the space by the plan step, `--budget` sets it)."""
+    channels without either; resolved by the plan step), bn (frozen | recalibrated | train),
+    channel_multiple (every gate group keeps a multiple of this many channels, or all of them; auto: the
+    device's channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan
+    step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; needs
+    penalty_weight flops, as auto is unless a budget counts params), budget (what the derived network
+    may cost: `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone
+    decides; parsed and checked against the space by the plan step, `--budget` sets it)."""
     epochs: Int0
     lr: PositiveFloat
     momentum: UnitFloat
