@@ -283,6 +283,27 @@ def test_penalty_weight_auto_prices_what_the_budget_counts(tiny, tmp_path, budge
     assert plan.recipe.architecture.penalty_weight == expected
 
 
+def test_resuming_with_another_recipe_names_the_keys_that_differ(tiny, tmp_path):
+    """A run searched before a default changed (penalty_weight's, say) is refused on --resume with
+    the keys that differ and both values, so the user knows which --set restores it."""
+    from nasdsl.pipeline.plan import RunRequest, make_plan
+
+    out = tmp_path / "run"
+    plan = make_plan(RunRequest(space=tiny, data="fake", out=out, device="cpu", budget="flops=70%"), join_world=False)
+    recipe = plan.recipe.to_dict()
+    assert recipe["architecture"]["penalty_weight"] == "flops"
+    recipe["architecture"]["penalty_weight"] = "channels"   # what auto was before it priced MACs
+    recipe["finetune"]["lr"] = 0.5
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"space_hash": plan.space_hash, "recipe": recipe}))
+    proc = run_nasdsl("search", tiny, "--data", "fake", "--out", out, "--budget", "flops=70%", "--resume",
+                      check=False)
+    assert one_line_error(proc) == (
+        f"{out}: this run used a different recipe (architecture.penalty_weight: channels there, flops now; "
+        f"finetune.lr: 0.5 there, {plan.recipe.finetune.lr:g} now); resume it with the same recipe and --set")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
 def test_block_cost_under_a_params_budget_is_a_one_line_error(tiny, tmp_path):
     """block_cost is in MACs; `auto` under a params budget would price it on the parameters' scale."""
     proc = run_nasdsl("search", tiny, "--data", "fake", "--out", tmp_path / "run", "--budget", "params=90%",

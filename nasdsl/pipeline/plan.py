@@ -356,9 +356,29 @@ def check_run_folder(plan: Plan) -> None:
         raise NasdslError("this run searched a different space (or different --set values); "
                           "resume it with the same space and settings", file=str(folder))
     if manifest.get("recipe") != plan.recipe.to_dict():
-        raise NasdslError("this run used a different recipe; resume it with the same recipe and --set",
-                          file=str(folder))
+        changed = recipe_changes(manifest.get("recipe") or {}, plan.recipe.to_dict())
+        raise NasdslError(f"this run used a different recipe ({changed}); resume it with the same recipe "
+                          "and --set", file=str(folder))
     check_same_init(manifest.get("init"), plan.init, str(folder))
+
+
+def recipe_changes(then: dict, now: dict, shown: int = 3) -> str:
+    """'KEY: A there, B now; ...' for the first `shown` dotted keys whose values differ (a default
+    that changed since the run began, or a --set), and how many more."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def text(v) -> str:
+        return "(none)" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    a, b = flat(then), flat(now)
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    parts = [f"{k}: {text(a.get(k))} there, {text(b.get(k))} now" for k in keys[:shown]]
+    more = f"; {len(keys) - shown} more" if len(keys) > shown else ""
+    return "; ".join(parts) + more
 
 
 def check_same_init(recorded: dict | None, init: InitWeights | None, folder: str) -> None:
