@@ -157,11 +157,27 @@ def _print_plan(info: dict, as_json: bool) -> None:
           f"crop_pct {pre['crop_pct']}, {pre['interpolation']}")
     if info.get("augmentation"):
         print("  augment   " + ", ".join(f"{k} {v}" for k, v in info["augmentation"].items()))
+    if info.get("search"):
+        print(f"  gates     {_gate_settings(info['search'])}")
     if info.get("init"):
         print(f"  init      {info['init']['path']} (sha256 {info['init']['sha256'][:12]})")
     print(f"  writes    {info['out']}/ (export name {info['export_name']})")
     for note in info["notes"]:
         print(f"  note: {note}")
+
+
+_PRICES = {"channels": "each priced 1", "flops": "each priced by its channel's MACs",
+           "params": "each priced by its channel's parameters"}
+
+
+def _gate_settings(search: dict) -> str:
+    """The plan's `gates` line: the penalty's price of a gate and the rounding of kept widths."""
+    weight, multiple = search["penalty_weight"], search["channel_multiple"]
+    text = f"{_PRICES[weight]} (penalty_weight {weight}); "
+    text += f"kept widths in multiples of {multiple} (channel_multiple)" if multiple > 1 else "exact widths"
+    if search["block_cost"] > 0:
+        text += f"; depth gates at {search['block_cost']:g} MACs a block (block_cost)"
+    return text
 
 
 def _is_main_process() -> bool:

@@ -113,6 +113,21 @@ def test_dry_run_text_names_the_stages_and_the_export(tiny):
     assert "weights" in proc.stdout and "1 epochs x 8 steps" in proc.stdout and "export name tiny" in proc.stdout
 
 
+@pytest.mark.parametrize("budget, priced", [(None, "each priced 1 (penalty_weight channels)"),
+                                            ("flops=70%", "each priced by its channel's MACs (penalty_weight flops)")])
+def test_dry_run_says_how_the_gates_are_priced_and_rounded(tiny, budget, priced):
+    """What `auto` resolved to is part of the plan: the JSON's `search` and one line of the text."""
+    extra = ["--budget", budget] if budget else []
+    plan = json.loads(run_cli("search", tiny, "--data", "fake", *extra, "--dry-run", "--json").stdout)
+    block = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    assert plan["search"] == {"penalty_weight": priced.split()[-1].rstrip(")"), "channel_multiple": block,
+                              "block_cost": 0.0}
+    text = run_cli("search", tiny, "--data", "fake", *extra, "--dry-run").stdout
+    assert f"  gates     {priced}; kept widths in multiples of {block} (channel_multiple)\n" in text
+    train = json.loads(run_cli("train", tiny, "--data", "fake", "--dry-run", "--json").stdout)
+    assert train["search"] is None
+
+
 # ---- runs --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_vgg16_space_searches_and_exports_a_model_timm_loads(tmp_path):

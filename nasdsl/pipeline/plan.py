@@ -118,7 +118,14 @@ class Plan:
                 "export_name": self.export_name, "preprocessing": self.data.preprocessing.to_dict(),
                 "augmentation": dict(self.data.augmentation), "notes": list(self.notes),
                 "budgets": [{"metric": b.metric, "target": t, "text": str(b)} for b, t in zip(self.budgets, self.targets)],
+                "search": None if self.request.train else self.search_settings(),
                 "init": self.init.describe() if self.init else None}
+
+    def search_settings(self) -> dict:
+        """How the architecture stage prices and rounds the gates, every `auto` resolved."""
+        arch = self.recipe.architecture
+        return {"penalty_weight": arch.penalty_weight, "channel_multiple": arch.channel_multiple,
+                "block_cost": arch.block_cost}
 
 
 def split_sets(pairs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
