@@ -283,13 +283,13 @@ class ArchRecipe(_Section):
     Optional: weight_decay (on the gates), delta_start/delta_end (scale of the scaled sigmoid, grown
     exponentially), delta_schedule (iteration: smooth; epoch: the release's per-epoch steps), penalty
     (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
-    gate counts 1, the paper; flops / params: the MACs / parameters its channel costs; auto: what the
-    budget counts, so that the penalty prices what the budget limits, else flops with block_cost and
-    channels without either; resolved by the plan step), bn (frozen | recalibrated | train),
+    gate counts 1, the paper, the default; flops / params: the MACs / parameters its channel costs;
+    auto: what the budget counts, else flops with block_cost and channels without either; resolved by
+    the plan step), bn (frozen | recalibrated | train),
     channel_multiple (every gate group keeps a multiple of this many channels, or all of them; auto: the
     device's channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan
     step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; needs
-    penalty_weight flops, as auto is unless a budget counts params), budget (what the derived network
+    penalty_weight flops, or auto unless a budget counts params), budget (what the derived network
     may cost: `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone
     decides; parsed and checked against the space by the plan step, `--budget` sets it)."""
     epochs: Int0
@@ -301,7 +301,7 @@ class ArchRecipe(_Section):
     delta_end: PositiveFloat = 1e4
     delta_schedule: DeltaScheduleChoice = "iteration"
     penalty: PenaltyChoice = "scaled"
-    penalty_weight: PenaltyWeightChoice = "auto"
+    penalty_weight: PenaltyWeightChoice = "channels"
     bn: BnModeChoice = "frozen"
     channel_multiple: Annotated[Union[int, Literal["auto"]], BeforeValidator(_check_multiple)] = "auto"
     block_cost: NonNegativeFloat = 0.0

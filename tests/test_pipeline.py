@@ -117,7 +117,7 @@ def test_dry_run_text_names_the_stages_and_the_export(tiny):
                                             ("flops=70%", "each priced by its channel's MACs (penalty_weight flops)")])
 def test_dry_run_says_how_the_gates_are_priced_and_rounded(tiny, budget, priced):
     """What `auto` resolved to is part of the plan: the JSON's `search` and one line of the text."""
-    extra = ["--budget", budget] if budget else []
+    extra = (["--budget", budget] if budget else []) + ["--set", "architecture.penalty_weight=auto"]
     plan = json.loads(run_cli("search", tiny, "--data", "fake", *extra, "--dry-run", "--json").stdout)
     block = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
     assert plan["search"] == {"penalty_weight": priced.split()[-1].rstrip(")"), "channel_multiple": block,
@@ -283,14 +283,17 @@ def test_importing_nasdsl_gives_onednn_room_for_every_conv_shape_of_a_derived_ne
     assert out.stdout.strip() == expected
 
 
+AUTO = {"architecture.penalty_weight": "auto"}
+
+
 @pytest.mark.parametrize("budget, sets, expected", [
-    ("flops=50%", {}, "flops"), ("params=90%", {}, "params"), (None, {}, "channels"),
-    (None, {"architecture.block_cost": "1e6"}, "flops"), ("flops=70%,50%", {}, "flops"),
-    ("flops=50%", {"architecture.penalty_weight": "channels"}, "channels"),
-    (None, {"architecture.penalty_weight": "params"}, "params")])
+    ("flops=50%", AUTO, "flops"), ("params=90%", AUTO, "params"), (None, AUTO, "channels"),
+    (None, {**AUTO, "architecture.block_cost": "1e6"}, "flops"), ("flops=70%,50%", AUTO, "flops"),
+    ("flops=50%", {}, "channels"), (None, {"architecture.penalty_weight": "params"}, "params")])
 def test_penalty_weight_auto_prices_what_the_budget_counts(tiny, tmp_path, budget, sets, expected):
     """`auto` becomes the budget's metric in the plan (and so in the run's recipe): the penalty then
-    prices each channel by what it adds to the cost the controller steers; a choice given stays."""
+    prices each channel by what it adds to the cost the controller steers; a choice given stays, and
+    the default is the paper's count (the more accurate), budget or not."""
     from nasdsl.pipeline.plan import RunRequest, make_plan
 
     plan = make_plan(RunRequest(space=tiny, data="fake", sets=sets, budget=budget, out=tmp_path / "run",
@@ -304,15 +307,16 @@ def test_resuming_with_another_recipe_names_the_keys_that_differ(tiny, tmp_path)
     from nasdsl.pipeline.plan import RunRequest, make_plan
 
     out = tmp_path / "run"
-    plan = make_plan(RunRequest(space=tiny, data="fake", out=out, device="cpu", budget="flops=70%"), join_world=False)
+    plan = make_plan(RunRequest(space=tiny, data="fake", out=out, device="cpu", budget="flops=70%", sets=AUTO),
+                     join_world=False)
     recipe = plan.recipe.to_dict()
     assert recipe["architecture"]["penalty_weight"] == "flops"
-    recipe["architecture"]["penalty_weight"] = "channels"   # what auto was before it priced MACs
+    recipe["architecture"]["penalty_weight"] = "channels"   # as if auto had resolved otherwise then
     recipe["finetune"]["lr"] = 0.5
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"space_hash": plan.space_hash, "recipe": recipe}))
     proc = run_nasdsl("search", tiny, "--data", "fake", "--out", out, "--budget", "flops=70%", "--resume",
-                      check=False)
+                      "--set", "architecture.penalty_weight=auto", check=False)
     assert one_line_error(proc) == (
         f"{out}: this run used a different recipe (architecture.penalty_weight: channels there, flops now; "
         f"finetune.lr: 0.5 there, {plan.recipe.finetune.lr:g} now); resume it with the same recipe and --set")
@@ -322,7 +326,8 @@ def test_resuming_with_another_recipe_names_the_keys_that_differ(tiny, tmp_path)
 def test_block_cost_under_a_params_budget_is_a_one_line_error(tiny, tmp_path):
     """block_cost is in MACs; `auto` under a params budget would price it on the parameters' scale."""
     proc = run_nasdsl("search", tiny, "--data", "fake", "--out", tmp_path / "run", "--budget", "params=90%",
-                      "--set", "architecture.block_cost=1e6", check=False)
+                      "--set", "architecture.penalty_weight=auto", "--set", "architecture.block_cost=1e6",
+                      check=False)
     assert one_line_error(proc) == ("architecture.block_cost: is counted in MACs, and penalty_weight auto "
                                     "prices what the budget counts (params); set architecture.penalty_weight: flops")
     assert not (tmp_path / "run").exists()
