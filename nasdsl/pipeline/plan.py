@@ -234,15 +234,14 @@ def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
     lambda until the derived network's MACs (or parameters) meet the target, and auto prices each
     gate by what its channel adds to them. The default stays `channels` (every channel 1, the
     paper), which is the more accurate: priced by MACs, MobileNetV2 at 50% FLOPs lost 0.82 +- 0.25
-    points over 5 seeds (equal at 25%, and on ResNet-20 at both), though ResNet-56 at 33% ran 0.82
-    of its FLOPs reduction at batch 64 instead of 0.75 (benchmarks/quality.py, derived_speed.py;
+    points over 5 seeds (equal at 25%, and on ResNet-20 at both), though ResNet-56 at 33% ran 0.80-0.83
+    of its FLOPs reduction at batch 64 instead of 0.73-0.75 (benchmarks/quality.py, derived_speed.py;
     README). block_cost is counted in MACs, so with it auto is flops. The run's recipe records the
     choice."""
     arch = recipe.architecture
     if arch.penalty_weight != "auto":
         return recipe
-    metrics = {b.metric for b in budgets}
-    weight = metrics.pop() if len(metrics) == 1 else "flops" if arch.block_cost > 0 else "channels"
+    weight = budgets[0].metric if budgets else "flops" if arch.block_cost > 0 else "channels"  # one metric a run
     if arch.block_cost > 0 and weight != "flops":
         raise NasdslError("is counted in MACs, and penalty_weight auto prices "
                           f"what the budget counts ({weight}); set architecture.penalty_weight: flops",

@@ -202,14 +202,12 @@ def _index_add(base: torch.Tensor, index: torch.Tensor, y: torch.Tensor, inplace
     reshapes only cost time (at batch 1)."""
     if not _channels_last(base):
         return base.index_add_(1, index, y) if inplace else base.index_add(1, index, y)
+    n, c, h, w = base.shape
+    nhwc, src, dim = base.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1), 3
     if torch.is_grad_enabled() and (base.requires_grad or y.requires_grad):
-        n, c, h, w = base.shape
-        flat, y_flat = base.permute(0, 2, 3, 1).reshape(-1, c), y.permute(0, 2, 3, 1).reshape(-1, y.size(1))
-        out = flat.index_add_(1, index, y_flat) if inplace else flat.index_add(1, index, y_flat)
-        return out.view(n, h, w, c).permute(0, 3, 1, 2)
-    nhwc, y_nhwc = base.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)
-    out = nhwc.index_add_(3, index, y_nhwc) if inplace else nhwc.index_add(3, index, y_nhwc)
-    return out.permute(0, 3, 1, 2)
+        nhwc, src, dim = nhwc.reshape(-1, c), src.reshape(-1, y.size(1)), 1
+    out = nhwc.index_add_(dim, index, src) if inplace else nhwc.index_add(dim, index, src)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 torch.fx.wrap("_index_add")  # a leaf for torch.fx: its memory-format test is not traceable control flow
