@@ -20,6 +20,7 @@ from nasdsl.errors import NasdslError
 from nasdsl.export import exporter
 from nasdsl.export.exporter import export_model
 from nasdsl.graph.ir import Op, Shape, Shortcut
+from nasdsl.graph.printer import to_space
 from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import NasNet
 from nasdsl.train.data import Preprocessing, build_data
@@ -510,6 +511,43 @@ def test_format_1_export_is_refused_and_reexported(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert _close(nasdsl.load(new)(x), model(x))
+
+
+POINTWISE = """
+space pw(input=3, resolution=2, classes=5)
+layer stem = conv(8, k=3, stride=2) > bn > relu
+layer m = mbconv(8, k=3, e=3) | mbconv(8, k=5, e=2)
+layer classifier = gap > linear(classes)
+"""
+
+
+def test_an_export_made_before_one_tap_depthwise_convs_were_folded_is_reexported_as_it_was(tmp_path, monkeypatch):
+    """Exports made before merging folded one-tap depthwise convs into their BN (merge._fold_scales)
+    hold weights of the merged network without the fold (config.json has no `folded`): re-exported,
+    they stay that network, and say so; a new export records the fold."""
+    from nasdsl.derive import merge as merging
+    from nasdsl.derive.derive import cut_kernels
+    from nasdsl.export.exporter import export_run
+
+    net, cut = cut_kernels(compile_source(POINTWISE))
+    assert cut    # at 1x1 both kernels are their centre tap
+    with monkeypatch.context() as m:
+        m.setattr(merging, "_fold_scales", lambda network, state: (network, state))
+        old, model = _export(tmp_path, net, "nasdsl_before_fold", 9, space_text=to_space(net))
+    config = json.loads((old / "config.json").read_text())
+    del config["nasdsl"]["folded"]
+    (old / "config.json").write_text(json.dumps(config))
+    new = export_run(old, tmp_path / "new", "nasdsl_after_fold")
+    again = export_run(new, tmp_path / "again", "nasdsl_unfolded_again")
+    folded, _ = _export(tmp_path, net, "nasdsl_folded", 9, space_text=to_space(net))
+    folded_again = export_run(folded, tmp_path / "folded_again", "nasdsl_folded_again")
+    x = torch.randn(2, 3, 2, 2)
+    with torch.no_grad():
+        for folder in (old, new, again, folded, folded_again):
+            assert _close(nasdsl.load(folder)(x), model(x)), folder.name
+            one_tap_depthwise = "groups=" in next(folder.glob("*.py")).read_text()
+            recorded = json.loads((folder / "config.json").read_text())["nasdsl"].get("folded", False)
+            assert one_tap_depthwise != recorded == (folder in (folded, folded_again)), folder.name
 
 
 def test_overwrite_and_atomicity(tmp_path, monkeypatch):
