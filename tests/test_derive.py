@@ -516,3 +516,32 @@ def test_kernels_are_cut_to_what_the_map_reaches_and_train_as_before():
     assert grad[..., 2:5, 2:5].abs().sum() > 0
     grad[..., 2:5, 2:5] = 0
     assert not grad.any()      # the taps the derived network cut never learn anything
+
+
+@pytest.mark.parametrize("stride, bias, channels_last", [(1, False, True), (2, True, False), (2, False, True)])
+def test_a_one_tap_depthwise_conv_runs_as_the_multiply_it_is(stride, bias, channels_last):
+    """What a depthwise kernel cut to its centre tap leaves is built as ChannelScale, an nn.Conv2d
+    (weight, init, state dict) computed as a per-channel multiply: the same outputs and gradients
+    as the grouped conv, in either memory format, scripted and traced."""
+    from nasdsl.supernet.network import ChannelScale, build_op
+
+    cfg = {"kind": "conv", "in": 12, "out": 12, "k": 1, "stride": stride, "padding": 0, "groups": 12, "bias": bias}
+    scale = build_op(cfg)
+    assert type(scale) is ChannelScale and isinstance(scale, nn.Conv2d)
+    assert type(build_op(dict(cfg, k=3, padding=1))) is nn.Conv2d
+    assert type(build_op(dict(cfg, out=24))) is nn.Conv2d       # a depthwise multiplier: a real conv
+    conv = nn.Conv2d(12, 12, 1, stride, 0, groups=12, bias=bias)
+    conv.load_state_dict(scale.state_dict())
+    x = torch.randn(3, 12, 5, 5, generator=gen(4))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 12, 3 if stride == 2 else 5, 3 if stride == 2 else 5, generator=gen(5))
+    outs = []
+    for module in (conv, scale, torch.jit.script(scale), torch.fx.symbolic_trace(scale)):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(grad)
+        outs.append((y.detach(), xi.grad, *(p.grad.clone() for p in module.parameters())))
+        module.zero_grad()
+    for got in outs[1:]:
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outs[0], got, strict=True))

@@ -200,7 +200,9 @@ def thop_macs(model: nn.Module, shape) -> int:
 
     model.eval()
     with torch.no_grad():
-        macs, _ = thop.profile(model, inputs=(torch.zeros(1, *shape),), custom_ops=ZERO_OPS, verbose=False)
+        from thop.vision.basic_hooks import count_convNd   # thop matches types exactly: a one-tap
+        ops = {**ZERO_OPS, torchnet.ChannelScale: count_convNd}  # depthwise conv is counted as the conv it is
+        macs, _ = thop.profile(model, inputs=(torch.zeros(1, *shape),), custom_ops=ops, verbose=False)
     return int(macs)
 
 

@@ -44,6 +44,28 @@ def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("_select")  # a leaf for torch.fx: its memory-format test is not traceable control flow
 
 
+class ChannelScale(nn.Conv2d):
+    """A depthwise conv with one tap and no padding, computed as the per-channel multiply it is:
+    what `cut_kernels` leaves of every depthwise kernel on a 1x1 map (the default search's last
+    eleven layers, 72 convs of its supernet). PyTorch runs it as a conv of C groups: at batch 64 on
+    2 threads a forward and backward of 1888 channels took 0.57 ms against 0.14 as a multiply, at
+    batch 1 on one thread milliseconds. Still an nn.Conv2d: the same weight (C, 1, 1, 1), init,
+    state dict, and what pruning criteria read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        y = x * self.weight.view(1, -1, 1, 1)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        return y
+
+
+def _is_channel_scale(cfg: dict) -> bool:
+    return cfg["groups"] == cfg["in"] == cfg["out"] and cfg["k"] == 1 and cfg["padding"] == 0
+
+
 class MixConv(nn.Module):
     """timm's MixedConv2d (MixConv, Tan & Le 2019): the input split into channel groups of
     `in_splits`, group i convolved by its own conv (kernel kernels[i], padding k // 2, no bias)
@@ -131,8 +153,9 @@ def build_chain(cfgs: List[dict], gate_factory: Optional[Callable] = None, fresh
 def build_op(cfg: dict, gate_factory: Optional[Callable] = None, inplace: bool = False) -> nn.Module:
     kind = cfg["kind"]
     if kind == "conv":
-        return nn.Conv2d(cfg["in"], cfg["out"], cfg["k"], cfg["stride"], cfg["padding"],
-                         groups=cfg["groups"], bias=cfg["bias"])
+        conv = ChannelScale if _is_channel_scale(cfg) else nn.Conv2d
+        return conv(cfg["in"], cfg["out"], cfg["k"], cfg["stride"], cfg["padding"], groups=cfg["groups"],
+                    bias=cfg["bias"])
     if kind == "mixconv":
         return MixConv(list(cfg["in_splits"]), list(cfg["out_splits"]), list(cfg["kernels"]), cfg["stride"],
                        cfg["depthwise"])
