@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/derived_speed.py --runs runs/proxyless --search [--work DIR]
         [--epochs W A] [--budget flops=33%] [--set KEY=VALUE ...] [--structured [--target 3]]
-        [--threads 2] [--repeats 21] [--steps 11] [--warmup 3]
+        [--threads 2] [--repeats 21] [--steps 11] [--warmup 3] [--default-malloc]
 
 Networks (each a *case*: an unpruned network and the derived one a search, or a rule, made of it):
 - `--runs RUN...`: finished `nasdsl search` runs, e.g. runs/proxyless from `nasdsl search
@@ -26,7 +26,10 @@ Networks (each a *case*: an unpruned network and the derived one a search, or a 
   `--target` times fewer FLOPs.
 
 Each case is timed in a fresh process of its own (what one leaves behind in oneDNN's kernel cache
-and the allocator moved the next one's ratios by up to 0.1). Every network is built with random
+and the allocator moved the next one's ratios by up to 0.1), whose glibc heap is kept rather than
+trimmed and page-faulted back on every pass (`_timing.STEADY_HEAP`: in a default process the
+unpruned networks' large maps fault, the derived ones' less, which inflated MobileNetV2's batch-64
+ratio from 0.81 to 1.34; `--default-malloc` times a default process). Every network is built with random
 weights (speed does not depend on them), eager PyTorch on CPU, `--threads` threads (default 2),
 channels_last. Per case:
 - inference (eval, torch.inference_mode, batch 64 and batch 1): the unpruned network
@@ -92,7 +95,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nasdsl  # noqa: E402  (first: it sizes oneDNN's kernel cache as a run does)
-from _timing import alternate, channels_last, inference_medians, load_line, sgd_step  # noqa: E402
+from _timing import (STEADY_HEAP, alternate, channels_last, child_environment, heap_line,  # noqa: E402
+                     inference_medians, load_line, sgd_step)
 from nasdsl.derive.derive import cut_kernels, derive, unpruned  # noqa: E402
 from nasdsl.derive.merge import merge, train_form  # noqa: E402
 from nasdsl.graph import accounting  # noqa: E402
@@ -319,9 +323,13 @@ def measure_alone(case: Case, args) -> dict:
     """`measure` in a fresh process: timed in one process after another case, ResNet-56's unpruned
     network ran 88 ms a batch of 64 and 8.0 ms a batch of 1, first in its process 104 and 5.0 ms
     (oneDNN's kernel cache, the allocator: what one case leaves behind changes the next one's
-    ratios by up to 0.1)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    ratios by up to 0.1). Its heap is kept (_timing.STEADY_HEAP) unless `--default-malloc`."""
+    with child_environment(heap_env(args)), multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_measure_with_threads, (case, args))
+
+
+def heap_env(args) -> dict[str, str]:
+    return {} if args.default_malloc else STEADY_HEAP
 
 
 def _measure_with_threads(case: Case, args) -> dict:
@@ -399,6 +407,8 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=21, help="timed forward passes per network and batch")
     ap.add_argument("--steps", type=int, default=11, help="timed training steps per network")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls of each network first")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="time with glibc's malloc as it comes (default: its heap kept, see _timing.STEADY_HEAP)")
     args = ap.parse_args(argv)
     if not (args.runs or args.search or args.structured):
         ap.error("nothing to time: give --runs RUN..., --search and/or --structured")
@@ -421,7 +431,7 @@ def main(argv=None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         todo = cases(args, work.resolve())
-    print(f"\n{load_line()}; eager, channels_last; median of {args.repeats} forward passes (inference_mode) "
+    print(f"\n{load_line()}; {heap_line(heap_env(args))}; eager, channels_last; median of {args.repeats} forward passes (inference_mode) "
           f"and {args.steps} training steps per network, interleaved, after {args.warmup} warm-up calls")
     results = {case.label: measure_alone(case, args) for case in todo}
     print_table(results)

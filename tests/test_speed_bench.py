@@ -41,3 +41,20 @@ def test_a_search_folder_changes_with_the_resolved_recipe(bench, monkeypatch, tm
     today = bench.resolved_recipe
     monkeypatch.setattr(bench, "resolved_recipe", lambda c: {**today(c), "seed": 1})  # a default changed
     assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] != folder
+
+
+def test_timing_processes_keep_their_heap_unless_asked_not_to(bench):
+    """Each case's process inherits _timing.STEADY_HEAP (glibc reads it at start), this one's
+    environment comes back as it was, and --default-malloc times a default process."""
+    import os
+    import subprocess
+
+    probe = [sys.executable, "-c", "import os; print(os.environ.get('MALLOC_TOP_PAD_'))"]
+    before = os.environ.get("MALLOC_TOP_PAD_")
+    assert before is None   # (the test would show nothing otherwise)
+    for argv, expected in ((["--search"], str(512 << 20)), (["--search", "--default-malloc"], "None")):
+        env = bench.heap_env(bench.parse(argv))
+        with bench.child_environment(env):
+            assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == expected
+        assert os.environ.get("MALLOC_TOP_PAD_") == before
+        assert ("kept" in bench.heap_line(env)) == (expected != "None")
