@@ -526,11 +526,12 @@ def test_an_export_made_before_one_tap_depthwise_convs_were_folded_is_reexported
     hold weights of the merged network without the fold (config.json has no `folded`): re-exported,
     they stay that network, and say so; a new export records the fold."""
     from nasdsl.derive import merge as merging
-    from nasdsl.derive.derive import cut_kernels
+    from nasdsl.derive.derive import cut_kernels, unpruned
     from nasdsl.export.exporter import export_run
 
     net, cut = cut_kernels(compile_source(POINTWISE))
     assert cut    # at 1x1 both kernels are their centre tap
+    net = unpruned(net)   # as derivation leaves it: no gates, so the candidates merge
     with monkeypatch.context() as m:
         m.setattr(merging, "_fold_scales", lambda network, state: (network, state))
         old, model = _export(tmp_path, net, "nasdsl_before_fold", 9, space_text=to_space(net))
@@ -548,6 +549,9 @@ def test_an_export_made_before_one_tap_depthwise_convs_were_folded_is_reexported
             one_tap_depthwise = "groups=" in next(folder.glob("*.py")).read_text()
             recorded = json.loads((folder / "config.json").read_text())["nasdsl"].get("folded", False)
             assert one_tap_depthwise != recorded == (folder in (folded, folded_again)), folder.name
+    code = (folded / "nasdsl_folded.py").read_text()   # named as the MBConv it is, without conv_dw
+    assert "conv_pw > bn1 > act1 > bn2 > act2 > conv_pwl (its one-tap depthwise conv folded into bn2)" in code
+    assert "self.bn2 = nn.BatchNorm2d" in code and "conv_dw" not in code and "bn1_2" not in code
 
 
 def test_overwrite_and_atomicity(tmp_path, monkeypatch):

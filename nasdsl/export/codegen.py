@@ -183,17 +183,30 @@ _SHORT = {"bn": "bn", "act": "act", "dropout": "drop", "maxpool": "pool", "avgpo
 _UNNUMBERED = ("se",)   # timm's blocks name their squeeze-and-excitation `se`, whichever conv it follows
 
 
+def _folded_mbconv(kept, roles: tuple) -> bool:
+    """An MBConv without its conv_dw: two 1x1 convs with BN > act twice between them (merging folds
+    a one-tap depthwise conv into its BN, merge._fold_scales; a stride stays as a subsample)."""
+    if roles != ("pw", "pw"):
+        return False
+    kinds = [op.kind for op in kept if op.kind != "subsample"]
+    first, last = kinds.index("conv"), len(kinds) - 1 - kinds[::-1].index("conv")
+    return kinds[first + 1:last] == ["bn", "act", "bn", "act"]
+
+
 def op_names(ops) -> list[str | None]:
     """timm-style names for a chain's ops (None: skipped). MBConv's convs are conv_pw, conv_dw,
     conv_pwl; other convs conv1, conv2, ... (conv when alone), linears fc1, ... (fc); the ops after
-    the n-th conv or linear are bn{n}, act{n}, drop{n}, ... (unnumbered when there is one)."""
+    the n-th conv or linear are bn{n}, act{n}, drop{n}, ... (unnumbered when there is one). An
+    MBConv whose one-tap depthwise conv merging folded into bn2 (merge._fold_scales) keeps its
+    names: conv_pw, bn1, act1, [subsample2,] bn2, act2, conv_pwl."""
     kept = [op for op in ops if not skipped(op)]
     roles = tuple(conv_role(op) for op in kept if op.kind in ("conv", "mixconv"))
-    special = list(_MBCONV_NAMES.get(roles, ()))
+    folded = _folded_mbconv(kept, roles)
+    special = ["conv_pw", "conv_pwl"] if folded else list(_MBCONV_NAMES.get(roles, ()))
     convs = sum(op.kind in ("conv", "mixconv") for op in kept)
     linears = sum(op.kind == "linear" for op in kept)
     numbered = convs + linears > 1
-    names, used, dense, conv_i, fc_i = [], set(), 0, 0, 0
+    names, used, dense, conv_i, fc_i, previous = [], set(), 0, 0, 0, None
     for op in ops:
         if skipped(op):
             names.append(None)
@@ -205,8 +218,10 @@ def op_names(ops) -> list[str | None]:
             fc_i += 1
             name = f"fc{fc_i}" if linears > 1 else "fc"
         else:
+            dense += folded and op.kind in ("bn", "subsample") and previous == "act"   # where conv_dw was
             name = _SHORT[op.kind] + (str(dense) if numbered and dense and op.kind not in _UNNUMBERED else "")
         dense += op.kind in _DENSE
+        previous = op.kind
         base, n = name, 2
         while name in used:
             name, n = f"{base}_{n}", n + 1
@@ -385,7 +400,7 @@ def chain_base(ops, kind: str) -> str:
     """A class name stem for a chain: timm's block names where the convs say which, else its ops."""
     kept = [op for op in ops if not skipped(op)]
     roles = tuple(conv_role(op) for op in kept if op.kind in ("conv", "mixconv"))
-    if roles == ("pw", "dw", "pw"):
+    if roles == ("pw", "dw", "pw") or _folded_mbconv(kept, roles):
         return "MBConv"
     if roles == ("dw", "pw"):
         return "DepthwiseSeparable"
@@ -550,6 +565,8 @@ def describe(code: LayerCode, ops: list, post: list, skip) -> str:
             ", each at its channels" if any(bl.index is not None for bl in layer.blocks) else "")
     else:
         text = (" > ".join(ops) or "the input") + placed(layer.blocks[0].index)
+        if "conv_pwl" in ops and "conv_dw" not in ops:
+            text += " (its one-tap depthwise conv folded into bn2)"
     if skip is not None:
         text += _SKIP      # the class says how: always, never, or when has_skip
     elif layer.shortcut is not None:
