@@ -58,7 +58,8 @@ def test_every_entry_provides_every_field(kind):
     assert spec.name == kind
     for f in dataclasses.fields(OpKind):
         value = getattr(spec, f.name)
-        assert value is not None or f.name in ("out_range", "eval_affine", "slice_state"), f"{kind} lacks {f.name}"
+        assert value is not None or f.name in ("out_range", "eval_affine", "absorb_affine", "slice_state"), \
+            f"{kind} lacks {f.name}"
     op = sample(kind)
     assert spec.merge(op) in (None, "dense", "depthwise", "channelwise")
     assert isinstance(spec.params(op.attrs, op.in_shape, op.out_shape), int)

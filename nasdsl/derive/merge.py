@@ -150,33 +150,27 @@ def _fold_scales(network: Network, state: dict[str, torch.Tensor]) -> tuple[Netw
 
 
 def _fold_block(ops: tuple[Op, ...], own: dict) -> tuple[tuple[Op, ...] | None, dict]:
-    """(the chain with each one-tap depthwise conv + BN as [subsample +] BN, its tensors renumbered),
-    or (None, own) when there is none."""
+    """(the chain with each one-tap depthwise conv and the op after it that absorbs an affine map
+    (BN) as [subsample +] that op, its tensors renumbered), or (None, own) when there is none."""
     out, tensors, p = [], {}, 0
     while p < len(ops):
         op = ops[p]
-        if _is_scale(op) and p + 1 < len(ops) and ops[p + 1].kind == "bn":
+        after = ops[p + 1] if p + 1 < len(ops) else None
+        if _is_scale(op) and after is not None and after.spec.absorb_affine is not None:
             if op.attrs["stride"] > 1:
                 out.append(Op("subsample", {"stride": op.attrs["stride"]}, op.in_shape, op.out_shape))
-            conv, bn = _under(own, f"{p}."), _under(own, f"{p + 1}.")
-            tensors.update((f"{len(out)}.{k}", v) for k, v in _scaled_bn(ops[p + 1], bn, conv).items())
-            out.append(ops[p + 1])
+            conv = _under(own, f"{p}.")
+            scale = conv["weight"].reshape(-1)
+            shift = conv["bias"] if "bias" in conv else torch.zeros_like(scale)
+            folded = after.spec.absorb_affine(after.attrs, _under(own, f"{p + 1}."), scale, shift)
+            tensors.update((f"{len(out)}.{k}", v) for k, v in folded.items())
+            out.append(after)
             p += 2
             continue
         tensors.update((f"{len(out)}.{k}", v) for k, v in _under(own, f"{p}.").items())
         out.append(op)
         p += 1
-    return (tuple(out), tensors) if len(out) < len(ops) or any(o.kind == "subsample" for o in out) \
-        else (None, own)
-
-
-def _scaled_bn(bn: Op, t: dict, conv: dict) -> dict:
-    """BN(w * x + b) as one BN of x: gamma * (w x + b - mean) / s + beta = (gamma w) (x - 0) / s
-    + (beta + (gamma / s) b - (gamma / s) mean); the running variance (so s) is kept."""
-    w = conv["weight"].reshape(-1)
-    scale, shift = bn.spec.eval_affine(bn.attrs, t)
-    bias = conv.get("bias", torch.zeros_like(w))
-    return dict(t, weight=t["weight"] * w, bias=shift + scale * bias, running_mean=torch.zeros_like(w))
+    return (tuple(out), tensors) if out != list(ops) else (None, own)
 
 
 # ---- which layers merge, and how (the op catalogue's `merge` and `eval_affine` say per kind) ------

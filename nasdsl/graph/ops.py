@@ -163,6 +163,10 @@ class OpKind:
     # in eval mode the op is x -> scale * x + shift per channel; from its attrs and tensors, the
     # (scale, shift) that merging folds into the conv before it (BN). None: not such a map
     eval_affine: Callable[[dict, dict], tuple] | None = None
+    # in eval mode, the op's tensors once a per-channel affine map x -> scale * x + shift before it
+    # is folded into it: (attrs, tensors, scale, shift) -> tensors (merging folds a one-tap
+    # depthwise conv into the BN after it). None: it cannot absorb one
+    absorb_affine: Callable[[dict, dict, object, object], dict] | None = None
 
     def range_after(self, attrs: dict, in_range: str | None) -> str | None:
         """The activation range a tensor is in after this op (see `out_range`)."""
@@ -442,6 +446,14 @@ def _bn_affine(attrs: dict, t: dict) -> tuple:
     return scale, t["bias"] - t["running_mean"] * scale
 
 
+def _bn_absorb(attrs: dict, t: dict, scale, shift) -> dict:
+    """BN(scale * x + shift) as one BN of x: gamma (scale x + shift - mean) / s + beta =
+    (gamma scale) (x - 0) / s + (beta + gamma (shift - mean) / s), the running variance (so s) kept."""
+    over_s = t["weight"] / (t["running_var"] + attrs["eps"]).sqrt()
+    return dict(t, weight=t["weight"] * scale, bias=t["bias"] + over_s * (shift - t["running_mean"]),
+                running_mean=t["running_mean"] * 0)
+
+
 def _select_slim(op, cin: Channels, cout: Channels) -> dict:
     """The kept outputs' sources, renumbered among the kept inputs."""
     pos = {c: i for i, c in enumerate(cin)}
@@ -500,7 +512,7 @@ OPS: dict[str, OpKind] = {k.name: k for k in (
            slice_weights=_conv_weights, trim=_conv_trim, print=_conv_print, allocates=_yes, merge=_conv_merge),
     OpKind("bn", _same, lambda a, i, o: 2 * i.channels, slice_weights=lambda op: dict(_BN_WEIGHTS), print=_bn_print,
            absorbs_gate=True, allocates=_yes, merge=lambda op: None if op.in_shape.is_flat else "channelwise",
-           eval_affine=_bn_affine),
+           eval_affine=_bn_affine, absorb_affine=_bn_absorb),
     OpKind("act", _same, print=lambda op, gated: op.attrs["fn"], out_range=_act_range,
            idle_on=lambda a, in_range: in_range in _IDLE_ON.get(a["fn"], ()), elementwise=True,
            allocates=lambda a: a["fn"] != "identity", merge=lambda op: "channelwise"),
