@@ -732,3 +732,24 @@ def test_an_export_that_would_not_compute_the_derived_network_is_refused(tmp_pat
     monkeypatch.setattr(merge_module, "merge", real)
     out, model = _export(tmp_path, net, "tiny_ok", seed=3)
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_mixnet_block_on_a_1x1_map_exports_with_its_depthwise_conv_folded(tmp_path):
+    """A MixNet block (split 1x1 convs: mixconvs) whose single-kernel depthwise conv is one tap on a
+    1x1 map: merging folds it, and the generated code names the block as an MBConv without conv_dw."""
+    from nasdsl.derive.derive import cut_kernels, unpruned
+
+    text = """
+space mixpw(input=3, resolution=2, classes=5)
+layer stem = conv(8, k=3, stride=2) > bn > relu
+layer m = mbconv(8, k=3, e=3, act=silu, expand_split=2, project_split=2)
+layer classifier = gap > linear(classes)
+"""
+    net = unpruned(cut_kernels(compile_source(text))[0])
+    out, model = _export(tmp_path, net, "nasdsl_mixpw", 3, space_text=to_space(net))
+    code = " ".join((out / "nasdsl_mixpw.py").read_text().split())   # (the docstring wraps)
+    assert "conv_pw > bn1 > act1 > bn2 > act2 > conv_pwl > bn3 (its one-tap depthwise conv folded into bn2)" in code
+    assert "self.conv_pw = MixConv(" in code and "conv_dw" not in code
+    x = torch.randn(2, 3, 2, 2)
+    with torch.no_grad():
+        assert _close(nasdsl.load(out)(x), model(x))

@@ -10,7 +10,7 @@ import torch
 
 from nasdsl.derive.derive import cut_kernels, derive
 from nasdsl.derive.merge import merge, train_form
-from nasdsl.graph.ops import is_depthwise
+from nasdsl.graph.ops import is_one_tap_depthwise
 from nasdsl.language.compiler import compile_source
 from nasdsl.supernet.network import Layer, NasNet, Select
 from cli_helpers import contiguous_maps
@@ -137,7 +137,7 @@ def test_a_layer_whose_blocks_differ_in_kind_is_left_alone():
 def _pointwise_depthwise(network) -> list[str]:
     """Where a depthwise conv with a 1x1 kernel (a per-channel scale) is left in `network`."""
     return [f"{layer.name}.{j}.{k}" for layer in network.layers for j, b in enumerate(layer.blocks)
-            for k, op in enumerate(b.ops) if is_depthwise(op) and op.attrs["k"] == 1]
+            for k, op in enumerate(b.ops) if is_one_tap_depthwise(op)]
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nasdsl.graph.ir import Block, Layer, Network, Op, Shape
-from nasdsl.graph.ops import is_depthwise
+from nasdsl.graph.ops import is_one_tap_depthwise
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,6 @@ def _merge_layer(layer: Layer, own: dict, dense_residual: bool, depthwise: str):
 
 
 # ---- one-tap depthwise convs folded into their BN -----------------------------------------------
-def _is_scale(op: Op) -> bool:
-    """A depthwise conv with one tap and no padding: x -> w * x (+ b) per channel, on every
-    stride-th pixel (what `cut_kernels` leaves of any depthwise kernel on a 1x1 map)."""
-    return is_depthwise(op) and op.attrs["k"] == 1 and op.attrs["padding"] == 0
-
-
 def _fold_scales(network: Network, state: dict[str, torch.Tensor]) -> tuple[Network, dict[str, torch.Tensor]]:
     """`network` with every one-tap depthwise conv in a block folded into the BN after it (exact in
     eval mode: both are per-channel affine maps), a stride kept as a `subsample`. PyTorch runs such
@@ -156,7 +150,7 @@ def _fold_block(ops: tuple[Op, ...], own: dict) -> tuple[tuple[Op, ...] | None, 
     while p < len(ops):
         op = ops[p]
         after = ops[p + 1] if p + 1 < len(ops) else None
-        if _is_scale(op) and after is not None and after.spec.absorb_affine is not None:
+        if is_one_tap_depthwise(op) and after is not None and after.spec.absorb_affine is not None:
             if op.attrs["stride"] > 1:
                 out.append(Op("subsample", {"stride": op.attrs["stride"]}, op.in_shape, op.out_shape))
             conv = _under(own, f"{p}.")

@@ -189,8 +189,8 @@ def _folded_mbconv(kept, roles: tuple) -> bool:
     if roles != ("pw", "pw"):
         return False
     kinds = [op.kind for op in kept if op.kind != "subsample"]
-    first, last = kinds.index("conv"), len(kinds) - 1 - kinds[::-1].index("conv")
-    return kinds[first + 1:last] == ["bn", "act", "bn", "act"]
+    convs = [i for i, kind in enumerate(kinds) if kind in ("conv", "mixconv")]
+    return kinds[convs[0] + 1:convs[-1]] == ["bn", "act", "bn", "act"]
 
 
 def op_names(ops) -> list[str | None]:

@@ -250,6 +250,13 @@ def is_depthwise(op) -> bool:
     return op.kind == "conv" and op.attrs["groups"] == op.in_shape.channels == op.out_shape.channels
 
 
+def is_one_tap_depthwise(op) -> bool:
+    """A depthwise conv with one tap and no padding: x -> w * x (+ b) per channel, on every
+    stride-th pixel (what `cut_kernels` leaves of any depthwise kernel on a 1x1 map; the torch
+    builder makes it a ChannelScale, merging folds it into the BN after it)."""
+    return is_depthwise(op) and op.attrs["k"] == 1 and op.attrs["padding"] == 0
+
+
 def _conv_channels(op) -> ChannelMap:
     return CHANNELWISE if is_depthwise(op) else DENSE
 

@@ -63,6 +63,7 @@ class ChannelScale(nn.Conv2d):
 
 
 def _is_channel_scale(cfg: dict) -> bool:
+    """nasdsl.graph.ops.is_one_tap_depthwise, on an op's config (this module imports no nasdsl)."""
     return cfg["groups"] == cfg["in"] == cfg["out"] and cfg["k"] == 1 and cfg["padding"] == 0
 
 
