@@ -753,3 +753,21 @@ layer classifier = gap > linear(classes)
     x = torch.randn(2, 3, 2, 2)
     with torch.no_grad():
         assert _close(nasdsl.load(out)(x), model(x))
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="needs onnxruntime and onnxscript")
+def test_onnx_is_checked_against_the_logits_scale_not_an_absolute_difference(tmp_path):
+    """Logits in the thousands (an untrained network, random BN statistics) agree between
+    onnxruntime and PyTorch to float rounding of their size, as the generated model is checked
+    (1e-4 of max(1, |logits|)); an absolute 1e-4 refused such an export."""
+    net = compile_source(TINY)
+    model = _randomize(NasNet(net.to_config()), 4)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e5)
+    out = export_model(net, model.state_dict(), tmp_path / "big", "nasdsl_big_logits", preprocessing=prep(net),
+                       onnx=True)
+    onnx = json.loads((out / "config.json").read_text())["nasdsl"]["onnx"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert scale > 1e3 and onnx["max_abs_diff"] <= 1e-4 * scale

@@ -303,13 +303,16 @@ def _run_onnx_export(model, file: Path, input_size: tuple, kind: str) -> None:
 
 
 def _check_onnx(model, file: Path, input_size: tuple) -> tuple[str | None, float]:
-    """(None, max |onnxruntime - PyTorch|) when the ONNX file computes the model, else (why, diff)."""
+    """(None, max |onnxruntime - PyTorch|) when the ONNX file computes the model, else (why, diff):
+    at most ONNX_TOLERANCE of the logits' scale (at least 1), as `_check_equal` checks the generated
+    model (float rounding grows with the logits: an untrained network's, in the thousands, differed
+    by 0.016 and was refused under an absolute 1e-4)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    worst = 0.0
+    worst, scale = 0.0, 1.0
     try:
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
         for batch in (3, 1):   # neither is the export's example batch: the batch dim must be dynamic
@@ -320,10 +323,11 @@ def _check_onnx(model, file: Path, input_size: tuple) -> tuple[str | None, float
             if out.shape != ref.shape:
                 return f"batch {batch} gives shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}", worst
             worst = max(worst, float(np.abs(out - ref).max()))
+            scale = max(scale, float(np.abs(ref).max()))
     except Exception as exc:
         return f"onnxruntime cannot run it: {_first_line(exc)}", worst
-    if not worst <= ONNX_TOLERANCE:
-        return f"max |onnxruntime - PyTorch| = {worst:.3g} > {ONNX_TOLERANCE}", worst
+    if not worst <= ONNX_TOLERANCE * scale:
+        return f"max |onnxruntime - PyTorch| = {worst:.3g} > {ONNX_TOLERANCE} x {scale:.3g} (the logits' scale)", worst
     return None, worst
 
 
