@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/derived_speed.py --runs runs/proxyless --search [--work DIR]
         [--epochs W A] [--budget flops=33%] [--set KEY=VALUE ...] [--structured [--target 3]]
-        [--threads 2] [--repeats 21] [--steps 11] [--warmup 3] [--default-malloc]
+        [--threads 2] [--repeats 21] [--steps 11] [--warmup 3] [--onnxruntime] [--default-malloc]
 
 Networks (each a *case*: an unpruned network and the derived one a search, or a rule, made of it):
 - `--runs RUN...`: finished `nasdsl search` runs, e.g. runs/proxyless from `nasdsl search
@@ -58,6 +58,11 @@ instead: stricter wherever merging alone speeds the unpruned network up (the mul
 ProxylessNAS supernet at batch 1; at batch 64 its zero-padded 7x7 depthwise kernels over all six
 candidates make it slower); where merging changes nothing (VGG-16, ResNet-56, MobileNetV2) both
 columns time the same network.
+
+`--onnxruntime` also exports the unpruned and the derived network as `nasdsl export --onnx` does
+(merged, the ONNX file checked against PyTorch) and times both files in onnxruntime at each batch
+size (`--threads` intra-op threads), printed under the targets: eager PyTorch pays a fixed time per
+op that onnxruntime mostly does not, which is what decides batch 1.
 
 Targets: inference ratio >= 0.8 at batch 64 and >= 0.7 at batch 1 for the merged network (what
 the export runs), step ratio >= 0.6 for the trained form (what finetuning trains; the table's
@@ -316,6 +321,43 @@ def measure(case: Case, args) -> dict:
               flush=True)
     result["step"] = step_medians(case, models, args.steps, args.warmup)
     print("  step     ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in result["step"].items()), flush=True)
+    if args.onnxruntime:
+        result["onnxruntime"] = onnxruntime_medians(case, args)
+        for batch in BATCHES:
+            t = result["onnxruntime"][batch]
+            print(f"  onnxruntime, batch {batch:>2} ms: " + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in t.items()),
+                  flush=True)
+    return result
+
+
+def onnxruntime_medians(case: Case, args) -> dict:
+    """Median seconds of onnxruntime running the unpruned and the derived network's ONNX files, each
+    written as `nasdsl export --onnx` writes it (merged, checked against PyTorch by onnxruntime),
+    with random weights, `--threads` intra-op threads, at each batch size."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from nasdsl.export.exporter import export_model
+    from nasdsl.train.data import Preprocessing
+
+    shape = case.net.input_shape
+    prep = Preprocessing(tuple(shape.to_list()), (0.5,) * shape.channels, (0.5,) * shape.channels)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="derived_speed_onnx.") as tmp:
+        for label, graph in (("unpruned", unpruned(case.net)), ("exported", case.derived)):
+            torch.manual_seed(0)
+            name = f"speed_{label}"
+            out = export_model(graph, nasdsl.build(graph).eval().state_dict(), Path(tmp) / label, name,
+                               preprocessing=prep, onnx=True)
+            sessions[label] = ort.InferenceSession(str(out / f"{name}.onnx"), options,
+                                                   providers=["CPUExecutionProvider"])
+    result = {}
+    for batch in BATCHES:
+        x = {"input": np.random.default_rng(0).standard_normal((batch, *shape.to_list()), dtype=np.float32)}
+        result[batch] = alternate({k: (lambda s=s: s.run(None, x)) for k, s in sessions.items()},
+                                  args.repeats, args.warmup)
     return result
 
 
@@ -390,6 +432,23 @@ def print_targets(results: dict[str, dict]) -> None:
         print(f"  {label}: " + "; ".join(parts) + f"; step >= {TARGETS['step']}: {verdict(d['step'][1], 'step')}")
 
 
+def print_onnxruntime(results: dict[str, dict]) -> None:
+    """The exports' ONNX files in onnxruntime (--onnxruntime): ratios against the same targets."""
+    timed = {label: r for label, r in results.items() if "onnxruntime" in r}
+    if not timed:
+        return
+    print("\nonnxruntime: the exported ONNX file of the derived network against the unpruned network's "
+          "(both merged, as `nasdsl export --onnx` writes them); ratio = speed-up / FLOPs reduction")
+    for label, result in timed.items():
+        cells = []
+        for batch in BATCHES:
+            t = result["onnxruntime"][batch]
+            speedup = t["unpruned"] / t["exported"]
+            cells.append(f"batch {batch} {1e3 * t['unpruned']:.2f} -> {1e3 * t['exported']:.2f} ms, {speedup:.2f}x, "
+                         f"ratio {mark(speedup / result['reduction'], TARGETS[batch])}")
+        print(f"  {label}: " + "; ".join(cells))
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -407,6 +466,8 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=21, help="timed forward passes per network and batch")
     ap.add_argument("--steps", type=int, default=11, help="timed training steps per network")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls of each network first")
+    ap.add_argument("--onnxruntime", action="store_true",
+                    help="also time the unpruned and the derived network's exported ONNX files in onnxruntime")
     ap.add_argument("--default-malloc", action="store_true",
                     help="time with glibc's malloc as it comes (default: its heap kept, see _timing.STEADY_HEAP)")
     args = ap.parse_args(argv)
@@ -436,6 +497,7 @@ def main(argv=None) -> int:
     results = {case.label: measure_alone(case, args) for case in todo}
     print_table(results)
     print_targets(results)
+    print_onnxruntime(results)
     return 0
 
 

@@ -58,3 +58,27 @@ def test_timing_processes_keep_their_heap_unless_asked_not_to(bench):
             assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == expected
         assert os.environ.get("MALLOC_TOP_PAD_") == before
         assert ("kept" in bench.heap_line(env)) == (expected != "None")
+
+
+def test_onnxruntime_times_the_exported_files_of_both_networks(bench):
+    """--onnxruntime exports a case's unpruned and derived network as `nasdsl export --onnx` does
+    and returns onnxruntime's median per batch size for both (what is timed, not how fast)."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from nasdsl.derive.derive import derive
+    from nasdsl.language.compiler import compile_source
+
+    net = compile_source("""
+space tiny(input=3, resolution=8, classes=4)
+layer stem = conv(8, k=3) > bn > relu
+layer m = mbconv(8, k=3, e=2) | mbconv(8, k=5, e=2)
+layer classifier = gap > linear(classes)
+""")
+    masks = {g.key: torch.arange(g.channels) % 2 == 0 for g in net.gates()}
+    case = bench.Case("tiny", net, derive(net, masks).network)
+    args = bench.parse(["--search", "--onnxruntime", "--repeats", "2", "--warmup", "1", "--threads", "1"])
+    result = bench.onnxruntime_medians(case, args)
+    assert set(result) == set(bench.BATCHES)
+    for batch in bench.BATCHES:
+        assert set(result[batch]) == {"unpruned", "exported"} and all(t > 0 for t in result[batch].values())
