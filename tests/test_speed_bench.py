@@ -81,4 +81,14 @@ layer classifier = gap > linear(classes)
     result = bench.onnxruntime_medians(case, args)
     assert set(result) == set(bench.BATCHES)
     for batch in bench.BATCHES:
-        assert set(result[batch]) == {"unpruned", "exported"} and all(t > 0 for t in result[batch].values())
+        assert set(result[batch]) == {"unpruned", "derived"} and all(t > 0 for t in result[batch].values())
+
+
+def test_the_onnxruntime_lines_give_each_batch_its_ratio_and_verdict(bench, capsys):
+    result = {"reduction": 3.0, "onnxruntime": {64: {"unpruned": 0.09, "derived": 0.03},
+                                                1: {"unpruned": 0.002, "derived": 0.001}}}
+    bench.print_onnxruntime({"timed": result, "not timed": {"reduction": 2.0}})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == ("  timed: batch 64 90.00 -> 30.00 ms, 3.00x, ratio 1.00+; "
+                         "batch 1 2.00 -> 1.00 ms, 2.00x, ratio 0.67-")
+    assert not any("not timed" in line for line in lines)
