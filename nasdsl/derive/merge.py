@@ -77,9 +77,7 @@ def merge(network: Network, state: dict[str, torch.Tensor], dense_residual: bool
             layers.append(layer)
             continue
         layer, own = merged
-        for key in [k for k in state if k.startswith(prefix)]:
-            del state[key]
-        state.update((prefix + k, v) for k, v in own.items())
+        _replace_under(state, prefix, own)
         layers.append(layer)
     network = replace(network, layers=tuple(layers))
     return _fold_scales(network, state) if fold_scales else (network, state)
@@ -131,13 +129,12 @@ def _fold_scales(network: Network, state: dict[str, torch.Tensor]) -> tuple[Netw
     for i, layer in enumerate(network.layers):
         blocks = []
         for j, block in enumerate(layer.blocks):
-            prefix = f"layers.{i}.blocks.{j}.ops."
-            ops, own = _fold_block(block.ops, _under(state, prefix))
-            if ops is not None:
-                for key in [k for k in state if k.startswith(prefix)]:
-                    del state[key]
-                state.update((prefix + k, v) for k, v in own.items())
-                block = replace(block, ops=ops)
+            if any(is_one_tap_depthwise(op) for op in block.ops):
+                prefix = f"layers.{i}.blocks.{j}.ops."
+                ops, own = _fold_block(block.ops, _under(state, prefix))
+                if ops is not None:
+                    _replace_under(state, prefix, own)
+                    block = replace(block, ops=ops)
             blocks.append(block)
         layers.append(replace(layer, blocks=tuple(blocks)))
     return replace(network, layers=tuple(layers)), state
@@ -175,6 +172,13 @@ def _role(op: Op) -> str | None:
 def _under(state: dict, prefix: str) -> dict:
     """The entries of a state dict under `prefix`, named relative to it."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _replace_under(state: dict, prefix: str, own: dict) -> None:
+    """`state`'s entries under `prefix` replaced by `own` (named relative to it), in place."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    state.update((prefix + k, v) for k, v in own.items())
 
 
 def _project_part(columns: list, proj: int) -> _Part:
