@@ -351,7 +351,8 @@ def test_index_maps(tmp_path):
     net = _indexed_network()
     out, model = _export(tmp_path, net, "nasdsl_indexed_test", 2, onnx=HAS_ORT)
     module = (out / "nasdsl_indexed_test.py").read_text()
-    assert "nn.functional.pad(self.b0(x), [0, 0, 0, 0, 0, 3])" in module        # b0 writes channels 0-4 of 8
+    assert "nn.functional.pad(self.b0(x), self.b0_pad)" in module                 # b0 writes channels 0-4 of 8
+    assert "self.b0_pad = [0, 0, 0, 0, 0, 3]" in module
     assert "add_at(out, self.shortcut(x), self.shortcut_index, self.shortcut_spread)" in module
     assert 'torch.tensor([1, 3, 5, 7])' in module                                 # the shortcut's channels
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -552,6 +553,35 @@ def test_an_export_made_before_one_tap_depthwise_convs_were_folded_is_reexported
     code = (folded / "nasdsl_folded.py").read_text()   # named as the MBConv it is, without conv_dw
     assert "conv_pw > bn1 > act1 > bn2 > act2 > conv_pwl (its one-tap depthwise conv folded into bn2)" in code
     assert "self.bn2 = nn.BatchNorm2d" in code and "conv_dw" not in code and "bn1_2" not in code
+
+
+def test_an_export_made_before_residual_streams_were_renumbered_is_reexported_as_it_was(tmp_path, monkeypatch):
+    """Exports made before merging renumbered residual streams (merge.order_streams) hold weights of
+    the merged network in the derivation's numbering, shortcuts added by index (config.json has no
+    `ordered`): re-exported, they stay that network; a new export renumbers and records it."""
+    from nasdsl.derive import merge as merging
+    from nasdsl.derive.derive import derive
+    from nasdsl.export.exporter import export_run
+    from test_merge import STREAM, _stream_masks
+
+    net = compile_source(STREAM, "stream.space")
+    derived = derive(net, _stream_masks(net)).network
+    with monkeypatch.context() as m:
+        m.setattr(merging, "order_streams", lambda network, state: (network, state))
+        old, model = _export(tmp_path, derived, "nasdsl_before_order", 9, space_text=to_space(derived))
+    config = json.loads((old / "config.json").read_text())
+    del config["nasdsl"]["ordered"]
+    (old / "config.json").write_text(json.dumps(config))
+    new = export_run(old, tmp_path / "new", "nasdsl_after_order")
+    ordered, _ = _export(tmp_path, derived, "nasdsl_ordered", 9, space_text=to_space(derived))
+    ordered_again = export_run(ordered, tmp_path / "ordered_again", "nasdsl_ordered_again")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for folder in (old, new, ordered, ordered_again):
+            assert _close(nasdsl.load(folder)(x), model(x)), folder.name
+            indexed = "add_at(" in next(folder.glob("*.py")).read_text()
+            recorded = json.loads((folder / "config.json").read_text())["nasdsl"].get("ordered", False)
+            assert indexed != recorded == (folder in (ordered, ordered_again)), folder.name
 
 
 def test_overwrite_and_atomicity(tmp_path, monkeypatch):

@@ -58,6 +58,9 @@ def test_merged_equals_derived(path, density):
         # less the depthwise convs derivation cut to one tap on 1x1 maps, folded into their BN
         assert conv_count(merged) == conv_count(slim) - len(_pointwise_depthwise(d.network))
     assert _pointwise_depthwise(network) == []
+    for layer in network.layers:   # every shortcut lands on the leading channels (order_streams)
+        index = layer.shortcut.index if layer.shortcut is not None else None
+        assert index is None or index == tuple(range(len(index))), layer.name
 
 
 MIXED = """
@@ -119,7 +122,53 @@ def test_without_dense_residual_the_indexed_adds_stay():
     d = derive(net, masks, strength)
     slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6, dense_residual=False)
     assert_same(slim, merged, network, seed=7)
-    assert network.layers[3] == d.network.layers[3]     # the lone residual block is left alone
+    r, before = network.layers[3], d.network.layers[3]   # the lone residual block still adds its 8 channels
+    assert r.blocks[0].index is not None and r.blocks[0].out_shape == before.blocks[0].out_shape  # by index
+    assert r.shortcut.index == tuple(range(17)) != before.shortcut.index    # its stream renumbered
+
+
+STREAM = """
+space stream(input=3, resolution=6, classes=5)
+layer stem = conv(16, k=3) > bn > relu
+layer r1 = basic(16)
+layer r2 = basic(16)
+layer classifier = gap > linear(classes)
+"""
+
+
+def _stream_masks(net) -> dict[str, torch.Tensor]:
+    """The stem keeps the even channels; r1 adds odd ones and rewrites some even ones; r2 adds more."""
+    masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
+    keys = {g.layer: g.key for g in net.gates()}   # each layer's last gate
+    c = torch.arange(16)
+    masks[keys["stem"]] = c % 2 == 0
+    masks[keys["r1"]] = (c % 4 == 1) | (c < 4)
+    masks[keys["r2"]] = (c == 7) | (c == 15)
+    return masks
+
+
+def test_a_residual_stream_is_renumbered_so_its_shortcut_adds_are_zero_pads():
+    """Derivation keeps the unpruned network's channel numbers, so where a block adds channels to a
+    stream the input's channels lie scattered among them and the shortcut is added by index;
+    merging renumbers the stream in the order channels join it (order_streams): every shortcut is
+    the leading channels (a zero pad, or the whole width), the same function. ordered=False keeps
+    the old numbering (exports made before)."""
+    from nasdsl.supernet.build import build_supernet
+
+    net = compile_source(STREAM, "stream.space")
+    d = derive(net, _stream_masks(net))
+    scattered = [layer.shortcut.index for layer in d.network.layers if layer.shortcut is not None]
+    assert scattered == [(0, 2, 4, 6, 7, 9, 10, 12), (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13)]
+    torch.manual_seed(0)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6)
+    assert_same(slim, merged, network, seed=7)
+    assert [layer.shortcut.index for layer in network.layers if layer.shortcut is not None] == \
+        [tuple(range(8)), tuple(range(13))]
+    # r1 writes 7 of 13 channels: dense, with zero rows; r2 writes its 2 new ones: the last two, a pad
+    assert [layer.blocks[0].index for layer in network.layers[1:3]] == [None, (13, 14)]
+    assert not any(isinstance(m, Select) for m in merged.modules())
+    old, _ = merge(d.network, slim.state_dict(), ordered=False)
+    assert [layer.shortcut.index for layer in old.layers if layer.shortcut is not None] == scattered
 
 
 def test_a_layer_whose_blocks_differ_in_kind_is_left_alone():

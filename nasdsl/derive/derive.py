@@ -24,6 +24,8 @@ Passes over the graph:
    Every conv keeps only the kernel taps its input map reaches (`OpKind.trim`: a 7x7 depthwise
    conv on a 1x1 map is its centre tap), the same function at this input size; `cut_kernels`
    does the same to a whole network, gates and all, and a run builds its supernet from that.
+   Kept channels keep the unpruned network's order; `stream_order` renumbers residual streams in
+   the order channels join them (what merging does before export: `merge.order_streams`).
 Weights are sliced op by op (`slim_state_dict`).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Callable
 import torch
 
 from nasdsl.graph.ir import Block, Layer, Network, Op, Shape, Shortcut
+from nasdsl.graph.ops import CHANNELWISE, FLATTEN
 
 Channels = tuple[int, ...]
 
@@ -219,6 +222,52 @@ def _slim_chain(ops: tuple[Op, ...], live_in: set[int], masks, need_out: set[int
     return [tuple(sorted(s)) for s in keeps]
 
 
+def _carries_order(op: Op) -> bool:
+    """Whether the op's output channels are its input channels, sliced dim by dim (BN, activation,
+    depthwise conv, SE): kept in any order, they come out in that order."""
+    m = op.spec.channels(op)
+    return op.is_gate or (m is CHANNELWISE or m.same_width) and op.spec.slice_state is None
+
+
+def _reads_any_order(op: Op) -> bool:
+    """Whether the op reads every input channel through a weight indexed by it (a dense conv of one
+    group, a linear): kept in any order, its weight's columns follow; its rows may be in any order."""
+    m = op.spec.channels(op)
+    return m.dense and op.spec.slice_state is None and \
+        all("in" in roles for roles in op.spec.slice_weights(op).values() if len(roles) > 1)
+
+
+def _ordered_chain(ops, keeps: list[Channels], layout: Channels) -> list[Channels] | None:
+    """`keeps` (sorted) in the order the chain carries its input's `layout`: a per-channel op keeps
+    its input's order, a dense one starts its own (sorted). None where an op that needs its
+    channels sorted (a grouped conv, a MixConv, ...) would read them in another order."""
+    first = set(keeps[0])
+    order = [tuple(c for c in layout if c in first)]
+    for k, op in enumerate(ops):
+        prev, nxt = order[-1], set(keeps[k + 1])
+        if _carries_order(op):
+            order.append(tuple(c for c in prev if c in nxt))
+        elif op.spec.channels(op) is FLATTEN:
+            hw = op.in_shape.height * op.in_shape.width
+            order.append(tuple(f for c in prev for f in range(c * hw, (c + 1) * hw) if f in nxt))
+        elif _reads_any_order(op) or list(prev) == sorted(prev):
+            order.append(keeps[k + 1])
+        else:
+            return None
+        if set(order[-1]) != nxt:
+            return None
+    return order
+
+
+def _ordered_tail(ops, keeps: list[Channels], rank) -> list[Channels]:
+    """`keeps` whose channels after the chain's last dense op are ordered by `rank` (their place in
+    the layer's output), so that a block writing the layer's channels in its order is a plain add."""
+    last = max((k for k, op in enumerate(ops) if not _carries_order(op)), default=None)
+    if last is None or not _reads_any_order(ops[last]):
+        return keeps   # the output order is the input's, or the op's own
+    return [*keeps[:last + 1], *(tuple(sorted(s, key=rank)) for s in keeps[last + 1:])]
+
+
 def _shape(op_shape: Shape, channels: int) -> Shape:
     return Shape(channels, op_shape.size)
 
@@ -270,9 +319,8 @@ def _drop_idle_activations(post: tuple, plan: list, in_range: str | None) -> tup
     return tuple(op for op, _ in kept), [pl for _, pl in kept]
 
 
-def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None = None,
-           channel_multiple: int = 1) -> Derivation:
-    """The slim network for these binary gate masks (key -> bool tensor), and its weight plans."""
+def _effective(net: Network, masks, strength, channel_multiple: int) -> tuple[dict, list[str]]:
+    """Passes 0 and 1: the masks rounded to `channel_multiple` and repaired, and the notes."""
     opened = closed = 0
     if channel_multiple > 1:
         masks, opened, closed = round_masks(masks, strength, channel_multiple)
@@ -283,30 +331,53 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
     if opened or closed:
         notes.insert(0, f"kept channels rounded to multiples of {channel_multiple} (or a gate group's full width): "
                         f"{opened} channel(s) reopened, {closed} closed")
+    return masks, notes
+
+
+def _layer_keeps(layer: Layer, layout: Channels, masks, stream_order: bool):
+    """The kept channels of a layer's chains: [(block index, block, keeps)] of the blocks that stay,
+    the shortcut's keeps (None without one) and the layer's output channels, in order."""
+    live_in = set(layout)
+    kept_blocks = []
+    for bi, block in enumerate(layer.blocks):
+        keeps = _slim_chain(block.ops, live_in, masks)
+        if not keeps[-1]:
+            continue  # the block vanished
+        if stream_order:
+            keeps = _ordered_chain(block.ops, keeps, layout) or keeps
+        kept_blocks.append((bi, block, keeps))
+    sc_keeps = None
+    union: set[int] = set()
+    for _, block, keeps in kept_blocks:
+        union |= set(_placed(block.index, keeps[-1]))
+    if layer.shortcut is not None:
+        sc_keeps = _slim_chain(layer.shortcut.ops, live_in, masks) if layer.shortcut.ops else [tuple(sorted(live_in))]
+        if stream_order:
+            sc_keeps = _ordered_chain(layer.shortcut.ops, sc_keeps, layout) or sc_keeps
+        union |= set(_placed(layer.shortcut.index, sc_keeps[-1]))
+    if not union:
+        raise ValueError(f"layer {layer.name} lost every channel")
+    if layer.post and not all(op.spec.elementwise for op in layer.post):
+        raise ValueError(f"layer {layer.name}: only activations and dropout can follow the sum")
+    out_layout = tuple(sorted(union))
+    if stream_order and layer.shortcut is not None:   # the shortcut's channels first, as they come
+        head = tuple(_placed(layer.shortcut.index, sc_keeps[-1]))
+        out_layout = head + tuple(sorted(union - set(head)))
+    return kept_blocks, sc_keeps, out_layout
+
+
+def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None = None,
+           channel_multiple: int = 1, stream_order: bool = False) -> Derivation:
+    """The slim network for these binary gate masks (key -> bool tensor), and its weight plans.
+    Each tensor's kept channels are in their original order; with `stream_order`, a residual
+    layer's output has its shortcut's channels first, in the order they come in, so every residual
+    add is a dense add or a zero pad, never a scatter by index (`merge.order_streams`)."""
+    masks, notes = _effective(net, masks, strength, channel_multiple)
     layers, plans = [], []
     layout: Channels = tuple(range(net.input_shape.channels))
     in_range: str | None = None  # the activation whose output the current tensor is (its values' range)
     for li, layer in enumerate(net.layers):
-        live_in = set(layout)
-        kept_blocks = []
-        for bi, block in enumerate(layer.blocks):
-            keeps = _slim_chain(block.ops, live_in, masks)
-            if not keeps[-1]:
-                continue  # the block vanished
-            kept_blocks.append((bi, block, keeps))
-        sc_keeps = None
-        union: set[int] = set()
-        for _, block, keeps in kept_blocks:
-            union |= set(_placed(block.index, keeps[-1]))
-        if layer.shortcut is not None:
-            sc_keeps = _slim_chain(layer.shortcut.ops, live_in, masks) if layer.shortcut.ops else [tuple(sorted(live_in))]
-            sc_out = sc_keeps[-1]
-            union |= set(_placed(layer.shortcut.index, sc_out))
-        if not union:
-            raise ValueError(f"layer {layer.name} lost every channel")
-        if layer.post and not all(op.spec.elementwise for op in layer.post):
-            raise ValueError(f"layer {layer.name}: only activations and dropout can follow the sum")
-        out_layout = tuple(sorted(union))
+        kept_blocks, sc_keeps, out_layout = _layer_keeps(layer, layout, masks, stream_order)
         pos = {c: i for i, c in enumerate(out_layout)}
 
         def place(channels) -> tuple[int, ...] | None:
@@ -315,6 +386,8 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
 
         blocks, block_plans = [], []
         for bi, block, keeps in kept_blocks:
+            if stream_order:   # the block writes its channels in the layer's order
+                keeps = _ordered_tail(block.ops, keeps, lambda c, b=block: pos[_placed(b.index, (c,))[0]])
             ops, plan = _slim_ops(block.ops, keeps, layout, (li, "block", bi))
             blocks.append(Block(block.name, block.kind, block.label, tuple(ops), _shape(block.in_shape, len(layout)),
                                 _shape(block.out_shape, len(keeps[-1])), place(_placed(block.index, keeps[-1])),

@@ -18,6 +18,9 @@ three, and per-op costs (kernel set-up, Python, memory passes) that the FLOPs co
   candidate's output BN folded into it (exact in eval mode: BN then is an affine map); a
   candidate's block of the weight is zero where it did not write a channel.
 
+First, each residual stream's channels are renumbered in the order they join it (`order_streams`),
+so that every shortcut lands on the leading channels: a zero pad, not an add by index.
+
 And in a residual stream, a block that writes only some of the stream's channels (placed by an
 indexed add) may end in a conv that writes them all, with zero rows for the others, so the add
 is a plain dense one (`dense_residual`): worth it where the extra rows cost less than the
@@ -42,8 +45,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from nasdsl.derive.derive import derive, slim_state_dict
 from nasdsl.graph.ir import Block, Layer, Network, Op, Shape
 from nasdsl.graph.ops import is_one_tap_depthwise
+from nasdsl.supernet.network import NasNet
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,17 @@ DEPTHWISE = ("padded", "mixed")
 
 
 def merge(network: Network, state: dict[str, torch.Tensor], dense_residual: bool = True,
-          depthwise: str = "padded", fold_scales: bool = True) -> tuple[Network, dict[str, torch.Tensor]]:
+          depthwise: str = "padded", fold_scales: bool = True,
+          ordered: bool = True) -> tuple[Network, dict[str, torch.Tensor]]:
     """The merged network and its NasNet state dict (see the module docstring). Layers that cannot
     be merged stay as they are; `state` is the derived network's NasNet state dict, in eval mode.
-    `fold_scales`: fold each one-tap depthwise conv into its BN (`_fold_scales`; exports made
-    before nasdsl did hold the merged network without it)."""
+    `fold_scales`: fold each one-tap depthwise conv into its BN (`_fold_scales`); `ordered`: first
+    put each residual stream's channels in the order they join it (`order_streams`). Exports made
+    before nasdsl did either hold the merged network without it."""
     if depthwise not in DEPTHWISE:
         raise ValueError(f"depthwise must be one of {DEPTHWISE}, got {depthwise!r}")
+    if ordered:
+        network, state = order_streams(network, state)
     state = dict(state)
     layers = []
     last = len(network.layers) - 1
@@ -115,6 +124,24 @@ def _merge_layer(layer: Layer, own: dict, dense_residual: bool, depthwise: str):
     block = Block(f"{layer.name}.merged", "merged", label, tuple(ops), first.in_shape,
                   Shape(len(outputs), first.out_shape.size), index)
     return replace(layer, blocks=(block,)), tensors
+
+
+def order_streams(network: Network, state: dict[str, torch.Tensor]) -> tuple[Network, dict[str, torch.Tensor]]:
+    """`network` with each residual stream's channels in the order they join it, and its state:
+    the same function. Derivation numbers a layer's channels as the unpruned network did, so where
+    a block adds channels to a stream, the channels the layer's input already had are scattered
+    among them and the shortcut is added by index (ResNet-56 searched to 3x: 12 of its 20 layers).
+    In the order they join, the shortcut is the leading channels, a zero pad; derivation with
+    `stream_order` renumbers them so (the dense convs' rows and columns permuted, nothing else).
+    A network that still has gates is left as it is (derivation would drop them)."""
+    if network.gates():
+        return network, state
+    d = derive(network, {}, stream_order=True)
+    if d.network == network:
+        return network, state
+    source = NasNet(network.to_config())
+    source.load_state_dict(state)
+    return d.network, slim_state_dict(d, source, NasNet(d.network.to_config()))
 
 
 # ---- one-tap depthwise convs folded into their BN -----------------------------------------------

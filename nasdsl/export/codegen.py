@@ -360,7 +360,7 @@ class LayerCode:
     layer: Layer
     base: str
     doc: str
-    # ("flag", key) | ("module", attr, Call|Seq) | ("index", attr, key, width key)
+    # ("flag", key) | ("module", attr, Call|Seq) | ("index", attr, key, width key) | ("pad", attr, key)
     init: list = field(default_factory=list)
     forward: list = field(default_factory=list)
     values: dict = field(default_factory=dict)
@@ -419,10 +419,10 @@ def contiguous(index) -> bool:
     return index is not None and list(index) == list(range(index[0], index[0] + len(index)))
 
 
-def pad_expr(expr: str, index, width: int, spatial: bool) -> str:
-    """expr's channels zero-padded to `width`, landing on the contiguous range `index`."""
-    pads = [index[0], width - index[0] - len(index)]
-    return f"nn.functional.pad({expr}, {[0, 0, 0, 0, *pads] if spatial else pads})"
+def pads(index, width: int, spatial: bool) -> tuple[int, ...]:
+    """F.pad's pads that zero-pad a map's channels to `width`, landing on the contiguous range `index`."""
+    channels = (index[0], width - index[0] - len(index))
+    return (0, 0, 0, 0, *channels) if spatial else channels
 
 
 def rank(contrib) -> int:
@@ -443,16 +443,20 @@ def combine(code: LayerCode, b: Builder, contribs: list, acc: str, layer: Layer)
             b.slot(key, tuple(index))
             b.width("out", width)
             code.init.append(("index", attr, key, "chs:out"))
+        elif index is not None:   # the pads an argument, so that layers differing in them share a class
+            b.slot(f"{attr or 'block'}.pad", pads(index, width, spatial))
+            code.init.append(("pad", attr, f"{attr or 'block'}.pad"))
         name = f"self.{attr}_" if attr else "self."
+        padded = f"nn.functional.pad({expr}, {name}pad)"
         if base is None:
             if index is None:
                 base = expr
                 continue
-            rhs = pad_expr(expr, index, width, spatial) if contiguous(index) else f"place({expr}, {name}spread)"
+            rhs = padded if contiguous(index) else f"place({expr}, {name}spread)"
         elif index is None:
             rhs = f"{base} + {expr}"
         elif contiguous(index):
-            rhs = f"{base} + {pad_expr(expr, index, width, spatial)}"
+            rhs = f"{base} + {padded}"
         else:
             rhs = f"add_at({base}, {expr}, {name}index, {name}spread)"
         code.forward.append((None, f"{acc} = {rhs}"))
@@ -609,8 +613,10 @@ def init_lines(item, r: Render, params: dict) -> list[str]:
         if isinstance(item[2], Call):   # one argument a line when the call is too long for one
             return [wrap_call(f"self.{item[1]} = {item[2].callee}", r.args(item[2]), 8)]
         return [f"self.{item[1]} = {r.module(item[2], 8)}"]
+    name = f"{item[1]}_" if item[1] else ""
+    if kind == "pad":
+        return [f"self.{name}pad = {r.value(Slot(item[2]))}"]
     _, attr, key, width = item
-    name = f"{attr}_" if attr else ""
     return [f'self.register_buffer("{name}index", torch.tensor({r.value(Slot(key))}), persistent=False)',
             f'self.register_buffer("{name}spread", spread_index(self.{name}index, {r.value(Slot(width))}), '
             f'persistent=False)']
@@ -634,8 +640,8 @@ def param_names(keys: list[str]) -> dict[str, str]:
         if key == "has_skip":
             return key
         scope, _, attr = key.rpartition(".")
-        if attr == "index":   # channel maps: whose (block_index, shortcut_index, b0_index, select_index)
-            return f"{scope.replace('.', '_')}_index"
+        if attr in ("index", "pad"):   # channel maps and pads: whose (block_index, shortcut_pad, ...)
+            return f"{scope.replace('.', '_')}_{attr}"
         return _ATTR_NAMES.get(attr, attr)
 
     shorts = {k: short(k) for k in keys}
@@ -687,7 +693,7 @@ class SharedClass:
         lines = [f"class {self.name}(nn.Module):", doc, "",
                  f"    Layer{'s' if len(layers) > 1 else ''} {used}.", '    """', "",
                  "    " + wrap_call("def __init__", args, 4, ":"), "        super().__init__()"]
-        for item in sorted(code.init, key=lambda i: ("flag", "module", "index").index(i[0])):
+        for item in sorted(code.init, key=lambda i: ("flag", "module", "index", "pad").index(i[0])):
             lines += ["        " + line for line in init_lines(item, r, self.params)]
         lines += ["", "    def forward(self, x: torch.Tensor) -> torch.Tensor:"]
         for cond, line in code.forward:

@@ -74,18 +74,23 @@ def _check_inputs(network, out_dir: Path, name: str, preprocessing, onnx: bool) 
         _require_onnx()
 
 
-def _merge(network, state: dict, fold_scales: bool = True):
-    """The merged network and its NasNet state dict (nasdsl.derive.merge)."""
+# how merging builds the network an export holds (nasdsl.derive.merge's options of these names), as
+# config.json records it; an export that does not record one was made before nasdsl did it: False
+MERGING = {"folded": True, "ordered": True}
+
+
+def _merge(network, state: dict, how: dict = MERGING):
+    """The merged network and its NasNet state dict (nasdsl.derive.merge), merged `how` (MERGING)."""
     from nasdsl.derive.merge import merge
 
     try:
-        return merge(network, state, fold_scales=fold_scales)
+        return merge(network, state, fold_scales=how["folded"], ordered=how["ordered"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise NasdslError(f"cannot merge the network's parallel blocks for export: {_first_line(exc)}") from None
 
 
 def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Path, name: str, *,
-           preprocessing, space_text: str | None, onnx: bool, source, reference=None, folded: bool = True) -> Path:
+           preprocessing, space_text: str | None, onnx: bool, source, reference=None, how: dict = MERGING) -> Path:
     """Generate the module for `network`, build its model with the weights (a NasNet state dict of
     `network`, renamed, or `weights` already under the generated names) and write the folder.
     With `reference` (the derived network the weights came from, in eval mode) the generated model
@@ -112,7 +117,7 @@ def _write(network, nasnet_state: dict | None, weights: dict | None, out_dir: Pa
             _check_equal(model, reference, input_size)
         weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         _save_weights(weights, tmp / WEIGHTS, name)
-        config = _config(name, network, source, generated, space_text, folded)
+        config = _config(name, network, source, generated, space_text, how)
         if onnx:
             config[MARKER]["onnx"] = {"file": f"{name}.onnx", **_export_onnx(model, tmp / f"{name}.onnx", input_size)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -145,17 +150,18 @@ def _check_equal(model, reference, input_size: tuple) -> None:
                           f"(logits up to {scale:.3g}); nothing was written")
 
 
-def _config(name: str, network, source, generated, space_text: str | None, folded: bool) -> dict:
+def _config(name: str, network, source, generated, space_text: str | None, how: dict) -> dict:
     """config.json: timm's local-dir layout (no model_args: the module is the architecture).
-    `merged` and `folded` say how `nasdsl export` rebuilds the generated network from the .space
-    (nasdsl.derive.merge's `fold_scales`), as the weights were written for it."""
+    `merged` and `how` it merged (MERGING) say how `nasdsl export` rebuilds the generated network
+    from the .space, as the weights were written for it."""
+    merged = network is not source
     return {
         "architecture": name,
         "num_classes": network.num_classes,
         "num_features": generated.num_features,
         "pretrained_cfg": json.loads(json.dumps(generated.pretrained_cfg)),
         MARKER: {"format": FORMAT, "version": __version__, "module": f"{name}.py", "model": generated.class_name,
-                 "network": source.name, "merged": network is not source, "folded": folded and network is not source,
+                 "network": source.name, "merged": merged, **{k: v and merged for k, v in how.items()},
                  "space": f"{name}.space" if space_text is not None else None, "onnx": None},
     }
 
@@ -390,12 +396,12 @@ def export_run(path: str | Path, out_dir: str | Path, name: str, *, onnx: bool =
                             onnx=onnx)
     out_dir = Path(out_dir)
     _check_inputs(network, out_dir, name, prep, onnx)
-    folded = cfg[MARKER].get("folded", False)
-    merged = _merge(network, _fresh_state(network), fold_scales=folded)[0] \
+    how = {k: cfg[MARKER].get(k, False) for k in MERGING}
+    merged = _merge(network, _fresh_state(network), how)[0] \
         if cfg[MARKER].get("merged", True) else network
     try:
         return _write(merged, None, weights, out_dir, name, preprocessing=prep, space_text=space.read_text(),
-                      onnx=onnx, source=network, folded=folded)
+                      onnx=onnx, source=network, how=how)
     except NasdslError as exc:
         if exc.file is None and "do not fit" in exc.message:
             raise NasdslError(f"{exc.message} (rebuilt from {space.name})", file=str(folder / WEIGHTS)) from None
