@@ -171,6 +171,33 @@ def test_a_residual_stream_is_renumbered_so_its_shortcut_adds_are_zero_pads():
     assert [layer.shortcut.index for layer in old.layers if layer.shortcut is not None] == scattered
 
 
+PROJECTED = """
+space projected(input=3, resolution=6, classes=5)
+layer stem = conv(16, k=3) > bn > relu
+layer p = mbconv(24, k=3, e=2) | conv(24, k=1) > bn
+layer classifier = gap > linear(classes)
+"""
+
+
+def test_a_layer_of_two_blocks_gets_each_blocks_channels_contiguous():
+    """MobileNetV2's projection is a block beside its MBConv, of another kind, so merging leaves the
+    two; renumbered (order_streams), each writes a contiguous range: a zero pad, not an add by index."""
+    from nasdsl.supernet.build import build_supernet
+
+    net = compile_source(PROJECTED, "projected.space")
+    masks = {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}
+    mbconv, proj = [g.key for g in net.gates() if g.layer == "p"][-2:]   # each block's output gate
+    masks[mbconv] = torch.arange(24) % 2 == 0       # channels 0, 2, ..., 22
+    masks[proj] = torch.arange(24) < 16             # channels 0 .. 15
+    d = derive(net, masks)
+    assert [b.index for b in d.network.layers[1].blocks] == [(*range(0, 16, 2), 16, 17, 18, 19), tuple(range(16))]
+    torch.manual_seed(0)
+    slim, network, merged = merged_pair(d, build_supernet(net).eval(), seed=6)
+    assert_same(slim, merged, network, seed=7)
+    # 16, 18, 20, 22 (the MBConv's alone), 0, 2, ..., 14 (both), 1, 3, ..., 15 (the projection's alone)
+    assert [b.index for b in network.layers[1].blocks] == [tuple(range(0, 12)), tuple(range(4, 20))]
+
+
 def test_a_layer_whose_blocks_differ_in_kind_is_left_alone():
     text = MIXED.replace("mbconv(16, k=7, e=3)", "mbconv(16, k=7, e=1)")   # e=1: no expansion conv
     net = compile_source(text, "mixed.space")

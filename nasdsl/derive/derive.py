@@ -363,6 +363,9 @@ def _layer_keeps(layer: Layer, layout: Channels, masks, stream_order: bool):
     if stream_order and layer.shortcut is not None:   # the shortcut's channels first, as they come
         head = tuple(_placed(layer.shortcut.index, sc_keeps[-1]))
         out_layout = head + tuple(sorted(union - set(head)))
+    elif stream_order and len(kept_blocks) == 2:   # each block's channels a contiguous range
+        a, b = (set(_placed(block.index, keeps[-1])) for _, block, keeps in kept_blocks)
+        out_layout = tuple(sorted(a - b)) + tuple(sorted(a & b)) + tuple(sorted(b - a))
     return kept_blocks, sc_keeps, out_layout
 
 
@@ -371,7 +374,9 @@ def derive(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, tor
     """The slim network for these binary gate masks (key -> bool tensor), and its weight plans.
     Each tensor's kept channels are in their original order; with `stream_order`, a residual
     layer's output has its shortcut's channels first, in the order they come in, so every residual
-    add is a dense add or a zero pad, never a scatter by index (`merge.order_streams`)."""
+    add is a dense add or a zero pad, never a scatter by index, and a layer of two blocks without
+    a shortcut (MobileNetV2's projection beside its block) has each block's channels contiguous
+    (`merge.order_streams`)."""
     masks, notes = _effective(net, masks, strength, channel_multiple)
     layers, plans = [], []
     layout: Channels = tuple(range(net.input_shape.channels))

@@ -132,7 +132,9 @@ def order_streams(network: Network, state: dict[str, torch.Tensor]) -> tuple[Net
     a block adds channels to a stream, the channels the layer's input already had are scattered
     among them and the shortcut is added by index (ResNet-56 searched to 3x: 12 of its 20 layers).
     In the order they join, the shortcut is the leading channels, a zero pad; derivation with
-    `stream_order` renumbers them so (the dense convs' rows and columns permuted, nothing else).
+    `stream_order` renumbers them so (the dense convs' rows and columns permuted, nothing else),
+    and gives each of two blocks side by side (MobileNetV2's projection) a contiguous range. The
+    logits are the same; a feature map inside a stream holds the same channels in the new order.
     A network that still has gates is left as it is (derivation would drop them)."""
     if network.gates():
         return network, state
