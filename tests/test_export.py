@@ -522,23 +522,31 @@ layer classifier = gap > linear(classes)
 """
 
 
+def _export_made_before(tmp_path: Path, monkeypatch, net, step: str, key: str):
+    """An export of `net` (random weights) as nasdsl wrote it before merging did `step` (patched out
+    here) and config.json recorded `key`, and the model it holds."""
+    from nasdsl.derive import merge as merging
+
+    with monkeypatch.context() as m:
+        m.setattr(merging, step, lambda network, state: (network, state))
+        old, model = _export(tmp_path, net, f"nasdsl_before_{key}", 9, space_text=to_space(net))
+    config = json.loads((old / "config.json").read_text())
+    del config["nasdsl"][key]
+    (old / "config.json").write_text(json.dumps(config))
+    return old, model
+
+
 def test_an_export_made_before_one_tap_depthwise_convs_were_folded_is_reexported_as_it_was(tmp_path, monkeypatch):
     """Exports made before merging folded one-tap depthwise convs into their BN (merge._fold_scales)
     hold weights of the merged network without the fold (config.json has no `folded`): re-exported,
     they stay that network, and say so; a new export records the fold."""
-    from nasdsl.derive import merge as merging
     from nasdsl.derive.derive import cut_kernels, unpruned
     from nasdsl.export.exporter import export_run
 
     net, cut = cut_kernels(compile_source(POINTWISE))
     assert cut    # at 1x1 both kernels are their centre tap
     net = unpruned(net)   # as derivation leaves it: no gates, so the candidates merge
-    with monkeypatch.context() as m:
-        m.setattr(merging, "_fold_scales", lambda network, state: (network, state))
-        old, model = _export(tmp_path, net, "nasdsl_before_fold", 9, space_text=to_space(net))
-    config = json.loads((old / "config.json").read_text())
-    del config["nasdsl"]["folded"]
-    (old / "config.json").write_text(json.dumps(config))
+    old, model = _export_made_before(tmp_path, monkeypatch, net, "_fold_scales", "folded")
     new = export_run(old, tmp_path / "new", "nasdsl_after_fold")
     again = export_run(new, tmp_path / "again", "nasdsl_unfolded_again")
     folded, _ = _export(tmp_path, net, "nasdsl_folded", 9, space_text=to_space(net))
@@ -559,19 +567,13 @@ def test_an_export_made_before_residual_streams_were_renumbered_is_reexported_as
     """Exports made before merging renumbered residual streams (merge.order_streams) hold weights of
     the merged network in the derivation's numbering, shortcuts added by index (config.json has no
     `ordered`): re-exported, they stay that network; a new export renumbers and records it."""
-    from nasdsl.derive import merge as merging
     from nasdsl.derive.derive import derive
     from nasdsl.export.exporter import export_run
     from test_merge import STREAM, _stream_masks
 
     net = compile_source(STREAM, "stream.space")
     derived = derive(net, _stream_masks(net)).network
-    with monkeypatch.context() as m:
-        m.setattr(merging, "order_streams", lambda network, state: (network, state))
-        old, model = _export(tmp_path, derived, "nasdsl_before_order", 9, space_text=to_space(derived))
-    config = json.loads((old / "config.json").read_text())
-    del config["nasdsl"]["ordered"]
-    (old / "config.json").write_text(json.dumps(config))
+    old, model = _export_made_before(tmp_path, monkeypatch, derived, "order_streams", "ordered")
     new = export_run(old, tmp_path / "new", "nasdsl_after_order")
     ordered, _ = _export(tmp_path, derived, "nasdsl_ordered", 9, space_text=to_space(derived))
     ordered_again = export_run(ordered, tmp_path / "ordered_again", "nasdsl_ordered_again")
