@@ -62,7 +62,9 @@ columns time the same network.
 `--onnxruntime` also exports the unpruned and the derived network as `nasdsl export --onnx` does
 (merged, the ONNX file checked against PyTorch) and times both files in onnxruntime at each batch
 size (`--threads` intra-op threads), printed under the targets: eager PyTorch pays a fixed time per
-op that onnxruntime mostly does not, which is what decides batch 1.
+op that onnxruntime mostly does not, which is what decides batch 1. Each file is timed in runs of
+its own (`_timing.in_turn`), not call by call: onnxruntime's threads spin between runs, and two
+sessions' pools contending on two cores slowed both by up to 1.6x.
 
 Targets: inference ratio >= 0.8 at batch 64 and >= 0.7 at batch 1 for the merged network (what
 the export runs), step ratio >= 0.6 for the trained form (what finetuning trains; the table's
@@ -100,7 +102,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nasdsl  # noqa: E402  (first: it sizes oneDNN's kernel cache as a run does)
-from _timing import (STEADY_HEAP, alternate, channels_last, child_environment, heap_line,  # noqa: E402
+from _timing import (STEADY_HEAP, alternate, channels_last, child_environment, heap_line, in_turn,  # noqa: E402
                      inference_medians, load_line, sgd_step)
 from nasdsl.derive.derive import cut_kernels, derive, unpruned  # noqa: E402
 from nasdsl.derive.merge import merge, train_form  # noqa: E402
@@ -356,8 +358,8 @@ def onnxruntime_medians(case: Case, args) -> dict:
     result = {}
     for batch in BATCHES:
         x = {"input": np.random.default_rng(0).standard_normal((batch, *shape.to_list()), dtype=np.float32)}
-        result[batch] = alternate({k: (lambda s=s: s.run(None, x)) for k, s in sessions.items()},
-                                  args.repeats, args.warmup)
+        result[batch] = in_turn({k: (lambda s=s: s.run(None, x)) for k, s in sessions.items()},
+                                args.repeats, args.warmup)   # (their thread pools spin: not call by call)
     return result
 
 

@@ -60,9 +60,10 @@ def test_timing_processes_keep_their_heap_unless_asked_not_to(bench):
         assert ("kept" in bench.heap_line(env)) == (expected != "None")
 
 
-def test_onnxruntime_times_the_exported_files_of_both_networks(bench):
+def test_onnxruntime_times_the_exported_files_of_both_networks(bench, monkeypatch):
     """--onnxruntime exports a case's unpruned and derived network as `nasdsl export --onnx` does
-    and returns onnxruntime's median per batch size for both (what is timed, not how fast)."""
+    and returns onnxruntime's median per batch size for both (what is timed, not how fast), each
+    session in runs of its own (in_turn)."""
     pytest.importorskip("onnxruntime")
     import torch
 
@@ -78,7 +79,10 @@ layer classifier = gap > linear(classes)
     masks = {g.key: torch.arange(g.channels) % 2 == 0 for g in net.gates()}
     case = bench.Case("tiny", net, derive(net, masks).network)
     args = bench.parse(["--search", "--onnxruntime", "--repeats", "2", "--warmup", "1", "--threads", "1"])
+    timed, in_turn = [], bench.in_turn
+    monkeypatch.setattr(bench, "in_turn", lambda calls, *a: timed.append(sorted(calls)) or in_turn(calls, *a))
     result = bench.onnxruntime_medians(case, args)
+    assert timed == [["derived", "unpruned"]] * len(bench.BATCHES)
     assert set(result) == set(bench.BATCHES)
     for batch in bench.BATCHES:
         assert set(result[batch]) == {"unpruned", "derived"} and all(t > 0 for t in result[batch].values())
@@ -92,3 +96,13 @@ def test_the_onnxruntime_lines_give_each_batch_its_ratio_and_verdict(bench, caps
     assert lines[-1] == ("  timed: batch 64 90.00 -> 30.00 ms, 3.00x, ratio 1.00+; "
                          "batch 1 2.00 -> 1.00 ms, 2.00x, ratio 0.67-")
     assert not any("not timed" in line for line in lines)
+
+
+def test_onnxruntime_sessions_are_timed_each_in_a_run_of_its_own():
+    """onnxruntime's thread pools spin after a run: sessions timed call by call contend (_timing.in_turn).
+    Each file is timed in runs of its own, both orders, its warm-up calls right before each run."""
+    import _timing
+
+    calls = []
+    result = _timing.in_turn({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert "".join(calls) == "aaa" "bbb" "bbb" "aaa" and set(result) == {"a", "b"}
