@@ -346,7 +346,7 @@ def _layer_keeps(layer: Layer, layout: Channels, masks, stream_order: bool):
         if stream_order:
             keeps = _ordered_chain(block.ops, keeps, layout) or keeps
         kept_blocks.append((bi, block, keeps))
-    sc_keeps = None
+    sc_keeps, sc_placed = None, []
     union: set[int] = set()
     for _, block, keeps in kept_blocks:
         union |= set(_placed(block.index, keeps[-1]))
@@ -354,15 +354,15 @@ def _layer_keeps(layer: Layer, layout: Channels, masks, stream_order: bool):
         sc_keeps = _slim_chain(layer.shortcut.ops, live_in, masks) if layer.shortcut.ops else [tuple(sorted(live_in))]
         if stream_order:
             sc_keeps = _ordered_chain(layer.shortcut.ops, sc_keeps, layout) or sc_keeps
-        union |= set(_placed(layer.shortcut.index, sc_keeps[-1]))
+        sc_placed = _placed(layer.shortcut.index, sc_keeps[-1])
+        union |= set(sc_placed)
     if not union:
         raise ValueError(f"layer {layer.name} lost every channel")
     if layer.post and not all(op.spec.elementwise for op in layer.post):
         raise ValueError(f"layer {layer.name}: only activations and dropout can follow the sum")
     out_layout = tuple(sorted(union))
     if stream_order and layer.shortcut is not None:   # the shortcut's channels first, as they come
-        head = tuple(_placed(layer.shortcut.index, sc_keeps[-1]))
-        out_layout = head + tuple(sorted(union - set(head)))
+        out_layout = tuple(sc_placed) + tuple(sorted(union - set(sc_placed)))
     elif stream_order and len(kept_blocks) == 2:   # each block's channels a contiguous range
         a, b = (set(_placed(block.index, keeps[-1])) for _, block, keeps in kept_blocks)
         out_layout = tuple(sorted(a - b)) + tuple(sorted(a & b)) + tuple(sorted(b - a))

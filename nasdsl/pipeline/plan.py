@@ -234,8 +234,8 @@ def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
     lambda until the derived network's MACs (or parameters) meet the target, and auto prices each
     gate by what its channel adds to them. The default stays `channels` (every channel 1, the
     paper), which is the more accurate: priced by MACs, MobileNetV2 at 50% FLOPs lost 0.82 +- 0.25
-    points over 5 seeds (equal at 25%, and on ResNet-20 at both), though ResNet-56 at 33% ran 0.69-0.73
-    of its FLOPs reduction at batch 64 instead of 0.66 (benchmarks/quality.py, derived_speed.py with
+    points over 5 seeds (equal at 25%, and on ResNet-20 at both), though ResNet-56 at 33% ran 0.73-0.75
+    of its FLOPs reduction at batch 64 instead of 0.67-0.70 (benchmarks/quality.py, derived_speed.py with
     the heap kept; README). block_cost is counted in MACs, so with it auto is flops. The run's recipe records the
     choice."""
     arch = recipe.architecture
