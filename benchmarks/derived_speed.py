@@ -17,8 +17,9 @@ Networks (each a *case*: an unpruned network and the derived one a search, or a 
   default recipe, `--epochs W A` weights and architecture epochs and no finetuning (speed does
   not depend on accuracy); `--set KEY=VALUE` is passed on to both searches (e.g.
   architecture.channel_multiple=16; README says which recipe keys turn FLOPs into speed). Runs
-  go to `--work DIR` (default: a temporary folder), one folder per space, command line and the
-  recipe it resolves to (a search made before a default changed is not reused), and a finished
+  go to `--work DIR` (default: a temporary folder), one folder per space, command line, the
+  recipe it resolves to and the derivation code (a search made before a default or derivation
+  changed is not reused), and a finished
   one there is reused (an unfinished one resumed). Each search's command is printed.
 - `--structured`: VGG-16 and ResNet-56 (CIFAR, 3x32x32) with structured masks, the same leading
   fraction f of every gate group kept (in a residual stage, of the channels the shortcut
@@ -181,11 +182,20 @@ def resolved_recipe(cmd: list[str]) -> dict:
     return plan.recipe.to_dict()
 
 
+DERIVATION = (ROOT / "nasdsl" / "derive" / "derive.py", ROOT / "nasdsl" / "derive" / "budget.py")
+
+
+def derivation_source() -> str:
+    """The code that turns a search's gates into its architecture (derivation and the budget fit):
+    a search finished before it changed holds the architecture the old code derived."""
+    return "".join(path.read_text() for path in DERIVATION)
+
+
 def search_folder(space: str, args, work: Path) -> tuple[Path, list[str]]:
-    """The folder of one search in `work`, named by its command line and the recipe that resolves
-    to, and its command line (without --out)."""
+    """The folder of one search in `work`, named by its command line, the recipe that resolves to and
+    the derivation code (`derivation_source`), and its command line (without --out)."""
     cmd = search_command(space, args)
-    key = " ".join(cmd) + json.dumps(resolved_recipe(cmd), sort_keys=True)
+    key = " ".join(cmd) + json.dumps(resolved_recipe(cmd), sort_keys=True) + derivation_source()
     return work / f"{space}_{hashlib.sha1(key.encode()).hexdigest()[:8]}", cmd
 
 

@@ -392,6 +392,33 @@ def test_channel_multiple_derives_rounded_widths_exactly(stem):
     assert not any(n.startswith("kept channels rounded") for n in again.notes)
 
 
+@pytest.mark.parametrize("stem", ["resnet56_cifar", "mobilenetv2_cifar", "proxyless_cifar"])
+def test_a_block_summed_with_its_shortcut_writes_all_of_the_layers_channels(stem):
+    """Each block's last gate chose its own channels, so a residual stream was as wide as the union
+    of what its blocks wrote (ResNet-56's stage 2: 24, 26, 27, 28, 31) and each block wrote part of
+    it: zero rows or an add by index once merged. With channel_multiple, a gated block summed with
+    its shortcut (or with an ungated projection, MobileNetV2's) writes all of the layer's channels,
+    a multiple wide; a layer of several gated candidates (ProxylessNAS) and channel_multiple=1 keep
+    each gate's own choice."""
+    net = compiled(stem)
+    masks, strength = random_masks(net, "0.5", seed=3)
+    d = derive(net, masks, strength, channel_multiple=8)
+    full = {layer.name: layer for layer in net.layers}
+    one = [layer for layer in d.network.layers if (layer.shortcut is not None or len(layer.blocks) > 1)
+           and sum(any(op.is_gate for op in b.ops) for b in full[layer.name].blocks) == 1]
+    several = [layer for layer in d.network.layers if layer.shortcut is not None and len(layer.blocks) > 1]
+    assert one if stem != "proxyless_cifar" else several
+    for layer in one:
+        assert layer.width % 8 == 0 or layer.width == full[layer.name].width, (layer.name, layer.width)
+        assert [(b.index, b.out_shape.channels) for b in layer.blocks] == [(None, layer.width)] * len(layer.blocks)
+    assert any(b.index is not None for layer in several for b in layer.blocks) == (stem == "proxyless_cifar")
+    assert any(n.startswith("a block summed with its layer's shortcut writes") for n in d.notes) == bool(one)
+    assert_equivalent(d, supernet(stem))
+    assert_counts(d)
+    exact = derive(net, masks, strength, channel_multiple=1)
+    assert any(b.index is not None for layer in exact.network.layers for b in layer.blocks)
+
+
 def test_channel_multiple_rounds_a_kept_strongest_channel_up():
     """An emptied VGG layer keeps its strongest channel, then grows to a whole multiple."""
     net = compiled("vgg16_cifar")

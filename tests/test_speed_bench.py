@@ -32,7 +32,7 @@ def test_a_search_resolves_its_recipe_as_the_run_will(bench):
     assert recipe["weights"]["epochs"] == 5 and recipe["finetune"]["epochs"] == 0
 
 
-def test_a_search_folder_changes_with_the_resolved_recipe(bench, monkeypatch, tmp_path):
+def test_a_search_folder_changes_with_the_resolved_recipe_and_the_derivation_code(bench, monkeypatch, tmp_path):
     args = bench.parse(["--search"])
     folder, cmd = bench.search_folder("resnet56_cifar", args, tmp_path)
     assert folder.parent == tmp_path and folder.name.startswith("resnet56_cifar_")
@@ -40,6 +40,10 @@ def test_a_search_folder_changes_with_the_resolved_recipe(bench, monkeypatch, tm
     assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] == folder
     today = bench.resolved_recipe
     monkeypatch.setattr(bench, "resolved_recipe", lambda c: {**today(c), "seed": 1})  # a default changed
+    assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] != folder
+    monkeypatch.setattr(bench, "resolved_recipe", today)
+    code = bench.derivation_source()
+    monkeypatch.setattr(bench, "derivation_source", lambda: code + "# derivation changed")
     assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] != folder
 
 
