@@ -116,7 +116,7 @@ def round_masks(masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor
 def _written_by(block: Block) -> str | None:
     """The key of the gate that chooses which of the layer's channels `block` writes: its last gate,
     when only per-channel ops follow it and the block writes the layer's channels as numbered (no
-    `@ [...]` placement). None for a block without one (it writes what it writes)."""
+    `@ [...]` placement); None otherwise."""
     last = max((k for k, op in enumerate(block.ops) if op.is_gate), default=None)
     if last is None or block.index is not None or not all(_carries_order(op) for op in block.ops[last + 1:]):
         return None
@@ -144,13 +144,14 @@ def _aligned_layer(layer: Layer, live: set[int], masks, reached: list[set[int]],
     gated = [(block, out) for block, out in alive if any(op.is_gate for op in block.ops)]
     if len(gated) != 1 or len(alive) + (layer.shortcut is not None) < 2 or not _written_by(gated[0][0]):
         return None
-    fixed = {c for block, out in alive if (block, out) not in gated for c in _placed(block.index, out)}
+    block, written = gated[0]
+    fixed = {c for other, out in alive if other is not block for c in _placed(other.index, out)}
     if layer.shortcut is not None:
         fixed |= set(_placed(layer.shortcut.index, _reach(layer.shortcut.ops, live, masks, close=False)[0]))
-    key = _written_by(gated[0][0])
+    key = _written_by(block)
     width = layer.out_shape.channels
     score = strength[key].detach().float().cpu() if strength else torch.zeros(width)
-    return _layer_width(fixed, set(gated[0][1]), width, score, multiple), [key]
+    return _layer_width(fixed, set(written), width, score, multiple), key
 
 
 def align_layers(net: Network, masks: dict[str, torch.Tensor], strength: dict[str, torch.Tensor] | None,
@@ -166,13 +167,12 @@ def align_layers(net: Network, masks: dict[str, torch.Tensor], strength: dict[st
         reached = [_reach(block.ops, live, masks, close=False)[0] for block in layer.blocks]
         aligned = _aligned_layer(layer, live, masks, reached, strength, multiple)
         if aligned is not None:
-            keep, keys = aligned
+            keep, key = aligned
             mask = torch.zeros(layer.out_shape.channels, dtype=torch.bool)
             mask[sorted(keep)] = True
-            for key in keys:
-                opened += int((mask & ~masks[key]).sum())
-                closed += int((masks[key] & ~mask).sum())
-                masks[key] = mask.clone()
+            opened += int((mask & ~masks[key]).sum())
+            closed += int((masks[key] & ~mask).sum())
+            masks[key] = mask
             reached = [set(keep) if out and _written_by(block) else out for block, out in zip(layer.blocks, reached)]
         live = _layer_reach(layer, live, masks, reached)
     return masks, opened, closed
