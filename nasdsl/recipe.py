@@ -286,8 +286,8 @@ class ArchRecipe(_Section):
     gate counts 1, the paper, the default; flops / params: the MACs / parameters its channel costs;
     auto: what the budget counts, else flops with block_cost and channels without either; resolved by
     the plan step), bn (frozen | recalibrated | train),
-    channel_multiple (every gate group keeps a multiple of this many channels, or all of them, and the
-    blocks of a layer that sums several, a residual stream's included, write one such width; auto: the
+    channel_multiple (every gate group keeps a multiple of this many channels, or all of them, and a
+    block summed with its layer's shortcut writes all of the layer's channels, one such width; auto: the
     device's channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan
     step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; needs
     penalty_weight flops, or auto unless a budget counts params), budget (what the derived network
