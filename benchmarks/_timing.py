@@ -27,19 +27,23 @@ def alternate(calls: dict[str, Callable[[], object]], repeats: int, warmup: int)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def in_turn(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each callable, each timed in a run of its own after `warmup`
-    calls (A A A, B B B, then B B B, A A A: half the repeats each time), for callables that leave
-    threads busy when they return. onnxruntime's intra-op threads spin between runs: two sessions
-    timed call by call (`alternate`) had four threads busy on two cores, and the unpruned ResNet-56's
-    file took 68.9 ms a batch of 64 against 47.5 timed on its own (the derived one 46.0 against 29.1)."""
+def in_turn(calls: dict[str, Callable[[], object]], repeats: int, warmup: int,
+            rounds: int = 2) -> dict[str, float]:
+    """Median seconds per call of each callable, each timed in runs of its own: `rounds` rounds
+    (A A A, B B B, then B B B, A A A, ...), each run `warmup` untimed calls and then
+    repeats // rounds timed ones. For callables whose state between calls decides their time:
+    onnxruntime's intra-op threads spin between runs (two sessions timed call by call had four
+    threads busy on two cores, and the unpruned ResNet-56's file took 68.9 ms a batch of 64
+    against 47.5 timed on its own, the derived one 46.0 against 29.1), and a network called right
+    after another finds its weights and maps gone from the caches (`inference_medians`). More
+    rounds spread a change of load over all of them, as `alternate` does."""
     keys = list(calls)
     times: dict[str, list[float]] = {k: [] for k in keys}
-    for order in (keys, keys[::-1]):
-        for k in order:
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
             for _ in range(warmup):
                 calls[k]()
-            for _ in range(max(1, repeats // 2)):
+            for _ in range(max(1, repeats // rounds)):
                 t0 = time.perf_counter()
                 calls[k]()
                 times[k].append(time.perf_counter() - t0)
@@ -52,12 +56,19 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def inference_medians(models: dict[str, torch.nn.Module], shape, batch: int, repeats: int,
                       warmup: int) -> dict[str, float]:
-    """Median seconds of one forward pass of each model (eval mode, channels_last, inference_mode)."""
+    """Median seconds of one forward pass of each model (eval mode, channels_last, inference_mode),
+    timed as a process serving it runs it: call after call (`in_turn`, 3 timed calls a run after
+    `warmup` untimed ones, the runs of all models in alternating rounds). Called by turns
+    (`alternate`), each network ran right after another one had filled the caches: at batch 1 a
+    searched ResNet-56 took 2.34 against 1.92-2.09 ms and the unpruned one 4.52 against 4.10-4.50
+    (ratios 0.63 against 0.68-0.70; MobileNetV2 0.53-0.55 against 0.54-0.68), while at batch 64 the
+    two ways agreed within the runs' spread (a scratch A/B, README)."""
     x = channels_last(torch.randn(batch, *shape))
     for m in models.values():
         m.eval().to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        return alternate({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, warmup)
+        return in_turn({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, warmup,
+                       rounds=max(2, repeats // 3))
 
 
 def sgd_step(model: torch.nn.Module, params, x: torch.Tensor, y: torch.Tensor,

@@ -48,7 +48,12 @@ channels_last. Per case:
   derived network ("derived", what finetuning trained before) and of the merged one (its
   projections have no BN, so it cannot be trained as the search's network).
 Each measurement is the median of `--repeats` forward passes (`--steps` training steps) per
-network after `--warmup` of each, the networks alternating (A B C D, D C B A, ...), so a change of
+network. Forward passes are timed as a process serving the network runs it, call after call: in
+runs of 3, each after `--warmup` untimed calls, the runs of the four networks in rounds of
+alternating order (A A A, B B B, C C C, D D D, then D D D, C C C, ...; `_timing.inference_medians`):
+timed call by call, each network ran right after another had filled the caches, which at batch 1
+cost the small derived networks more than the unpruned ones (README). Training steps are timed
+after `--warmup` of each, the networks alternating (A B C D, D C B A, ...). Either way a change of
 load hits all alike. A speed-up is the unpruned network's (supernet's) median time over the
 network's; its *ratio* is speed-up / FLOPs reduction, the reduction being the derived network's
 (unpruned MACs / derived MACs, both networks with their kernels cut to the taps their maps reach,
@@ -505,7 +510,8 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         todo = cases(args, work.resolve())
     print(f"\n{load_line()}; {heap_line(heap_env(args))}; eager, channels_last; median of {args.repeats} forward passes (inference_mode) "
-          f"and {args.steps} training steps per network, interleaved, after {args.warmup} warm-up calls")
+          f"call after call in runs of their own, each after {args.warmup} warm-up calls, and {args.steps} training steps per network, "
+          f"interleaved, after {args.warmup} warm-up calls")
     results = {case.label: measure_alone(case, args) for case in todo}
     print_table(results)
     print_targets(results)
