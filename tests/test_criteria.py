@@ -80,7 +80,7 @@ def test_bn_keeps_a_floor_in_every_group(resnet20):
     an L1 penalty; these baselines prune the network DNAL starts from): one global threshold closed all
     but the one channel derive's repair keeps of a MobileNetV2's 1280-channel head, whose scales are
     small, and the pruned network trained to 38% against 82% for L1. Each group keeps its strongest
-    MIN_KEEP of channels, as Torch-Pruning's max_pruning_ratio does."""
+    MIN_KEEP of channels, the cap Torch-Pruning's max_pruning_ratio sets."""
     net, model = resnet20
     scores = channel_scores(net, model, "bn")
     weak = next(iter(scores))                 # the stem's channels: scales a thousand times smaller

@@ -81,7 +81,7 @@ def _floor(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     scales of different layers are not on one scale (network slimming's L1 penalty trains them to be;
     these baselines prune the network DNAL starts from), and one threshold closed all but one channel
     of MobileNetV2's head, whose scales are small: that network trained to 38% where L1's reached 82%
-    (Fashion-MNIST subset, 25% FLOPs). Torch-Pruning's global pruning caps each layer the same way
+    (Fashion-MNIST subset, 25% FLOPs). Torch-Pruning's global pruning offers the same cap per layer
     (max_pruning_ratio)."""
     return {key: _strongest(s, math.ceil(MIN_KEEP * s.numel() - 1e-9)) for key, s in scores.items()}
 
