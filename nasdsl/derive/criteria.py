@@ -86,16 +86,20 @@ def _floor(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: _strongest(s, math.ceil(MIN_KEEP * s.numel() - 1e-9)) for key, s in scores.items()}
 
 
-def _global(scores: dict[str, torch.Tensor], pruned: int) -> dict[str, torch.Tensor]:
-    """The `pruned` lowest-scoring channels of the whole network closed, none of each group's floor
-    (`_floor`)."""
-    keys = list(scores)
-    flat = torch.cat([scores[k] for k in keys])
+def _global_order(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The channels a global threshold may close, as indices into the groups' scores concatenated
+    in `scores`' order, lowest score first: every channel but each group's floor (`_floor`)."""
+    flat = torch.cat(list(scores.values()))
     floor = torch.cat(list(_floor(scores).values()))
     order = flat.argsort()
-    closed = torch.zeros(flat.numel(), dtype=torch.bool)
-    closed[order[~floor[order]][:pruned]] = True
-    return dict(zip(keys, (~closed).split([scores[k].numel() for k in keys])))
+    return order[~floor[order]]
+
+
+def _global(scores: dict[str, torch.Tensor], order: torch.Tensor, pruned: int) -> dict[str, torch.Tensor]:
+    """The first `pruned` channels of `order` (`_global_order`) closed."""
+    closed = torch.zeros(sum(s.numel() for s in scores.values()), dtype=torch.bool)
+    closed[order[:pruned]] = True
+    return dict(zip(scores, (~closed).split([s.numel() for s in scores.values()])))
 
 
 def prune_to_budget(net: Network, scores: dict[str, torch.Tensor], target: int, metric: str = "flops",
@@ -105,11 +109,13 @@ def prune_to_budget(net: Network, scores: dict[str, torch.Tensor], target: int, 
     def cost(d: Derivation) -> int:
         return getattr(network_cost(d.network), metric)
 
+    order = None if uniform else _global_order(scores)   # ranked once; each step closes a prefix of it
+
     def at(x):
-        masks = _uniform(scores, x) if uniform else _global(scores, int(x))
+        masks = _uniform(scores, x) if uniform else _global(scores, order, int(x))
         return derive(net, masks, None, channel_multiple)
 
-    lo, hi = 0.0, 1.0 if uniform else float(sum(int((~m).sum()) for m in _floor(scores).values()))
+    lo, hi = 0.0, 1.0 if uniform else float(order.numel())
     best = at(hi)
     if cost(best) > target:
         raise NasdslError(f"no pruning reaches {target:,} {metric}: the smallest network costs {cost(best):,}")
