@@ -184,7 +184,10 @@ def resolved_recipe(cmd: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         plan = make_plan(RunRequest(space=ROOT / cmd[2], sets=sets, budget=budget, out=Path(tmp) / "run",
                                     device="cpu"), join_world=False)
-    return plan.recipe.to_dict()
+    recipe = plan.recipe.to_dict()
+    if sets.get("architecture.block_cost") == "auto":   # measured at each plan: the key is the request
+        recipe["architecture"]["block_cost"] = "auto"
+    return recipe
 
 
 DERIVATION = (ROOT / "nasdsl" / "derive" / "derive.py", ROOT / "nasdsl" / "derive" / "budget.py")

@@ -115,6 +115,20 @@ def _check_multiple(value):
     return number
 
 
+def _check_block_cost(value):
+    """architecture.block_cost: 'auto' (the plan step measures a layer's fixed time on the run's
+    device, `nasdsl.pipeline.latency`) or a number of MACs >= 0."""
+    if value == "auto":
+        return value
+    try:   # YAML reads 6e6 (no dot) as a string, and --set values are strings
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number >= 0 or number == float("inf"):
+        raise _Bad(f"expected 'auto' or a number of MACs >= 0, got {value!r}")
+    return number
+
+
 def _choice(kind):
     """A Literal field whose error names the allowed values, with a did-you-mean for near misses."""
     allowed = get_args(kind)
@@ -289,7 +303,8 @@ class ArchRecipe(_Section):
     channel_multiple (every gate group keeps a multiple of this many channels, or all of them, and a
     block summed with its layer's shortcut writes all of the layer's channels, one such width; auto: the
     device's channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan
-    step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; needs
+    step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; auto: a
+    layer's fixed time at batch 1 on the run's device, in MACs, measured by the plan step; needs
     penalty_weight flops, or auto unless a budget counts params), budget (what the derived network
     may cost: `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone
     decides; parsed and checked against the space by the plan step, `--budget` sets it)."""
@@ -305,7 +320,7 @@ class ArchRecipe(_Section):
     penalty_weight: PenaltyWeightChoice = "channels"
     bn: BnModeChoice = "frozen"
     channel_multiple: Annotated[Union[int, Literal["auto"]], BeforeValidator(_check_multiple)] = "auto"
-    block_cost: NonNegativeFloat = 0.0
+    block_cost: Annotated[Union[float, Literal["auto"]], BeforeValidator(_check_block_cost)] = 0.0
     budget: Optional[str] = None
 
     @model_validator(mode="after")
@@ -315,7 +330,7 @@ class ArchRecipe(_Section):
         if end < start:
             raise _Cross(lambda p: f"{p}delta_end: {end:g} is below {p}delta_start ({start:g})",
                          "delta_end", "delta_start")
-        if self.block_cost > 0 and self.penalty_weight not in ("flops", "auto"):
+        if (self.block_cost == "auto" or self.block_cost > 0) and self.penalty_weight not in ("flops", "auto"):
             raise _Cross(lambda p: f"{p}block_cost: is counted in MACs, so it needs {p}penalty_weight: flops or auto",
                          "block_cost", "penalty_weight")
         return self

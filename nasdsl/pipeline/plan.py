@@ -201,6 +201,8 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / (space.stem + ("_train" if request.train else ""))
     budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
+    recipe = resolve_block_cost(recipe, network, device, recorded_recipe(out, request.resume), notes,
+                                request.train, world)
     recipe = resolve_penalty_weight(recipe, budgets)
     init = read_init(request.init, written, str(space), network) if request.init is not None else None
     if not request.train:
@@ -227,6 +229,43 @@ def resolve_channel_multiple(recipe: Recipe, device: torch.device) -> Recipe:
     if arch.channel_multiple != "auto":
         return recipe
     return recipe.model_copy(update={"architecture": arch.model_copy(update={"channel_multiple": channel_block(device)})})
+
+
+def recorded_recipe(out: Path, resume: bool) -> dict:
+    """The recipe a run folder's manifest records (what --resume must match), or {}."""
+    if not (resume and (out / "manifest.json").is_file()):
+        return {}
+    from nasdsl.pipeline.folder import RunFolder
+
+    try:
+        return RunFolder(out, True).read_manifest().get("recipe") or {}
+    except NasdslError:
+        return {}   # check_run_folder reports it
+
+
+def resolve_block_cost(recipe: Recipe, network: Network, device: torch.device, recorded: dict,
+                       notes: list[str], train: bool = False, world: dist_utils.World | None = None) -> Recipe:
+    """`architecture.block_cost: auto` as a layer's fixed time at batch 1 on `device`, in MACs,
+    measured (`latency.measure_block_cost`; with several processes, rank 0's number, so that all
+    price alike); a resumed run keeps the number its manifest records, so it prices its depth gates
+    as it began. `nasdsl train` searches nothing: 0."""
+    arch = recipe.architecture
+    if arch.block_cost != "auto":
+        return recipe
+    before = (recorded.get("architecture") or {}).get("block_cost")
+    if train:
+        cost = 0.0
+    elif isinstance(before, (int, float)) and not isinstance(before, bool):
+        cost = float(before)
+    else:
+        from nasdsl.pipeline.latency import measure_block_cost
+
+        fit = measure_block_cost(network, arch.channel_multiple, device)
+        shared = torch.tensor([fit.block_cost], dtype=torch.float64, device=device)
+        dist_utils.broadcast_(world or dist_utils.World(), [shared])
+        cost = float(shared)
+        notes.append(fit.note())
+    return recipe.model_copy(update={"architecture": arch.model_copy(update={"block_cost": cost})})
 
 
 def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
