@@ -76,7 +76,9 @@ Targets: inference ratio >= 0.8 at batch 64 and >= 0.7 at batch 1 for the merged
 the export runs), step ratio >= 0.6 for the trained form (what finetuning trains; the table's
 `derived` row shows it in the step column, the per-case line all four steps); the table
 marks each ratio + (met) or - (missed) against its column's target, at the two decimals printed,
-and the lines under it say which case meets which. The per-case lines above the table give the median times in ms.
+and the lines under it say which case meets which. A run searched to a latency budget (`--budget
+latency=45%`) also promised a batch-1 speed-up (the unpruned network's modelled time over the
+target); the line under its case says whether the merged network kept it. The per-case lines above the table give the median times in ms.
 
 Run it alone on the machine: ratios move between runs under load (on a shared machine
 `--threads 1` is steadier, see benchmarks/gate_overhead.py). To reproduce (the default search
@@ -136,6 +138,7 @@ class Case:
     placement: str = "after_bn"   # the supernet's gate placement and depth gates, as the run had them
     depth_gates: bool = False
     note: str = ""
+    promise: float | None = None   # a latency budget's run: the batch-1 speed-up it promised (`latency_promise`)
 
     @property
     def reduction(self) -> float:
@@ -152,7 +155,8 @@ def run_cases(run: Path, label: str | None = None) -> list[Case]:
     if not space.is_absolute() and not space.exists():
         space = ROOT / space
     net, _ = cut_kernels(nasdsl.compile(space, **manifest["space_overrides"]))   # as a run builds it
-    size = json.loads((run / "summary.json").read_text()).get("preprocessing", {}).get("input_size")
+    summary = json.loads((run / "summary.json").read_text())
+    size = summary.get("preprocessing", {}).get("input_size")
     if size and list(size) != net.input_shape.to_list():
         raise SystemExit(f"{run}: the run's input is {size}, its space compiles to {net.input_shape}")
     recipe = manifest.get("recipe", {})
@@ -164,8 +168,20 @@ def run_cases(run: Path, label: str | None = None) -> list[Case]:
         suffix = "" if folder.name == "model" else folder.name.removeprefix("model")
         derived, _ = cut_kernels(nasdsl.compile(next(folder.glob("*.space"))))   # as derivation makes it now
         cases.append(Case(f"{label or run.name}{suffix}", net, derived, recipe.get("gate_placement", "after_bn"),
-                          recipe.get("architecture", {}).get("block_cost", 0) > 0, f"derived model of {folder}"))
+                          recipe.get("architecture", {}).get("block_cost", 0) > 0, f"derived model of {folder}",
+                          latency_promise(summary, folder.name, net, recipe)))
     return cases
+
+
+def latency_promise(summary: dict, folder: str, net: Network, recipe: dict) -> float | None:
+    """The batch-1 speed-up a latency budget promised the model in `folder`: the unpruned network's
+    modelled time (MACs plus the run's layer price for each layer) over the budget's target."""
+    entries = [m for m in summary.get("models", []) if m.get("path") == folder] or [summary]
+    budget = entries[0].get("budget") or {}
+    if budget.get("metric") != "latency":
+        return None
+    price = recipe.get("architecture", {}).get("block_cost", 0)
+    return accounting.metric_cost(net, "latency", price) / budget["target"]
 
 
 def search_command(space: str, args) -> list[str]:
@@ -185,8 +201,9 @@ def resolved_recipe(cmd: list[str]) -> dict:
         plan = make_plan(RunRequest(space=ROOT / cmd[2], sets=sets, budget=budget, out=Path(tmp) / "run",
                                     device="cpu"), join_world=False)
     recipe = plan.recipe.to_dict()
-    if sets.get("architecture.block_cost") == "auto":   # measured at each plan: the key is the request
-        recipe["architecture"]["block_cost"] = "auto"
+    asked = sets.get("architecture.block_cost", "0")
+    if asked == "auto" or budget.startswith("latency"):   # measured at each plan: the key is the request
+        recipe["architecture"]["block_cost"] = asked
     return recipe
 
 
@@ -450,6 +467,10 @@ def print_targets(results: dict[str, dict]) -> None:
         m, d = ratios(result, "merged"), ratios(result, "derived")
         parts = [f"batch {b} >= {TARGETS[b]}: {verdict(m[b][1], b)} [{verdict(m[b][2], b)}]" for b in BATCHES]
         print(f"  {label}: " + "; ".join(parts) + f"; step >= {TARGETS['step']}: {verdict(d['step'][1], 'step')}")
+        if result.get("promise"):
+            speedup, promise = m[1][0], result["promise"]
+            print(f"    its latency budget promised a batch-1 speed-up of at least {promise:.2f}x: "
+                  f"{speedup:.2f}x {'kept' if speedup >= promise else 'NOT KEPT'}")
 
 
 def print_onnxruntime(results: dict[str, dict]) -> None:
@@ -515,7 +536,7 @@ def main(argv=None) -> int:
     print(f"\n{load_line()}; {heap_line(heap_env(args))}; eager, channels_last; median of {args.repeats} forward passes (inference_mode) "
           f"call after call in runs of their own, each after {args.warmup} warm-up calls, and {args.steps} training steps per network, "
           f"interleaved, after {args.warmup} warm-up calls")
-    results = {case.label: measure_alone(case, args) for case in todo}
+    results = {case.label: {**measure_alone(case, args), "promise": case.promise} for case in todo}
     print_table(results)
     print_targets(results)
     print_onnxruntime(results)

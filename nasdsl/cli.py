@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("search", help="run DNAL on a .space file: weights -> architecture -> derive -> finetune")
     _run_arguments(r, "runs/<space name>")
     r.add_argument("--budget", metavar="METRIC=VALUE", help="what the derived network may cost: flops=50%%, "
-                   "flops=5M, params=1.2M; several (flops=50%%,25%%) search once per budget from one weights stage")
+                   "flops=5M, params=1.2M, latency=50%% (of the unpruned network's time at batch 1 here); several (flops=50%%,25%%) search once per budget from one weights stage")
     r.set_defaults(func=cmd_search)
 
     t = sub.add_parser("train", help="train a .space file's network as it is (no search), with a recipe's "

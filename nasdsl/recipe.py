@@ -306,7 +306,7 @@ class ArchRecipe(_Section):
     step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; auto: a
     layer's fixed time at batch 1 on the run's device, in MACs, measured by the plan step; needs
     penalty_weight flops, or auto unless a budget counts params), budget (what the derived network
-    may cost: `flops=50%`, `flops=5M`, `params=1.2M`, or several, `flops=50%,25%`; None: lambda_a alone
+    may cost: `flops=50%`, `flops=5M`, `params=1.2M`, `latency=50%`, or several, `flops=50%,25%`; None: lambda_a alone
     decides; parsed and checked against the space by the plan step, `--budget` sets it)."""
     epochs: Int0
     lr: PositiveFloat

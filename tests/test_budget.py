@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nasdsl.derive.budget import (NEAR, Budget, fit_to_budget, parse_budget,
+from nasdsl.derive.budget import (NEAR, Budget, fit_to_budget, parse_budget, smallest_derivation,
                                   smallest_cost)
 from nasdsl.derive.derive import derive
 from nasdsl.errors import NasdslError
-from nasdsl.graph.accounting import gate_channel_cost, network_cost
+from nasdsl.graph.accounting import gate_channel_cost, live_layers, network_cost
 from nasdsl.language.compiler import compile_file
 from nasdsl.search.dnal import settle_gates
 from nasdsl.supernet.build import place_gates
@@ -41,6 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("flops=50%,25%,12.5%", [Budget("flops", 0.5, True), Budget("flops", 0.25, True),
                              Budget("flops", 0.125, True)]),
     (" flops = 100% , 1e6 ", [Budget("flops", 1.0, True), Budget("flops", 1e6, False)]),
+    ("latency=45%,25%", [Budget("latency", 0.45, True), Budget("latency", 0.25, True)]),
 ])
 def test_parse_budget(text, expected):
     assert parse_budget(text) == expected
@@ -49,7 +50,8 @@ def test_parse_budget(text, expected):
 @pytest.mark.parametrize("text, words", [
     ("flop=50%", ["unknown budget metric 'flop'", "did you mean 'flops'"]),
     ("FLOPS=50%", ["unknown budget metric", "did you mean 'flops'"]),
-    ("latency=5", ["unknown budget metric 'latency'", "flops, params"]),
+    ("latncy=50%", ["unknown budget metric 'latncy'", "did you mean 'latency'", "flops, params, latency"]),
+    ("latency=5M", ["a latency budget is a fraction of the unpruned network's time", "latency=50%"]),
     ("flops", ["is not METRIC=VALUE"]),
     ("=50%", ["is not METRIC=VALUE"]),
     ("flops=", ["empty value"]),
@@ -82,7 +84,7 @@ def test_budget_absolute_and_describe():
     assert str(Budget("flops", 0.125, True)) == "flops <= 12.5%"
     assert str(Budget("params", 1.2e6, False)) == "params <= 1.2M"
     with pytest.raises(ValueError):
-        Budget("latency", 0.5, True)
+        Budget("time", 0.5, True)
     with pytest.raises(ValueError):
         Budget("flops", 1.5, True)
 
@@ -267,3 +269,23 @@ def test_budgets_hold_after_steered_gate_steps(name):
         _, derivation, *_ = fit_to_budget(graph, values, metric, target)
         achieved = getattr(network_cost(derivation.network), metric)
         assert NEAR * target <= achieved <= target, (metric, fraction, achieved, target)
+
+
+@pytest.mark.parametrize("name", ["resnet56_cifar", "mobilenetv2_cifar"])
+def test_fit_to_a_latency_budget_counts_every_layer_that_runs(name):
+    """A latency budget's cost is MACs plus the layer price for every layer left (`metric_cost`),
+    the fit meets it within [0.9, 1] x target, and the floor counts the layers the smallest network
+    keeps: the price is what makes a vanished block worth more than its MACs."""
+    net, price = space(name), 4e6
+    budget = Budget("latency", 0.45, True, price)
+    full = budget.cost(net)
+    assert full == network_cost(net).flops + round(price * live_layers(net))
+    target = budget.absolute(full)
+    new, derivation, closed, reopened = fit_to_budget(net, random_values(net, 0), "latency", target, 1, price)
+    cost = budget.cost(derivation.network)
+    assert cost == network_cost(derivation.network).flops + round(price * live_layers(derivation.network))
+    assert NEAR * target <= cost <= target
+    again = derive(net, {k: v > 0 for k, v in new.items()}, new, 1)
+    assert budget.cost(again.network) == cost
+    floor = smallest_derivation(net, "latency").network
+    assert smallest_cost(net, "latency", 1, price) == network_cost(floor).flops + round(price * live_layers(floor))

@@ -133,3 +133,24 @@ def test_dry_run_says_what_the_budgets_cost(space):
     assert [(s["name"], s.get("budget")) for s in plan["stages"]] == [
         ("weights", None), ("architecture", "flops <= 50%"), ("finetune", "flops <= 50%"),
         ("architecture", "flops <= 25%"), ("finetune", "flops <= 25%")]
+
+
+def test_latency_budget(space, tmp_path):
+    """`--budget latency=60%` with a layer priced at 20k MACs: the target is 60% of the unpruned
+    network's MACs plus 20k for each of its layers, the derived network lands in [0.9, 1] x it, and
+    what it achieved counts its own layers that way."""
+    from nasdsl.api import compile as compile_space
+    from nasdsl.graph.accounting import live_layers, network_cost
+
+    out, price = tmp_path / "run", 2e4
+    nasdsl(*search_args(space, out, "-q", "--budget", "latency=60%", "--set", "architecture.penalty_weight=auto",
+                        "--set", f"architecture.block_cost={price:g}"))
+    summary = json.loads((out / "summary.json").read_text())
+    budget, derived = summary["budget"], compile_space(out / "model" / "tiny.space")
+    unpruned = compile_space(space, resolution=8)
+    assert budget["metric"] == "latency"
+    assert budget["target"] == 6 * (network_cost(unpruned).flops + int(price) * live_layers(unpruned)) // 10
+    assert budget["achieved"] == summary["derived"]["flops"] + int(price) * live_layers(derived)
+    assert 0.9 * budget["target"] <= budget["achieved"] <= budget["target"]
+    recipe = json.loads((out / "manifest.json").read_text())["recipe"]["architecture"]
+    assert (recipe["block_cost"], recipe["penalty_weight"]) == (price, "flops")

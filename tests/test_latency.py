@@ -106,3 +106,35 @@ def _write(tmp_path, text: str):
     path = tmp_path / "space.space"
     path.write_text(text)
     return path
+
+
+def test_a_latency_budget_measures_the_layer_price_and_counts_it(tmp_path, monkeypatch):
+    """`--budget latency=45%` with block_cost at its default 0: the plan measures the price (a
+    latency budget has no meaning without it), turns the depth gates on at it, prices channels by
+    MACs, and the target is 45% of the unpruned network's MACs plus the price for each layer."""
+    from nasdsl.graph.accounting import live_layers, network_cost
+
+    monkeypatch.setattr(latency, "layer_time", lambda net, multiple, device: line(5e-7, 2e-11))
+    plan = make_plan(RunRequest(space=_write(tmp_path, TINY), data="fake", budget="latency=45%", out=tmp_path / "run",
+                                sets={"architecture.penalty_weight": "auto"}, device="cpu"), join_world=False)
+    arch, (budget,) = plan.recipe.architecture, plan.budgets
+    assert (arch.block_cost, arch.penalty_weight) == (pytest.approx(2.5e4), "flops")
+    assert budget.metric == "latency" and budget.layer_price == arch.block_cost
+    full = network_cost(plan.network).flops + round(arch.block_cost * live_layers(plan.network))
+    assert plan.targets == [45 * full // 100]
+
+
+def test_a_latency_budget_needs_macs_pricing_and_says_so_before_measuring(tmp_path, monkeypatch):
+    def unexpected(*_):
+        raise AssertionError("measured before the recipe was checked")
+
+    monkeypatch.setattr(latency, "layer_time", unexpected)
+    proc = run_nasdsl("search", _write(tmp_path, TINY), "--data", "fake", "--out", tmp_path / "run",
+                      "--budget", "latency=45%", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[0] == (
+        "--budget: a latency budget prices a layer's fixed time in MACs, so it needs "
+        "architecture.penalty_weight: flops or auto (--set architecture.penalty_weight=auto)")
+    with pytest.raises(NasdslError, match="needs architecture.penalty_weight"):
+        make_plan(RunRequest(space=_write(tmp_path, TINY), data="fake", budget="latency=45%", out=tmp_path / "r",
+                             device="cpu"), join_world=False)

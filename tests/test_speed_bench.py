@@ -47,6 +47,35 @@ def test_a_search_folder_changes_with_the_resolved_recipe_and_the_derivation_cod
     assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] != folder
 
 
+def test_a_measured_layer_price_keeps_the_search_folder(bench, tmp_path):
+    """block_cost auto, or a latency budget, measures the price at every plan: the folder is named
+    by what was asked, so a finished search is found again on the next run."""
+    for argv in (["--search", "--set", "architecture.penalty_weight=flops", "--set", "architecture.block_cost=auto"],
+                 ["--search", "--budget", "latency=45%", "--set", "architecture.penalty_weight=auto"]):
+        args = bench.parse(argv)
+        assert bench.search_folder("resnet56_cifar", args, tmp_path)[0] == \
+            bench.search_folder("resnet56_cifar", args, tmp_path)[0]
+
+
+def test_a_latency_budget_promises_the_unpruned_time_over_its_target(bench):
+    """The promise of a latency-budget run is the unpruned network's MACs plus the run's layer price
+    for each of its layers, over the budget's target (per model folder with several budgets)."""
+    import nasdsl
+    from nasdsl.graph.accounting import live_layers, network_cost
+
+    net = nasdsl.compile(Path(__file__).resolve().parents[1] / "spaces" / "resnet56_cifar.space")
+    full = network_cost(net).flops + 1000 * live_layers(net)
+    recipe = {"architecture": {"block_cost": 1000.0}}
+    one = {"budget": {"metric": "latency", "target": full // 2}}
+    assert bench.latency_promise(one, "model", net, recipe) == pytest.approx(2.0, rel=1e-6)
+    several = {"budget": {"metric": "latency", "target": full // 2},
+               "models": [{"path": "model_latency_50pct", "budget": {"metric": "latency", "target": full // 2}},
+                          {"path": "model_latency_25pct", "budget": {"metric": "latency", "target": full // 4}}]}
+    assert bench.latency_promise(several, "model_latency_25pct", net, recipe) == pytest.approx(4.0, rel=1e-6)
+    assert bench.latency_promise({"budget": {"metric": "flops", "target": 5}}, "model", net, recipe) is None
+    assert bench.latency_promise({}, "model", net, recipe) is None
+
+
 def test_timing_processes_keep_their_heap_unless_asked_not_to(bench):
     """Each case's process inherits _timing.STEADY_HEAP (glibc reads it at start), this one's
     environment comes back as it was, and --default-malloc times a default process."""

@@ -1,7 +1,10 @@
 """The budget guarantee: a derived network that costs at most a target, and close to it.
 
 A user asks for "at most X FLOPs (MACs)" or "at most X params", X absolute (`flops=5M`) or a
-fraction of the supernet's cost (`flops=40%`). The search only steers the gates towards it; the
+fraction of the supernet's cost (`flops=40%`), or for "at most X of the unpruned network's time"
+(`latency=40%`): MACs plus a layer's fixed time, in MACs, for every layer that runs
+(`accounting.metric_cost`; the plan measures the price, `architecture.block_cost: auto`). The
+search only steers the gates towards it; the
 promise is kept here, at derivation, because only derivation knows the exact cost: its repair
 (a cut block closes whole, a layer that would lose every channel keeps one), its rounding to
 `channel_multiple` and its vanished blocks all move the cost by more than the gates say.
@@ -22,7 +25,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from nasdsl.errors import NasdslError, did_you_mean
-from nasdsl.graph.accounting import gate_channel_cost, network_cost
+from nasdsl.graph.accounting import gate_channel_cost, metric_cost
 from nasdsl.graph.ir import Network
 
 if TYPE_CHECKING:
@@ -30,12 +33,12 @@ if TYPE_CHECKING:
 
     from nasdsl.derive.derive import Derivation
 
-METRICS = ("flops", "params")
+METRICS = ("flops", "params", "latency")
 SUFFIXES = {"k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
 NEAR = 0.9            # a fit lands in [NEAR x target, target] whenever a network there exists
 CLOSE = 0.995         # a fit this close to the target stops searching for a closer one
 FILL_ROUNDS = 4       # overshooting channels `_fill` skips before it settles below NEAR x target
-_SYNTAX = "METRIC=VALUE[,VALUE...], e.g. flops=50%, flops=5M or params=1.2M"
+_SYNTAX = "METRIC=VALUE[,VALUE...], e.g. flops=50%, flops=5M, params=1.2M or latency=50%"
 _NUMBER = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z%]*)$")
 
 
@@ -50,10 +53,16 @@ def _human(n: float) -> str:
 
 @dataclass(frozen=True)
 class Budget:
-    """At most `target` of `metric`: a fraction of the supernet's cost when `relative`, else a count."""
+    """At most `target` of `metric`: a fraction of the supernet's cost when `relative`, else a count.
+    A latency budget counts `layer_price` MACs for every layer that runs (set by the plan step)."""
     metric: str
     target: float
     relative: bool
+    layer_price: float = 0.0
+
+    def cost(self, net: Network) -> int:
+        """What `net` costs in this budget's metric."""
+        return metric_cost(net, self.metric, self.layer_price)
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -96,6 +105,9 @@ def _parse_value(metric: str, text: str) -> Budget:
                     f"the suffixes are k, M, G and %")
     if number <= 0:
         raise _fail(f"budget value {text.strip()!r} must be positive")
+    if metric == "latency" and suffix != "%":
+        raise _fail(f"budget value {text.strip()!r}: a latency budget is a fraction of the unpruned network's "
+                    f"time on the run's device (write latency=50%)")
     if suffix == "%":
         if number > 100:
             raise _fail(f"budget value {text.strip()!r} is above 100% of the supernet's {metric}")
@@ -125,10 +137,10 @@ def parse_budget(text: str) -> list[Budget]:
 
 
 # ---- costs -------------------------------------------------------------------------------------
-def _cost(net: Network, metric: str) -> int:
+def _cost(net: Network, metric: str, layer_price: float = 0.0) -> int:
     if metric not in METRICS:
         raise ValueError(f"budget metric must be one of {METRICS}, got {metric!r}")
-    return getattr(network_cost(net), metric)
+    return metric_cost(net, metric, layer_price)
 
 
 # ---- the smallest derivable network ------------------------------------------------------------
@@ -160,6 +172,7 @@ def smallest_derivation(net: Network, metric: str, channel_multiple: int = 1) ->
     from nasdsl.graph.accounting import layer_cost
 
     _cost(net, metric)  # checks the metric
+    per_layer = "flops" if metric == "latency" else metric   # every pick leaves the layer running
     repairable = {layer.name: layer for layer in net.layers if layer.shortcut is None and layer.blocks
                   and all(any(op.is_gate for op in b.ops) for b in layer.blocks)}
     best: dict[str, tuple[int, int]] = {}  # layer -> (its cost, block index)
@@ -170,17 +183,17 @@ def smallest_derivation(net: Network, metric: str, channel_multiple: int = 1) ->
         slim = derive(net, _closed(net), _steer(net, pick), channel_multiple).network
         for layer in slim.layers:
             if layer.name in pick:
-                cost = getattr(layer_cost(layer), metric)
+                cost = getattr(layer_cost(layer), per_layer)
                 if layer.name not in best or cost < best[layer.name][0]:
                     best[layer.name] = (cost, j)
     pick = {name: j for name, (_, j) in best.items()}
     return derive(net, _closed(net), _steer(net, pick), channel_multiple)
 
 
-def smallest_cost(net: Network, metric: str, channel_multiple: int = 1) -> int:
+def smallest_cost(net: Network, metric: str, channel_multiple: int = 1, layer_price: float = 0.0) -> int:
     """The cost of the cheapest derivable network (see `smallest_derivation`): a budget below it
     cannot be met, and the plan step refuses it before training, quoting this number."""
-    return _cost(smallest_derivation(net, metric, channel_multiple).network, metric)
+    return _cost(smallest_derivation(net, metric, channel_multiple).network, metric, layer_price)
 
 
 # ---- fitting the gates to a budget -------------------------------------------------------------
@@ -211,10 +224,10 @@ class _Family:
     s of 0 that opens becomes a tiny positive value), so derive's strength, `settle_gates` and a
     later derive from the values all see the same decisions."""
 
-    def __init__(self, net, values, metric, channel_multiple):
+    def __init__(self, net, values, metric, channel_multiple, layer_price=0.0):
         import torch
 
-        self.net, self.metric, self.multiple = net, metric, channel_multiple
+        self.net, self.metric, self.multiple, self.layer_price = net, metric, channel_multiple, layer_price
         self.keys, score = _scores(net, values, metric)
         self.sizes = [values[k].numel() for k in self.keys]
         self.like = {k: values[k] for k in self.keys}
@@ -239,7 +252,7 @@ class _Family:
         from nasdsl.derive.derive import derive
         values = {k: v.cpu() for k, v in self.gate_values(flat_mask).items()}
         derivation = derive(self.net, {k: v > 0 for k, v in values.items()}, values, self.multiple)
-        return derivation, _cost(derivation.network, self.metric)
+        return derivation, _cost(derivation.network, self.metric, self.layer_price)
 
     def at(self, k: int) -> tuple["Derivation", int]:
         return self.derive(self.flat_mask(k))
@@ -295,10 +308,11 @@ def _fill(family: _Family, mask, fits, target: int, skipped, rounds: int = FILL_
 
 
 def fit_to_budget(net: Network, values: dict[str, "torch.Tensor"], metric: str, target: int,
-                  channel_multiple: int = 1) -> tuple[dict[str, "torch.Tensor"], "Derivation", int, int]:
-    """Gate values whose derived network costs at most `target` (`metric`: "flops" or "params", an
-    absolute count; see `Budget.absolute`), and at least NEAR x target when one step of the
-    ranking allows it. `net` is the graph derivation reads (gates placed, depth gates folded).
+                  channel_multiple: int = 1, layer_price: float = 0.0
+                  ) -> tuple[dict[str, "torch.Tensor"], "Derivation", int, int]:
+    """Gate values whose derived network costs at most `target` (`metric`: "flops", "params" or
+    "latency" with `layer_price`, an absolute count; see `Budget.absolute`), and at least NEAR x
+    target when one step of the ranking allows it. `net` is the graph derivation reads (gates placed, depth gates folded).
 
     Starts from s > 0; too costly, it closes the lowest-ranked kept channels (`_scores`), by
     bisection over how many of the ranked channels to keep; too cheap, it reopens the best-ranked
@@ -309,7 +323,7 @@ def fit_to_budget(net: Network, values: dict[str, "torch.Tensor"], metric: str, 
     channels it closed and reopened. A target below `smallest_cost` is a NasdslError."""
     import torch
 
-    family = _Family(net, values, metric, channel_multiple)
+    family = _Family(net, values, metric, channel_multiple, layer_price)
     n, start = family.s.numel(), family.start
     skipped = torch.zeros(n, dtype=torch.bool)
     mask = family.flat_mask(start)
@@ -337,7 +351,7 @@ def _smallest_mask(family: _Family, target: int):
     import torch
 
     smallest = smallest_derivation(family.net, family.metric, family.multiple)
-    cost = _cost(smallest.network, family.metric)
+    cost = _cost(smallest.network, family.metric, family.layer_price)
     if cost > target:
         raise NasdslError(f"a {family.metric} budget of {target:,} is below the smallest network this space "
                           f"can derive ({cost:,} {family.metric}: every gate closed)", file="--budget")

@@ -38,12 +38,29 @@ def network_cost(net: Network) -> Cost:
     return sum((layer_cost(layer) for layer in net.layers), Cost())
 
 
+def live_layers(net: Network) -> int:
+    """The layers that run something: each costs a fixed time at batch 1 whatever its width."""
+    return sum(1 for layer in net.layers if layer.blocks)
+
+
+def metric_cost(net: Network, metric: str, layer_price: float = 0.0) -> int:
+    """What a budget counts: "flops" (MACs), "params", or "latency": MACs plus `layer_price` MACs for
+    every layer that runs (a layer's fixed time at batch 1 on the run's device, in MACs,
+    `nasdsl.pipeline.latency`), a model of the network's time in units of a MAC's."""
+    if metric == "latency":
+        return network_cost(net).flops + round(layer_price * live_layers(net))
+    return getattr(network_cost(net), metric)
+
+
 def gate_channel_cost(net: Network, metric: str = "flops") -> dict[str, float]:
     """MACs ("flops") or parameters ("params") per channel of each gate group: its share of the ops
     of its block that touch it, back to the dense op that computes it and on to the dense op that
     reads it (depthwise convs and BN affines on the way count too; `ChannelMap.dense` says which ops
     mix channels). A block's last gate also feeds the next layer, but that read is shared with the
-    shortcut and the other blocks (the channel stays while any of them writes it), so it is left out."""
+    shortcut and the other blocks (the channel stays while any of them writes it), so it is left out.
+    Under "latency" a channel costs its MACs (a layer's fixed time is its depth gate's price)."""
+    metric = "flops" if metric == "latency" else metric
+
     def share(ops) -> int:  # the cost from the start of `ops` up to and including the first dense op
         total = 0
         for op in ops:

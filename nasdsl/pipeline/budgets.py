@@ -12,7 +12,7 @@ from pathlib import Path
 from nasdsl.derive.budget import Budget
 from nasdsl.search import dnal
 
-UNITS = {"flops": "MACs", "params": "parameters"}
+UNITS = {"flops": "MACs", "params": "parameters", "latency": "MACs of time"}
 
 
 def slug(budget: Budget) -> str:

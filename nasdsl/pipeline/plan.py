@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -200,9 +200,9 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     notes: list[str] = [kernels_note(written, network, cut)] if cut else []
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / (space.stem + ("_train" if request.train else ""))
-    budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
     recipe = resolve_block_cost(recipe, network, device, recorded_recipe(out, request.resume), notes,
                                 request.train, world)
+    budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
     recipe = resolve_penalty_weight(recipe, budgets)
     init = read_init(request.init, written, str(space), network) if request.init is not None else None
     if not request.train:
@@ -248,9 +248,16 @@ def resolve_block_cost(recipe: Recipe, network: Network, device: torch.device, r
     """`architecture.block_cost: auto` as a layer's fixed time at batch 1 on `device`, in MACs,
     measured (`latency.measure_block_cost`; with several processes, rank 0's number, so that all
     price alike); a resumed run keeps the number its manifest records, so it prices its depth gates
-    as it began. `nasdsl train` searches nothing: 0."""
+    as it began. A latency budget counts that price for every layer, so with one `0` (the default)
+    is measured too: the depth gates then let the search remove what a layer's fixed time does not
+    pay for. `nasdsl train` searches nothing: 0."""
     arch = recipe.architecture
-    if arch.block_cost != "auto":
+    latency = bool(arch.budget) and not train and any(b.metric == "latency" for b in parse_budget(arch.budget))
+    if latency and arch.penalty_weight not in ("flops", "auto"):
+        raise NasdslError("a latency budget prices a layer's fixed time in MACs, so it needs "
+                          "architecture.penalty_weight: flops or auto (--set architecture.penalty_weight=auto)",
+                          file="--budget")
+    if arch.block_cost != "auto" and not (latency and arch.block_cost == 0):
         return recipe
     before = (recorded.get("architecture") or {}).get("block_cost")
     if train:
@@ -281,6 +288,7 @@ def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
     if arch.penalty_weight != "auto":
         return recipe
     weight = budgets[0].metric if budgets else "flops" if arch.block_cost > 0 else "channels"  # one metric a run
+    weight = "flops" if weight == "latency" else weight   # a layer's fixed time is its depth gate's price
     if arch.block_cost > 0 and weight != "flops":
         raise NasdslError("is counted in MACs, and penalty_weight auto prices "
                           f"what the budget counts ({weight}); set architecture.penalty_weight: flops",
@@ -337,15 +345,17 @@ def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[i
     if recipe.strategy == "joint":
         raise NasdslError("budgets steer the architecture stage; strategy joint has none (use sequential)",
                           file="--budget")
-    full, graph = network_cost(network), place_gates(network, recipe.gate_placement)  # its kernels cut already
-    floors = {metric: smallest_cost(graph, metric, recipe.architecture.channel_multiple)
+    price = recipe.architecture.block_cost   # a number by now (resolve_block_cost)
+    budgets = [replace(b, layer_price=price) if b.metric == "latency" else b for b in budgets]
+    graph = place_gates(network, recipe.gate_placement)  # its kernels cut already
+    floors = {metric: smallest_cost(graph, metric, recipe.architecture.channel_multiple, price)
               for metric in {b.metric for b in budgets}}  # several derives each: once per metric
     multiple = recipe.architecture.channel_multiple
     kept = "the channel every layer must keep" + (
         f", {multiple} of them with architecture.channel_multiple {multiple}; 1 keeps one" if multiple > 1 else "")
     targets = []
     for budget in budgets:
-        target = budget.absolute(getattr(full, budget.metric))
+        target = budget.absolute(budget.cost(network))
         floor = floors[budget.metric]
         if target < floor:
             raise NasdslError(f"{budget} cannot be met: the smallest network this space derives costs "

@@ -223,7 +223,7 @@ class Pipeline:
         budget = self.plan.budgets[self.state.budget]
 
         def measure(values: dict[str, torch.Tensor]) -> int:
-            return getattr(network_cost(self.derive(values).network), budget.metric)
+            return budget.cost(self.derive(values).network)
 
         return dnal.BudgetHooks(gate_set, arch, epochs, snapshots, target=self.plan.targets[self.state.budget],
                                 measure=measure, lam=self.state.budget_lambda)
@@ -344,10 +344,10 @@ class Pipeline:
         """The guarantee: close (or reopen) the channels that give least (most) per unit of cost until
         the derived network costs at most the target, and at least 90% of it."""
         budget, target = self.plan.budgets[self.state.budget], self.plan.targets[self.state.budget]
-        steered = getattr(network_cost(self.derive(values).network), budget.metric)
+        steered = budget.cost(self.derive(values).network)
         values, derivation, closed, reopened = fit_to_budget(
-            self.graph, values, budget.metric, target, self.recipe.architecture.channel_multiple)
-        self.state.achieved = getattr(network_cost(derivation.network), budget.metric)
+            self.graph, values, budget.metric, target, self.recipe.architecture.channel_multiple, budget.layer_price)
+        self.state.achieved = budget.cost(derivation.network)
         self.state.fit = {"steered": steered, "closed": closed, "reopened": reopened}
         return values, replace(derivation, notes=[*derivation.notes,
                                                   budgets.fit_note(budget, target, self.state.achieved, closed, reopened)])
