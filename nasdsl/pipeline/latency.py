@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nasdsl.derive.derive import derive
+from nasdsl.derive.derive import derive, unpruned
 from nasdsl.errors import NasdslError
 from nasdsl.graph.accounting import layer_cost
 from nasdsl.graph.ir import Network
@@ -131,8 +131,7 @@ def layer_seconds(models: list[NasNet], x: torch.Tensor) -> list[list[float]]:
 
 def layer_time(net: Network, multiple: int, device: torch.device) -> LayerTime:
     """The fit of `net`'s layers' forward times at batch 1 on `device` (module docstring)."""
-    nets = [derive(net, {g.key: torch.ones(g.channels, dtype=torch.bool) for g in net.gates()}).network,
-            thinnest(net, multiple)]
+    nets = [unpruned(net), thinnest(net, multiple)]
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     models = [NasNet(n.to_config()).eval().to(device, memory_format=fmt) for n in nets]
     x = torch.randn(BATCH, *net.input_shape.to_list(), device=device).contiguous(memory_format=fmt)
