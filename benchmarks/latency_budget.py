@@ -18,7 +18,6 @@ so a second run only times. Run it alone: the timing is what the machine is doin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -95,15 +94,9 @@ def report(rows: dict[int, dict[str, dict]], budgets: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--space", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="space parameters, recipe keys")
-    p.add_argument("--data", default="fashion-mnist?train=5000,val=2000")
-    p.add_argument("--recipe", default=None)
+    p = quality.seeded_runs_parser(__doc__.split("\n")[0])
     p.add_argument("--flops", default="flops=33%")
     p.add_argument("--latency", default="latency=45%")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", nargs=3, type=int, default=[6, 3, 6], metavar=("W", "A", "F"))
     p.add_argument("--multiple", type=int, default=16, help="architecture.channel_multiple (default: 16)")
     p.add_argument("--work", default="runs/latency_budget")
     args = p.parse_args(argv)

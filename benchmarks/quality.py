@@ -262,15 +262,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def seeded_runs_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that trains a stage-1 network a seed and searches from it (this
+    one and latency_budget.py): the space and its settings, the data, the recipe, seeds, epochs."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--space", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="space parameters, recipe keys")
     p.add_argument("--data", default="fashion-mnist?train=5000,val=2000")
     p.add_argument("--recipe", default=None)
-    p.add_argument("--budgets", nargs="+", default=["50%", "25%"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", nargs=3, type=int, default=[6, 3, 6], metavar=("W", "A", "F"))
+    return p
+
+
+def main(argv=None) -> int:
+    p = seeded_runs_parser(__doc__.split("\n")[0])
+    p.add_argument("--budgets", nargs="+", default=["50%", "25%"])
     p.add_argument("--distill", nargs=2, type=float, metavar=("WEIGHT", "T"),
                    help="also DNAL finetuned with distillation from the stage-1 network (finetune.distill)")
     p.add_argument("--masks-from-stage1", action="store_true",
