@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from nasdsl.train.schedule import delta, learning_rate
 from nasdsl.supernet.build import GateSet, Supernet, build_supernet, place_gates
 from nasdsl.supernet.gates import GateState, SSGate, gate_batchnorm, gated
 from nasdsl.supernet.network import NasNet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -575,8 +578,22 @@ def test_depth_gates_only_on_blocks_that_may_vanish():
     assert len(build_supernet(compile_source(DEPTH, "depth.space")).gate_set.depth_gates) == 0
 
 
+def test_depth_gates_share_their_layers_fixed_cost():
+    """block_cost is a layer's fixed time, paid while any of its blocks lives: two blocks side by
+    side that may vanish weigh half of it each, a residual layer's one block all of it."""
+    gs = _depth_supernet().gate_set
+    assert gs.shares.tolist() == [0.5, 0.5, 0.5, 0.5]   # layers a and b: two blocks each
+    gs.weigh({g.key: 1.0 for g in gs.gates}, block_cost=8.0)
+    assert gs.depth_weights.tolist() == [4.0, 4.0, 4.0, 4.0]
+    resnet = compile_source((ROOT / "spaces" / "resnet56_cifar.space").read_text(), "resnet56_cifar.space",
+                            {"depth": "1"})
+    shares = build_supernet(resnet, depth_gates=True).gate_set.shares
+    assert len(shares) == 3 and shares.tolist() == [1.0, 1.0, 1.0]   # one block a residual layer
+
+
 def test_depth_gate_penalty_prices_the_whole_block():
-    """A block costs d * (block_cost + its channels' terms); other channels count as before."""
+    """A block costs d * (its share of block_cost + its channels' terms); other channels count as
+    before."""
     gs = _depth_supernet().gate_set
     costs = {g.key: float(i + 1) for i, g in enumerate(gs.gates)}
     gs.weigh(costs, block_cost=50.0)
@@ -586,7 +603,7 @@ def test_depth_gate_penalty_prices_the_whole_block():
     gs.set_delta(3.0)
     mean = torch.cat([torch.full((g.s.numel(),), costs[g.key]) for g in gs.gates]).mean()
     depth = {d.key.split(":")[0]: torch.sigmoid(3.0 * d.s)[0] for d in gs.depth_gates}
-    expected = sum(torch.sigmoid(3.0 * d.s).sum() * 50.0 / mean for d in gs.depth_gates)
+    expected = sum(torch.sigmoid(3.0 * d.s).sum() * 25.0 / mean for d in gs.depth_gates)   # half each
     for g in gs.gates:
         block = g.key.rsplit(".", 1)[0]
         term = (torch.sigmoid(3.0 * g.s) * costs[g.key] / mean).sum()

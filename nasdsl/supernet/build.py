@@ -2,6 +2,7 @@
 Supernet (a NasNet) as it is constructed; `GateSet` controls them all."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -49,15 +50,17 @@ def place_gates(net: Network, placement: str) -> Network:
 class GateSet:
     """The supernet's gates in graph order, with the shared mode and delta: the channel groups in
     `gates`, and in `depth_gates` the one-channel gates of blocks that may vanish (if any), each
-    given with the keys of its block's channel groups (`blocks_of`)."""
+    given with the keys of its block's channel groups (`blocks_of`) and its share of its layer's
+    fixed cost (`shares`: 1 / the layer's blocks that may vanish; see `weigh`)."""
 
     def __init__(self, state: GateState, gates: list[SSGate],
-                 depth: list[tuple[SSGate, list[str]]] = ()):
+                 depth: list[tuple[SSGate, list[str], float]] = ()):
         self.state = state
         self.gates: list[SSGate] = list(gates)
-        self.depth_gates: list[SSGate] = [d for d, _ in depth]
+        self.depth_gates: list[SSGate] = [d for d, _, _ in depth]
         self.by_key = {g.key: g for g in self.gates}
-        self.blocks_of: dict[str, list[str]] = {d.key: list(keys) for d, keys in depth}  # depth key -> groups
+        self.blocks_of: dict[str, list[str]] = {d.key: list(keys) for d, keys, _ in depth}  # depth key -> groups
+        self.shares = torch.tensor([share for _, _, share in depth], dtype=torch.float32)
         self.channel_weights: torch.Tensor | None = None  # per channel, in flat_s order; None: all 1
         self.depth_weights = torch.zeros(len(self.depth_gates))  # per depth gate (see `weigh`)
         # per channel, 0 (no depth gate) or 1 + the index of the depth gate of its block
@@ -93,11 +96,16 @@ class GateSet:
 
     def weigh(self, group_cost: dict[str, float], block_cost: float = 0.0) -> None:
         """Weigh each channel in the penalty by its group's cost, normalised so that the mean channel
-        weighs 1 (lambda_a keeps its scale); each depth gate weighs `block_cost` on that scale."""
+        weighs 1 (lambda_a keeps its scale); each depth gate weighs its share of `block_cost` on that
+        scale. `block_cost` is a layer's fixed time: the layer pays it while any of its blocks lives
+        (its candidates merge into one block at export), so k blocks side by side that may vanish
+        cost block_cost / k each, and closing them all saves it once (a residual layer's one block:
+        all of it). Priced whole, six ProxylessNAS candidates cost six layers' fixed time, and one
+        epoch's search closed 116 of them for a latency budget that needed far fewer."""
         w = torch.cat([torch.full((g.s.numel(),), float(group_cost[g.key])) for g in self.gates])
         mean = w.mean().clamp_min(1e-12)
         self.channel_weights = (w / mean).to(self.owner.device)
-        self.depth_weights = (torch.full((len(self.depth_gates),), block_cost) / mean).to(self.owner.device)
+        self.depth_weights = (self.shares * block_cost / mean).to(self.owner.device)
 
     def penalty(self, form: str = "scaled") -> torch.Tensor:
         """The paper's Eq. 4 term sum(sigmoid(delta * s)); `unscaled` is the release's sum(sigmoid(s)).
@@ -179,9 +187,10 @@ class Supernet(NasNet):
             for (_, before), (_, gate) in zip(chain, chain[1:]):
                 if isinstance(gate, SSGate) and gate.fused:
                     gate_batchnorm(before, gate)
+        per_layer = Counter(layer.name for layer, _ in vanishing)
         self.gate_set = GateSet(state, list(gates.values()),
-                                [(depth[block.name], [op.attrs["key"] for op in block.ops if op.is_gate])
-                                 for _, block in vanishing])
+                                [(depth[block.name], [op.attrs["key"] for op in block.ops if op.is_gate],
+                                  1.0 / per_layer[layer.name]) for layer, block in vanishing])
 
     def _chains(self) -> list[list[tuple[str, nn.Module]]]:
         """Every op chain (block, shortcut, post, head), as (name, module) pairs in order."""
