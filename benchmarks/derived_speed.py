@@ -344,7 +344,7 @@ def step_medians(case: Case, models: dict[str, torch.nn.Module], steps: int, war
 def measure(case: Case, args) -> dict:
     """Every median of one case, printed as it goes (ms), and the case's FLOPs reduction."""
     models, flops = case_models(case)
-    left = sum(1 for layer in case.derived.layers if layer.blocks)
+    left = accounting.live_layers(case.derived)
     print(f"\n{case.label}: {case.note}; {case.reduction:.2f}x fewer FLOPs "
           f"({flops['unpruned'] / 1e6:.2f}M -> {flops['derived'] / 1e6:.2f}M), input "
           f"{'x'.join(map(str, case.net.input_shape.to_list()))}, {left} of "

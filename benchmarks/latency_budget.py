@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import derived_speed  # noqa: E402  (imports nasdsl first, as a run does)
 import quality  # noqa: E402
 from nasdsl.files import save_tensors  # noqa: E402
+from nasdsl.graph.accounting import live_layers  # noqa: E402
 
 
 def folder_name(budget: str) -> str:
@@ -68,9 +69,8 @@ def timed(run: Path, speed_args) -> dict:
     """derived_speed's measurement of the run's one model, in a fresh process."""
     (case,) = derived_speed.run_cases(run)
     result = derived_speed.measure_alone(case, speed_args)
-    layers = sum(1 for layer in case.derived.layers if layer.blocks)
-    return row(run, {**result, "layers": f"{layers} of {sum(1 for la in case.net.layers if la.blocks)}"},
-               case.promise)
+    layers = f"{live_layers(case.derived)} of {live_layers(case.net)}"
+    return row(run, {**result, "layers": layers}, case.promise)
 
 
 def report(rows: dict[int, dict[str, dict]], budgets: list[str]) -> list[str]:

@@ -169,10 +169,10 @@ def smallest_derivation(net: Network, metric: str, channel_multiple: int = 1) ->
     another's cost (the repaired layer's output width is the same whichever block carries it), so
     one derive per block position is enough, plus a final one with the cheapest picks."""
     from nasdsl.derive.derive import derive
-    from nasdsl.graph.accounting import layer_cost
+    from nasdsl.graph.accounting import channel_metric, layer_cost
 
     _cost(net, metric)  # checks the metric
-    per_layer = "flops" if metric == "latency" else metric   # every pick leaves the layer running
+    per_layer = channel_metric(metric)   # every pick leaves the layer running: its price is the same
     repairable = {layer.name: layer for layer in net.layers if layer.shortcut is None and layer.blocks
                   and all(any(op.is_gate for op in b.ops) for b in layer.blocks)}
     best: dict[str, tuple[int, int]] = {}  # layer -> (its cost, block index)

@@ -43,6 +43,12 @@ def live_layers(net: Network) -> int:
     return sum(1 for layer in net.layers if layer.blocks)
 
 
+def channel_metric(metric: str) -> str:
+    """What one channel is priced by under a budget's metric: its MACs under "latency" too (a
+    layer's fixed time is its depth gate's price, not its channels')."""
+    return "flops" if metric == "latency" else metric
+
+
 def metric_cost(net: Network, metric: str, layer_price: float = 0.0) -> int:
     """What a budget counts: "flops" (MACs), "params", or "latency": MACs plus `layer_price` MACs for
     every layer that runs (a layer's fixed time at batch 1 on the run's device, in MACs,
@@ -58,8 +64,8 @@ def gate_channel_cost(net: Network, metric: str = "flops") -> dict[str, float]:
     reads it (depthwise convs and BN affines on the way count too; `ChannelMap.dense` says which ops
     mix channels). A block's last gate also feeds the next layer, but that read is shared with the
     shortcut and the other blocks (the channel stays while any of them writes it), so it is left out.
-    Under "latency" a channel costs its MACs (a layer's fixed time is its depth gate's price)."""
-    metric = "flops" if metric == "latency" else metric
+    Under "latency" a channel costs its MACs (`channel_metric`)."""
+    metric = channel_metric(metric)
 
     def share(ops) -> int:  # the cost from the start of `ops` up to and including the first dense op
         total = 0

@@ -18,7 +18,7 @@ from nasdsl.errors import NasdslError
 from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
 from nasdsl.derive.derive import cut_kernels
 from nasdsl.graph import spacetext
-from nasdsl.graph.accounting import network_cost
+from nasdsl.graph.accounting import channel_metric, network_cost
 from nasdsl.graph.accounting import summary as graph_summary
 from nasdsl.graph.ir import Network
 from nasdsl.language.compiler import compile_source
@@ -200,9 +200,11 @@ def make_plan(request: RunRequest, *, join_world: bool = True) -> Plan:
     notes: list[str] = [kernels_note(written, network, cut)] if cut else []
     export_name = choose_export_name(request.name, network.name, notes)
     out = Path(request.out) if request.out else Path("runs") / (space.stem + ("_train" if request.train else ""))
+    budget_text = recipe.architecture.budget
+    asked = parse_budget(budget_text) if budget_text and not request.train else []
     recipe = resolve_block_cost(recipe, network, device, recorded_recipe(out, request.resume), notes,
-                                request.train, world)
-    budgets, targets = plan_budgets(recipe, network) if not request.train else ([], [])
+                                request.train, world, latency=any(b.metric == "latency" for b in asked))
+    budgets, targets = plan_budgets(recipe, network, asked)
     recipe = resolve_penalty_weight(recipe, budgets)
     init = read_init(request.init, written, str(space), network) if request.init is not None else None
     if not request.train:
@@ -244,20 +246,21 @@ def recorded_recipe(out: Path, resume: bool) -> dict:
 
 
 def resolve_block_cost(recipe: Recipe, network: Network, device: torch.device, recorded: dict,
-                       notes: list[str], train: bool = False, world: dist_utils.World | None = None) -> Recipe:
+                       notes: list[str], train: bool = False, world: dist_utils.World | None = None,
+                       latency: bool = False) -> Recipe:
     """`architecture.block_cost: auto` as a layer's fixed time at batch 1 on `device`, in MACs,
     measured (`latency.measure_block_cost`; with several processes, rank 0's number, so that all
     price alike); a resumed run keeps the number its manifest records, so it prices its depth gates
-    as it began. A latency budget counts that price for every layer, so with one `0` (the default)
-    is measured too: the depth gates then let the search remove what a layer's fixed time does not
-    pay for. `nasdsl train` searches nothing: 0."""
+    as it began. A `latency` budget counts that price for every layer, so with one `0` (the
+    default) is measured too: the depth gates then let the search remove what a layer's fixed time
+    does not pay for. `nasdsl train` searches nothing: 0."""
     arch = recipe.architecture
-    latency = bool(arch.budget) and not train and any(b.metric == "latency" for b in parse_budget(arch.budget))
     if latency and arch.penalty_weight not in ("flops", "auto"):
         raise NasdslError("a latency budget prices a layer's fixed time in MACs, so it needs "
                           "architecture.penalty_weight: flops or auto (--set architecture.penalty_weight=auto)",
                           file="--budget")
-    if arch.block_cost != "auto" and not (latency and arch.block_cost == 0):
+    measured = arch.block_cost == "auto" or (latency and arch.block_cost == 0)
+    if not measured:
         return recipe
     before = (recorded.get("architecture") or {}).get("block_cost")
     if train:
@@ -287,8 +290,8 @@ def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
     arch = recipe.architecture
     if arch.penalty_weight != "auto":
         return recipe
-    weight = budgets[0].metric if budgets else "flops" if arch.block_cost > 0 else "channels"  # one metric a run
-    weight = "flops" if weight == "latency" else weight   # a layer's fixed time is its depth gate's price
+    # one metric a run; under a latency budget a channel is priced by its MACs (channel_metric)
+    weight = channel_metric(budgets[0].metric) if budgets else "flops" if arch.block_cost > 0 else "channels"
     if arch.block_cost > 0 and weight != "flops":
         raise NasdslError("is counted in MACs, and penalty_weight auto prices "
                           f"what the budget counts ({weight}); set architecture.penalty_weight: flops",
@@ -335,13 +338,12 @@ def note_untrained_start(recipe: Recipe, init: InitWeights | None, notes: list[s
                      f"classes): the weights stage trains a new one")
 
 
-def plan_budgets(recipe: Recipe, network: Network) -> tuple[list[Budget], list[int]]:
-    """The recipe's budgets and their targets in MACs or parameters; a budget below the cheapest
-    network the space can derive (stem, classifier, the channel each layer must keep) is an error now."""
-    text = recipe.architecture.budget
-    if not text:
+def plan_budgets(recipe: Recipe, network: Network, budgets: list[Budget]) -> tuple[list[Budget], list[int]]:
+    """The recipe's budgets (`budgets`, parsed from it) and their targets in MACs, parameters or
+    MACs of time; a budget below the cheapest network the space can derive (stem, classifier, the
+    channel each layer must keep) is an error now."""
+    if not budgets:
         return [], []
-    budgets = parse_budget(text)
     if recipe.strategy == "joint":
         raise NasdslError("budgets steer the architecture stage; strategy joint has none (use sequential)",
                           file="--budget")
