@@ -6,9 +6,9 @@
 For each seed, one network is trained first (stage 1, `nasdsl train`, as benchmarks/quality.py does),
 then searched twice from it (`--init`, no weights stage, A architecture and F finetuning epochs,
 every gate group rounded to `--multiple` channels as `channel_multiple: auto` does on an AVX-512
-CPU): to `--flops` (default flops=33%) with every recipe key at its default, and to `--latency`
-(default latency=45%, with `penalty_weight: auto`: the plan measures a layer's fixed time on this
-machine and the search and the fit count it, README "Ask for latency"). Each derived network is
+CPU), each with every other recipe key at its default: to `--flops` (default flops=33%) and to
+`--latency` (default latency=45%: the plan measures a layer's fixed time on this machine and the
+search and the fit count it, README "Ask for latency"). Each derived network is
 then timed against the unpruned one as benchmarks/derived_speed.py times a `--runs` case (a fresh
 process, heap kept, eager PyTorch, channels-last, merged as the export runs it), and the table
 gives per seed and method: the FLOPs reduction, the layers left, the batch-1 speed-up (and, for the
@@ -50,9 +50,9 @@ def searches(args, seed: int) -> dict[str, Path]:
     save_tensors(work / "stage1.safetensors", stage1)
     search = {**sets, "weights.epochs": "0", "architecture.epochs": str(A), "finetune.epochs": str(F)}
     folders = {}
-    for budget, extra in ((args.flops, {}), (args.latency, {"architecture.penalty_weight": "auto"})):
+    for budget in (args.flops, args.latency):
         folders[budget] = work / folder_name(budget)
-        quality.run(Path(args.space), folders[budget], {**common, "sets": {**search, **extra}},
+        quality.run(Path(args.space), folders[budget], {**common, "sets": search},
                     init=work / "stage1.safetensors", budget=budget)
     return folders
 

@@ -297,15 +297,15 @@ class ArchRecipe(_Section):
     Optional: weight_decay (on the gates), delta_start/delta_end (scale of the scaled sigmoid, grown
     exponentially), delta_schedule (iteration: smooth; epoch: the release's per-epoch steps), penalty
     (scaled: sum sigmoid(delta*s), the paper; unscaled: sum sigmoid(s)), penalty_weight (channels: every
-    gate counts 1, the paper, the default; flops / params: the MACs / parameters its channel costs;
-    auto: what the budget counts, else flops with block_cost and channels without either; resolved by
-    the plan step), bn (frozen | recalibrated | train),
+    gate counts 1, the paper; flops / params: the MACs / parameters its channel costs; auto, the
+    default: channels, or flops where the penalty holds a price in MACs (a latency budget, block_cost);
+    resolved by the plan step), bn (frozen | recalibrated | train),
     channel_multiple (every gate group keeps a multiple of this many channels, or all of them, and a
     block summed with its layer's shortcut writes all of the layer's channels, one such width; auto: the
     device's channel block, 16 on an AVX-512 CPU, 8 on other CPUs and on CUDA, resolved by the plan
     step), block_cost (MACs a removable block costs beyond its channels; 0: no depth gates; auto: a
     layer's fixed time at batch 1 on the run's device, in MACs, measured by the plan step; needs
-    penalty_weight flops, or auto unless a budget counts params), budget (what the derived network
+    penalty_weight flops or auto), budget (what the derived network
     may cost: `flops=50%`, `flops=5M`, `params=1.2M`, `latency=50%`, or several, `flops=50%,25%`; None: lambda_a alone
     decides; parsed and checked against the space by the plan step, `--budget` sets it)."""
     epochs: Int0
@@ -317,7 +317,7 @@ class ArchRecipe(_Section):
     delta_end: PositiveFloat = 1e4
     delta_schedule: DeltaScheduleChoice = "iteration"
     penalty: PenaltyChoice = "scaled"
-    penalty_weight: PenaltyWeightChoice = "channels"
+    penalty_weight: PenaltyWeightChoice = "auto"
     bn: BnModeChoice = "frozen"
     channel_multiple: Annotated[Union[int, Literal["auto"]], BeforeValidator(_check_multiple)] = "auto"
     block_cost: Annotated[Union[float, Literal["auto"]], BeforeValidator(_check_block_cost)] = 0.0

@@ -138,12 +138,13 @@ def test_dry_run_says_what_the_budgets_cost(space):
 def test_latency_budget(space, tmp_path):
     """`--budget latency=60%` with a layer priced at 20k MACs: the target is 60% of the unpruned
     network's MACs plus 20k for each of its layers, the derived network lands in [0.9, 1] x it, and
-    what it achieved counts its own layers that way."""
+    what it achieved counts its own layers that way. No other key needs setting: penalty_weight's
+    default, auto, prices the channels by their MACs under it."""
     from nasdsl.api import compile as compile_space
     from nasdsl.graph.accounting import live_layers, network_cost
 
     out, price = tmp_path / "run", 2e4
-    nasdsl(*search_args(space, out, "-q", "--budget", "latency=60%", "--set", "architecture.penalty_weight=auto",
+    nasdsl(*search_args(space, out, "-q", "--budget", "latency=60%",
                         "--set", f"architecture.block_cost={price:g}"))
     summary = json.loads((out / "summary.json").read_text())
     budget, derived = summary["budget"], compile_space(out / "model" / "tiny.space")

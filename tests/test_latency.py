@@ -24,7 +24,7 @@ layer b = conv(48, k=3) > bn > relu > conv(48, k=3) > bn
     residual
 layer classifier = gap > linear(classes)
 """
-DEPTH = {"architecture.penalty_weight": "flops", "architecture.block_cost": "auto"}
+DEPTH = {"architecture.block_cost": "auto"}   # penalty_weight's default, auto, is then flops
 
 
 def line(fixed: float, per_mac: float, macs=(1e6, 3e6, 2e5, 8e6)) -> latency.LayerTime:
@@ -91,7 +91,7 @@ def test_a_device_whose_layer_times_do_not_grow_with_macs_is_an_error(tmp_path, 
 @pytest.mark.parametrize("sets, message", [
     (("architecture.block_cost=autox", "architecture.penalty_weight=flops"),
      "--set: architecture.block_cost: expected 'auto' or a number of MACs >= 0, got 'autox'"),
-    (("architecture.block_cost=auto",),
+    (("architecture.block_cost=auto", "architecture.penalty_weight=channels"),
      "--set: architecture.block_cost: is counted in MACs, so it needs architecture.penalty_weight: flops or auto")])
 def test_block_cost_auto_errors_are_one_line(tmp_path, sets, message):
     args = [a for kv in sets for a in ("--set", kv)]
@@ -116,7 +116,7 @@ def test_a_latency_budget_measures_the_layer_price_and_counts_it(tmp_path, monke
 
     monkeypatch.setattr(latency, "layer_time", lambda net, multiple, device: line(5e-7, 2e-11))
     plan = make_plan(RunRequest(space=_write(tmp_path, TINY), data="fake", budget="latency=45%", out=tmp_path / "run",
-                                sets={"architecture.penalty_weight": "auto"}, device="cpu"), join_world=False)
+                                device="cpu"), join_world=False)
     arch, (budget,) = plan.recipe.architecture, plan.budgets
     assert (arch.block_cost, arch.penalty_weight) == (pytest.approx(2.5e4), "flops")
     assert budget.metric == "latency" and budget.layer_price == arch.block_cost
@@ -130,11 +130,12 @@ def test_a_latency_budget_needs_macs_pricing_and_says_so_before_measuring(tmp_pa
 
     monkeypatch.setattr(latency, "layer_time", unexpected)
     proc = run_nasdsl("search", _write(tmp_path, TINY), "--data", "fake", "--out", tmp_path / "run",
-                      "--budget", "latency=45%", check=False)
+                      "--budget", "latency=45%", "--set", "architecture.penalty_weight=channels", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[0] == (
         "--budget: a latency budget prices a layer's fixed time in MACs, so it needs "
-        "architecture.penalty_weight: flops or auto (--set architecture.penalty_weight=auto)")
+        "architecture.penalty_weight: flops or auto (the default), not channels")
+    assert not (tmp_path / "run").exists()
     with pytest.raises(NasdslError, match="needs architecture.penalty_weight"):
         make_plan(RunRequest(space=_write(tmp_path, TINY), data="fake", budget="latency=45%", out=tmp_path / "r",
-                             device="cpu"), join_world=False)
+                             sets={"architecture.penalty_weight": "params"}, device="cpu"), join_world=False)

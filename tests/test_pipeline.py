@@ -113,11 +113,13 @@ def test_dry_run_text_names_the_stages_and_the_export(tiny):
     assert "weights" in proc.stdout and "1 epochs x 8 steps" in proc.stdout and "export name tiny" in proc.stdout
 
 
-@pytest.mark.parametrize("budget, priced", [(None, "each priced 1 (penalty_weight channels)"),
-                                            ("flops=70%", "each priced by its channel's MACs (penalty_weight flops)")])
-def test_dry_run_says_how_the_gates_are_priced_and_rounded(tiny, budget, priced):
+@pytest.mark.parametrize("budget, weight, priced", [
+    (None, "auto", "each priced 1 (penalty_weight channels)"),
+    ("flops=70%", "auto", "each priced 1 (penalty_weight channels)"),
+    ("flops=70%", "flops", "each priced by its channel's MACs (penalty_weight flops)")])
+def test_dry_run_says_how_the_gates_are_priced_and_rounded(tiny, budget, weight, priced):
     """What `auto` resolved to is part of the plan: the JSON's `search` and one line of the text."""
-    extra = (["--budget", budget] if budget else []) + ["--set", "architecture.penalty_weight=auto"]
+    extra = (["--budget", budget] if budget else []) + ["--set", f"architecture.penalty_weight={weight}"]
     plan = json.loads(run_cli("search", tiny, "--data", "fake", *extra, "--dry-run", "--json").stdout)
     block = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
     assert plan["search"] == {"penalty_weight": priced.split()[-1].rstrip(")"), "channel_multiple": block,
@@ -284,16 +286,20 @@ def test_importing_nasdsl_gives_onednn_room_for_every_conv_shape_of_a_derived_ne
 
 
 AUTO = {"architecture.penalty_weight": "auto"}
+FLOPS = {"architecture.penalty_weight": "flops"}
 
 
 @pytest.mark.parametrize("budget, sets, expected", [
-    ("flops=50%", AUTO, "flops"), ("params=90%", AUTO, "params"), (None, AUTO, "channels"),
-    (None, {**AUTO, "architecture.block_cost": "1e6"}, "flops"), ("flops=70%,50%", AUTO, "flops"),
-    ("flops=50%", {}, "channels"), (None, {"architecture.penalty_weight": "params"}, "params")])
-def test_penalty_weight_auto_prices_what_the_budget_counts(tiny, tmp_path, budget, sets, expected):
-    """`auto` becomes the budget's metric in the plan (and so in the run's recipe): the penalty then
-    prices each channel by what it adds to the cost the controller steers; a choice given stays, and
-    the default is the paper's count (the more accurate), budget or not."""
+    ("flops=50%", {}, "channels"), ("params=90%", {}, "channels"), (None, {}, "channels"),
+    ("flops=70%,50%", AUTO, "channels"), ("latency=60%", {}, "flops"),
+    (None, {"architecture.block_cost": "1e6"}, "flops"), ("params=90%", {"architecture.block_cost": "1e6"}, "flops"),
+    ("flops=50%", {"architecture.penalty_weight": "flops"}, "flops"),
+    (None, {"architecture.penalty_weight": "params"}, "params")])
+def test_penalty_weight_auto_is_the_papers_count_unless_a_price_is_in_macs(tiny, tmp_path, budget, sets, expected):
+    """`auto`, the default, becomes a choice in the plan (and so in the run's recipe): the paper's
+    count of 1 a channel (the more accurate), budget or not, unless the penalty holds a price in MACs
+    (a latency budget's layers, block_cost's depth gates), which a channel's price must share a unit
+    with; a choice given stays."""
     from nasdsl.pipeline.plan import RunRequest, make_plan
 
     plan = make_plan(RunRequest(space=tiny, data="fake", sets=sets, budget=budget, out=tmp_path / "run",
@@ -307,30 +313,20 @@ def test_resuming_with_another_recipe_names_the_keys_that_differ(tiny, tmp_path)
     from nasdsl.pipeline.plan import RunRequest, make_plan
 
     out = tmp_path / "run"
-    plan = make_plan(RunRequest(space=tiny, data="fake", out=out, device="cpu", budget="flops=70%", sets=AUTO),
+    plan = make_plan(RunRequest(space=tiny, data="fake", out=out, device="cpu", budget="flops=70%", sets=FLOPS),
                      join_world=False)
     recipe = plan.recipe.to_dict()
     assert recipe["architecture"]["penalty_weight"] == "flops"
-    recipe["architecture"]["penalty_weight"] = "channels"   # as if auto had resolved otherwise then
+    recipe["architecture"]["penalty_weight"] = "channels"   # as if a default had differed then
     recipe["finetune"]["lr"] = 0.5
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"space_hash": plan.space_hash, "recipe": recipe}))
     proc = run_nasdsl("search", tiny, "--data", "fake", "--out", out, "--budget", "flops=70%", "--resume",
-                      "--set", "architecture.penalty_weight=auto", check=False)
+                      "--set", "architecture.penalty_weight=flops", check=False)
     assert one_line_error(proc) == (
         f"{out}: this run used a different recipe (architecture.penalty_weight: channels there, flops now; "
         f"finetune.lr: 0.5 there, {plan.recipe.finetune.lr:g} now); resume it with the same recipe and --set")
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
-
-
-def test_block_cost_under_a_params_budget_is_a_one_line_error(tiny, tmp_path):
-    """block_cost is in MACs; `auto` under a params budget would price it on the parameters' scale."""
-    proc = run_nasdsl("search", tiny, "--data", "fake", "--out", tmp_path / "run", "--budget", "params=90%",
-                      "--set", "architecture.penalty_weight=auto", "--set", "architecture.block_cost=1e6",
-                      check=False)
-    assert one_line_error(proc) == ("architecture.block_cost: is counted in MACs, and penalty_weight auto "
-                                    "prices what the budget counts (params); set architecture.penalty_weight: flops")
-    assert not (tmp_path / "run").exists()
 
 
 def test_channel_multiple_auto_is_the_devices_channel_block(tiny, tmp_path):

@@ -24,10 +24,10 @@ def bench():
 def test_a_search_resolves_its_recipe_as_the_run_will(bench):
     args = bench.parse(["--search"])
     recipe = bench.resolved_recipe(bench.search_command("resnet56_cifar", args))
-    assert recipe["architecture"]["penalty_weight"] == "channels"   # the default
-    flops = bench.parse(["--search", "--set", "architecture.penalty_weight=auto"])
+    assert recipe["architecture"]["penalty_weight"] == "channels"   # auto, the default, under a flops budget
+    flops = bench.parse(["--search", "--set", "architecture.block_cost=1e6"])
     assert bench.resolved_recipe(bench.search_command("resnet56_cifar", flops))["architecture"]["penalty_weight"] \
-        == "flops"   # auto, under the benchmark's flops budget
+        == "flops"   # auto, where depth gates are priced in MACs
     assert recipe["architecture"]["channel_multiple"] in (8, 16)  # auto: the device's channel block
     assert recipe["weights"]["epochs"] == 5 and recipe["finetune"]["epochs"] == 0
 

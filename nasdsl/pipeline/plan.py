@@ -18,7 +18,7 @@ from nasdsl.errors import NasdslError
 from nasdsl.derive.budget import Budget, parse_budget, smallest_cost
 from nasdsl.derive.derive import cut_kernels
 from nasdsl.graph import spacetext
-from nasdsl.graph.accounting import channel_metric, network_cost
+from nasdsl.graph.accounting import network_cost
 from nasdsl.graph.accounting import summary as graph_summary
 from nasdsl.graph.ir import Network
 from nasdsl.language.compiler import compile_source
@@ -257,7 +257,7 @@ def resolve_block_cost(recipe: Recipe, network: Network, device: torch.device, r
     arch = recipe.architecture
     if latency and arch.penalty_weight not in ("flops", "auto"):
         raise NasdslError("a latency budget prices a layer's fixed time in MACs, so it needs "
-                          "architecture.penalty_weight: flops or auto (--set architecture.penalty_weight=auto)",
+                          f"architecture.penalty_weight: flops or auto (the default), not {arch.penalty_weight}",
                           file="--budget")
     measured = arch.block_cost == "auto" or (latency and arch.block_cost == 0)
     if not measured:
@@ -279,23 +279,19 @@ def resolve_block_cost(recipe: Recipe, network: Network, device: torch.device, r
 
 
 def resolve_penalty_weight(recipe: Recipe, budgets: list[Budget]) -> Recipe:
-    """`architecture.penalty_weight: auto` as what the budget counts: the budget controller steers
-    lambda until the derived network's MACs (or parameters) meet the target, and auto prices each
-    gate by what its channel adds to them. The default stays `channels` (every channel 1, the
-    paper), which is the more accurate: priced by MACs, MobileNetV2 at 50% FLOPs lost 0.82 +- 0.25
-    points over 5 seeds (equal at 25%, and on ResNet-20 at both), though ResNet-56 at 33% ran 0.73-0.75
-    of its FLOPs reduction at batch 64 instead of 0.67-0.70 (benchmarks/quality.py, derived_speed.py with
-    the heap kept; README). block_cost is counted in MACs, so with it auto is flops. The run's recipe records the
-    choice."""
+    """`architecture.penalty_weight: auto` (the default) as the most accurate pricing the request
+    allows: `channels` (every channel 1, the paper), unless something in the penalty is a number of
+    MACs (a latency budget's layer price, or block_cost's depth gates), which a channel's price must
+    share a unit with: then `flops`. Priced by what a FLOPs budget counts, MobileNetV2 at 50% FLOPs
+    lost 0.82 +- 0.25 points over 5 seeds (equal at 25%, and on ResNet-20 at both), though ResNet-56
+    at 33% ran 0.73-0.75 of its FLOPs reduction at batch 64 instead of 0.67-0.70
+    (benchmarks/quality.py, derived_speed.py with the heap kept; README): `flops` or `params` asks
+    for that. The run's recipe records the choice."""
     arch = recipe.architecture
     if arch.penalty_weight != "auto":
         return recipe
-    # one metric a run; under a latency budget a channel is priced by its MACs (channel_metric)
-    weight = channel_metric(budgets[0].metric) if budgets else "flops" if arch.block_cost > 0 else "channels"
-    if arch.block_cost > 0 and weight != "flops":
-        raise NasdslError("is counted in MACs, and penalty_weight auto prices "
-                          f"what the budget counts ({weight}); set architecture.penalty_weight: flops",
-                          file="architecture.block_cost")
+    in_macs = arch.block_cost > 0 or any(b.metric == "latency" for b in budgets)
+    weight = "flops" if in_macs else "channels"
     return recipe.model_copy(update={"architecture": arch.model_copy(update={"penalty_weight": weight})})
 
 
